@@ -1,0 +1,148 @@
+"""Checkpoint I/O: raw apple/ml-tarflow `.pth` state dicts and the project's own format.
+
+The project's format is one safetensors file whose string metadata carries the model
+config and provenance as JSON. Raw `.pth` files are read with `weights_only=True`:
+checkpoints are data, never code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from .model import Model, ModelConfig
+
+FORMAT_NAME = "tarflow-gs"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match the model it claims to be."""
+
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def infer_config(state_dict: dict, in_channels: int = 3, head_dim: int = 64) -> ModelConfig:
+    """Recover the architecture of a raw apple/ml-tarflow state dict from its shapes."""
+    if "var" not in state_dict:
+        raise CheckpointError("not a TarFlow state dict: key 'var' (the prior variance, shape (T, D)) is missing")
+    T, D = state_dict["var"].shape
+    block_ids = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
+    if not block_ids or block_ids != list(range(len(block_ids))):
+        raise CheckpointError(f"blocks must be numbered 0..N-1, found block indices {block_ids[:10]}")
+    layer_ids = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.0\.attn_blocks\.(\d+)\.", k))})
+    if not layer_ids:
+        raise CheckpointError("no 'blocks.0.attn_blocks.{j}.*' keys: cannot infer layers_per_block")
+    if "blocks.0.pos_embed" not in state_dict:
+        raise CheckpointError("key 'blocks.0.pos_embed' is missing: cannot infer the width")
+    channels = state_dict["blocks.0.pos_embed"].shape[1]
+    class_embed = state_dict.get("blocks.0.class_embed")
+    num_classes = class_embed.shape[0] if class_embed is not None else 0
+    out_rows = state_dict["blocks.0.proj_out.weight"].shape[0]
+    if out_rows not in (D, 2 * D):
+        raise CheckpointError(f"'blocks.0.proj_out.weight' has {out_rows} rows; expected 2*D={2 * D} (nvp) or D={D}")
+    if D % in_channels:
+        raise CheckpointError(f"token dim D={D} (from 'var') is not divisible by in_channels={in_channels}")
+    patch = math.isqrt(D // in_channels)
+    side = math.isqrt(T)
+    if patch * patch * in_channels != D or side * side != T:
+        raise CheckpointError(
+            f"'var' has shape ({T}, {D}): with in_channels={in_channels} this is not a square image of square patches"
+        )
+    return ModelConfig(in_channels, side * patch, patch, channels, len(block_ids), len(layer_ids),
+                       num_classes, out_rows == 2 * D, head_dim).validate()
+
+
+def check_state_dict(model: Model, state_dict: dict) -> None:
+    """Raise a CheckpointError naming the first key or shape that disagrees with the model."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing:
+        raise CheckpointError(f"checkpoint lacks key '{missing[0]}' ({len(missing)} missing in all)")
+    if unexpected:
+        raise CheckpointError(f"checkpoint has unexpected key '{unexpected[0]}' ({len(unexpected)} unexpected in all)")
+    for k, v in expected.items():
+        if tuple(state_dict[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"key '{k}' has shape {tuple(state_dict[k].shape)}, model expects {tuple(v.shape)}")
+
+
+def _build(config: ModelConfig, state_dict: dict) -> Model:
+    model = Model.from_config(config)
+    check_state_dict(model, state_dict)
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+def load_checkpoint(path, in_channels: int = 3, head_dim: int = 64, with_metadata: bool = False):
+    """Load a model from a raw apple `.pth` state dict or a tarflow-gs safetensors file.
+
+    `in_channels` only matters for raw files (it resolves patch and image size).
+    With `with_metadata=True` returns (model, metadata dict) where metadata holds the
+    provenance of the project format ({} for raw files)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if _is_safetensors(path):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            state_dict = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from e
+        if meta.get("format") != FORMAT_NAME or "config" not in meta:
+            raise CheckpointError(f"{path}: safetensors file without tarflow-gs metadata (format/config)")
+        if int(meta.get("version", 0)) > FORMAT_VERSION:
+            raise CheckpointError(f"{path}: format version {meta['version']} is newer than supported {FORMAT_VERSION}")
+        try:
+            config = ModelConfig(**json.loads(meta["config"])).validate()
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: invalid config in metadata ({e})") from e
+        model = _build(config, state_dict)
+        provenance = json.loads(meta.get("provenance", "{}"))
+    else:
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for truncated or foreign files
+            raise CheckpointError(f"{path}: not a readable PyTorch state dict ({type(e).__name__}: {e})") from e
+        if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+            raise CheckpointError(f"{path}: expected a flat state dict of tensors")
+        model = _build(infer_config(state_dict, in_channels, head_dim), state_dict)
+        provenance = {}
+    return (model, provenance) if with_metadata else model
+
+
+def save_checkpoint(model: Model, path, provenance: dict | None = None) -> Path:
+    """Write the project format: safetensors weights + JSON config and provenance in the header."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {
+        "format": FORMAT_NAME,
+        "version": str(FORMAT_VERSION),
+        "config": json.dumps(model.config.to_dict()),
+        "provenance": json.dumps(provenance or {}, default=str),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state_dict, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def model_hash(model: Model) -> str:
+    """Content hash of config and weights: names a model independently of its file."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

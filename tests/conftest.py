@@ -1,0 +1,36 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def make_tiny_model(seed=0, in_channels=1, img_size=8, patch_size=2, channels=64, num_blocks=4, layers=2,
+                    num_classes=10, head_dim=32, out_std=0.02):
+    """A small TarFlow with non-zero proj_out weights, so every block is a non-trivial flow."""
+    from tarflow import Model
+
+    torch.manual_seed(seed)
+    model = Model(in_channels, img_size, patch_size, channels, num_blocks, layers, num_classes=num_classes,
+                  head_dim=head_dim)
+    for block in model.blocks:
+        torch.nn.init.normal_(block.proj_out.weight, std=out_std)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return make_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray for the whole session: small, no dashboard, never a stray cluster."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=300 * 1024**2)
+    yield ray
+    ray.shutdown()
