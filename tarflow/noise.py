@@ -1,28 +1,26 @@
-"""Per-sample prior noise keyed by (global seed, sample id).
+"""Per-sample noise: sample i of a run depends on (seed, i) alone.
 
-Sample i's noise depends on (seed, i) alone, never on the batch it lands in or the
-worker that draws it, so any split of the ids over batches, processes or machines
-reproduces the same images."""
+So the same sample id gets the same image however work is split into batches,
+shards, processes or machines."""
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
 
-def sample_seed(seed: int, sample_id: int) -> int:
-    """A stable 63-bit generator seed for one sample (blake2b, so it does not vary across Python runs)."""
-    digest = hashlib.blake2b(f"tarflow-gs:{int(seed)}:{int(sample_id)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+def sample_generator(seed: int, sample_id: int) -> torch.Generator:
+    """A CPU generator seeded from a hash of (seed, sample_id), so nearby ids give unrelated streams."""
+    digest = hashlib.sha256(f"tarflow-gs:{int(seed)}:{int(sample_id)}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def sample_noise(seed: int, ids: Iterable[int], num_tokens: int, token_dim: int) -> torch.Tensor:
-    """Standard normal noise (len(ids), num_tokens, token_dim), float32 on CPU, row k drawn from (seed, ids[k])."""
-    rows = []
-    for sample_id in ids:
-        g = torch.Generator().manual_seed(sample_seed(seed, sample_id))
-        rows.append(torch.randn(num_tokens, token_dim, generator=g))
-    if not rows:
-        return torch.empty(0, num_tokens, token_dim)
-    return torch.stack(rows)
+def sample_noise(seed: int, ids: Iterable[int], num_tokens: int, token_dim: int,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard normal noise (len(ids), num_tokens, token_dim), row k drawn from (seed, ids[k])."""
+    ids = [int(i) for i in ids]
+    if not ids:
+        return torch.empty(0, num_tokens, token_dim, device=device)
+    noise = torch.stack([torch.randn(num_tokens, token_dim, generator=sample_generator(seed, i)) for i in ids])
+    return noise.to(device)
