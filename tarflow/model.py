@@ -74,6 +74,11 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+def _norm_fp32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm in at least fp32 (as the reference), back in the input's dtype."""
+    return norm(x.to(torch.promote_types(x.dtype, torch.float32))).type(x.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, channels: int, head_dim: int):
         super().__init__()
@@ -84,7 +89,7 @@ class Attention(nn.Module):
 
     def forward(self, x, mask=None, cache: KVCache | None = None, layer: int = 0, start: int = 0, q_scale=None):
         B, L, C = x.shape
-        h = self.norm(x.float()).type(x.dtype)  # LayerNorm in fp32, as the reference
+        h = _norm_fp32(self.norm, x)
         # fused q|k|v, heads in order: (B, L, 3H, E) -> (B, 3H, L, E) -> 3 x (B, H, L, E)
         q, k, v = self.qkv(h).reshape(B, L, 3 * self.num_heads, -1).transpose(1, 2).chunk(3, dim=1)
         if q_scale is not None:
@@ -105,7 +110,7 @@ class MLP(nn.Module):
         )
 
     def forward(self, x):
-        return self.main(self.norm(x.float()).type(x.dtype))
+        return self.main(_norm_fp32(self.norm, x))
 
 
 class AttentionBlock(nn.Module):
@@ -170,7 +175,7 @@ class MetaBlock(nn.Module):
         # shift right one token: token t's parameters come from tokens < t, token 0 passes through
         a = torch.cat([torch.zeros_like(a[:, :1]), a[:, :-1]], dim=1)
         b = torch.cat([torch.zeros_like(b[:, :1]), b[:, :-1]], dim=1)
-        z = (x - b) * (-a.float()).exp().type(a.dtype)
+        z = (x - b) * (-a.to(torch.promote_types(a.dtype, torch.float32))).exp().type(a.dtype)
         return self.permute(z), -a.mean(dim=[1, 2])
 
 
