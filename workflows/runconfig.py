@@ -20,9 +20,9 @@ Example (every section but `model` and `output` may be left out; defaults are sh
       seed: 0
       labels: uniform             # uniform | none | a list of class ids
       guidance: {scale: 0.0, attn_temp: 1.0, annealed: false, what: ab}
-      denoise: null               # multiplier of the score step, or null for none
+      denoise: 0.0                # multiplier of the score-based denoising step; 0: off
       batch_size: 16
-      shard_size: 256
+      shard_size: 1024
     fid:
       extractor: mnist5k
       reference: mnist5k          # dataset name, image folder, shards URI, or stats .npz
@@ -151,9 +151,9 @@ class SamplingSection:
     seed: int = 0
     labels: str | list[int] = "uniform"
     guidance: GuidanceSection = field(default_factory=GuidanceSection)
-    denoise: float | None = None
+    denoise: float = 0.0
     batch_size: int = 16
-    shard_size: int = 256
+    shard_size: int = 1024
 
     def validate(self, where: str = "sampling") -> "SamplingSection":
         _positive_int(self.num_samples, f"{where}.num_samples")
@@ -167,8 +167,7 @@ class SamplingSection:
             raise ConfigError(f"{where}.labels={self.labels!r}: allowed values are "
                               f"{', '.join(LABEL_POLICIES)}, or a list of class ids")
         self.guidance.validate(f"{where}.guidance")
-        if self.denoise is not None:
-            _number(self.denoise, f"{where}.denoise", 0.0)
+        _number(self.denoise, f"{where}.denoise", 0.0)
         _positive_int(self.batch_size, f"{where}.batch_size")
         _positive_int(self.shard_size, f"{where}.shard_size")
         return self
