@@ -1,2 +1,4 @@
 """Click commands, one module per area. Each module exposes its commands; ALL lists them for the CLI."""
-ALL = []
+from .generate import ALL as _generate
+
+ALL = [*_generate]
