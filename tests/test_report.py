@@ -1,0 +1,67 @@
+"""The report renders every section from real comparison data, and its figures round-trip as JSON."""
+import base64
+import json
+import re
+
+import numpy as np
+import pytest
+from conftest import make_tiny_model
+
+from tarflow import Plan
+from workflows.compare import compare_plans
+from workflows.report import SECTIONS, HistoryPoint, ReportData, grid_png, render_html, write_report
+
+
+@pytest.fixture(scope="module")
+def data():
+    model = make_tiny_model()
+    T = model.num_tokens
+    plans = {"auto": Plan.uniform(4, T, solver="gs_jacobi", segment_len=8, tol=1e-5),
+             "jacobi": Plan.uniform(4, T, solver="jacobi", tol=1e-5)}
+    metrics = [{"crm_share": s, "igm_z": 1.0 + i, "igm_zeros": 10.0 - i} for i, s in enumerate([0.1, 0.2, 0.3, 0.4])]
+    result = compare_plans(model, plans, num_images=4, name="tiny", block_metrics=metrics)
+    history = [HistoryPoint(f"2026-11-{d:02d}T03:00:00+00:00", "tiny", "auto", 2.0 + 0.1 * d, 1e-5, 5.0 - 0.1 * d, 4.0)
+               for d in range(1, 4)]
+    return ReportData("tiny nightly", [result], history, ["config: test"])
+
+
+def test_comparison_is_on_the_same_noise(data):
+    m = data.models[0]
+    assert [r.plan for r in m.runs] == ["sequential", "auto", "jacobi"]
+    for r in m.runs[1:]:
+        assert r.max_abs_error < 1e-4, "converged plans reproduce sequential sampling on the same noise"
+        assert r.speedup == pytest.approx(m.runs[0].seconds / r.seconds)
+    assert [b.solver for b in m.blocks] == ["gs_jacobi"] * 4 and m.blocks[3].crm_share == 0.4
+    assert len(m.convergence) == 4 and all(c.values[-1] < c.values[0] for c in m.convergence)
+
+
+def test_report_renders_all_sections(data, tmp_path):
+    html_path, json_path = write_report(data, tmp_path)
+    page = html_path.read_text()
+    for section in SECTIONS:
+        assert f'id="{section}"' in page
+    assert 'id="summary-table"' in page and page.count("<tr>") >= 1 + 3 + 1 + 4  # header + 3 runs, header + 4 blocks
+    for figure in ("blocks-tiny", "convergence-tiny", "history"):
+        match = re.search(rf'<figure id="{figure}"><img [^>]*src="data:image/png;base64,([^"]+)"', page)
+        assert match, f"figure {figure} missing"
+        assert base64.b64decode(match.group(1))[:8] == b"\x89PNG\r\n\x1a\n"
+    assert page.count('class="grid"') == 3, "one sample grid per sampler"
+    assert "src=\"http" not in page and "<script" not in page, "self-contained: nothing fetched"
+    figures = json.loads(json_path.read_text())
+    assert {f["id"] for f in figures["figures"]} == {"blocks-tiny", "convergence-tiny", "history"}
+    again = ReportData.from_json((tmp_path / "report-data.json").read_text())
+    assert again == data
+
+
+def test_report_without_history_or_blocks_says_so():
+    page, figures = render_html(ReportData("empty"))
+    assert page.count("no data") == 4 and figures["figures"] == []
+
+
+def test_grid_png_is_square_and_scaled():
+    from io import BytesIO
+
+    from PIL import Image
+
+    img = Image.open(BytesIO(base64.b64decode(grid_png(np.zeros((16, 1, 8, 8), np.float32)))))
+    assert img.width == img.height >= 128
