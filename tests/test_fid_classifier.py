@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from tarflow.classifier import _held_out, _mnist5k, accuracy, load_classifier
+from tarflow.classifier import accuracy, load_classifier
+from tarflow.data import load_dataset
 
 
 def test_shipped_classifier_accuracy_on_held_out_digits():
-    images, labels = _mnist5k()
-    test = _held_out(len(images))
-    assert accuracy(load_classifier("mnist5k"), images[test], labels[test]) >= 0.95
+    test = load_dataset("mnist5k", split="test")
+    assert accuracy(load_classifier("mnist5k"), test.images, test.labels) >= 0.95
 
 
 def test_classifier_resizes_any_input_and_gives_64d_features():
