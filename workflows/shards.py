@@ -94,6 +94,7 @@ def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     On object stores the rename is a copy: the object still appears whole or not at all."""
     directory, name = path.rsplit("/", 1)
     tmp = _join(directory, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
+    fs.create_dir(directory, recursive=True)
     with fs.open_output_stream(tmp) as f:
         f.write(data)
     fs.move(tmp, path)
