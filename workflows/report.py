@@ -224,7 +224,8 @@ def _draw(spec: dict) -> Figure:
     ax1.set(ylabel="speedup over sequential (x)", title="speedup")
     ax2.set(ylabel="FID (lower is better)", title="FID")
     for ax in (ax1, ax2):
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         ax.tick_params(axis="x", labelrotation=30, labelsize=7)
     fig.suptitle(spec["title"])

@@ -9,8 +9,7 @@ Example (every section but `model` and `output` may be left out; defaults are sh
       in_channels: 1              # only read for raw apple .pth files
     calibration:
       data: mnist5k               # dataset name or image folder; null: the model's own sequential samples
-      num_images: 32
-      batch_size: 8
+      num_images: 32              # rounded up to whole batches of sampling.batch_size (the batch the plan is for)
     plan:
       tol: 1.0e-3                 # auto plan: max abs error vs sequential on the calibration batch
       path: null                  # or a given plan JSON (then no profile/plan stage runs)
@@ -99,12 +98,10 @@ class ModelSection:
 class CalibrationSection:
     data: str | None = None
     num_images: int = 32
-    batch_size: int = 8
 
     def validate(self, where: str = "calibration") -> "CalibrationSection":
         _text(self.data, f"{where}.data", optional=True)
         _positive_int(self.num_images, f"{where}.num_images")
-        _positive_int(self.batch_size, f"{where}.batch_size")
         return self
 
 

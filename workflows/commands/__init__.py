@@ -1,5 +1,6 @@
 """Click commands, one module per area. Each module exposes its commands; ALL lists them for the CLI."""
 from .generate import ALL as _generate
+from .pipeline import ALL as _pipeline
 from .train_sample import ALL as _train_sample
 
-ALL = [*_generate, *_train_sample]
+ALL = [*_generate, *_pipeline, *_train_sample]

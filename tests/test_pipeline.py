@@ -1,0 +1,123 @@
+"""The pipeline on a real local Ray with a tiny model: config errors, stage skipping, resume after a crash."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import make_tiny_model
+
+from tarflow import Plan, save_checkpoint
+from workflows import pipeline
+from workflows.history import read_history
+from workflows.runconfig import ConfigError, RunConfig
+from workflows.shards import read_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- config validation -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("patch, message", [
+    ({"sampling": {"num_samples": 0}}, "sampling.num_samples=0: must be an integer >= 1"),
+    ({"sampling": {"labels": "all"}}, "sampling.labels='all': allowed values are uniform, none, or a list"),
+    ({"sampling": {"labels": [1, -2]}}, "sampling.labels[1]=-2: must be an integer >= 0"),
+    ({"sampling": {"guidance": {"what": "c"}}}, "sampling.guidance.what='c': allowed values are a, b, ab"),
+    ({"device": "tpu"}, "device='tpu': allowed values are cpu, cuda"),
+    ({"plan": {"tol": 0}}, "plan.tol=0: must be > 0.0"),
+    ({"plan": {"path": "p.json", "hand": "7-8-32-10"}}, "plan.path and plan.hand are both set"),
+    ({"resources": {"generate": {"num_gpus": 1}}}, "num_gpus > 0 but device='cpu'"),
+    ({"resources": {"fid": {"actors": 0}}}, "resources.fid.actors=0: must be an integer >= 1"),
+    ({"resources": {"fid": {"gpus": 1}}}, "unknown field(s) resources.fid.gpus; allowed in resources.fid: actors, "
+                                          "num_cpus, num_gpus"),
+    ({"sampling": {"num_sample": 5}}, "unknown field(s) sampling.num_sample"),
+    ({"samplng": {}}, "unknown field(s) samplng; allowed in the config: output, model"),
+    ({"model": "demo"}, "model must be a mapping"),
+])
+def test_config_errors_name_field_and_allowed_values(patch, message):
+    with pytest.raises(ConfigError) as e:
+        RunConfig.from_dict({"output": "runs/x", **patch})
+    assert message in str(e.value)
+
+
+def test_config_requires_output_and_valid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="missing required field.*output"):
+        RunConfig.from_dict({"model": {"checkpoint": "demo"}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("output: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: run config is not valid YAML"):
+        RunConfig.load(bad)
+
+
+@pytest.mark.parametrize("name", ["demo", "afhq256", "imagenet256"])
+def test_shipped_job_configs_validate(name):
+    cfg = RunConfig.load(REPO / "jobs" / "configs" / f"{name}.yaml")
+    assert cfg.name == name and cfg.plan.source == "auto"
+    assert cfg.to_dict() == RunConfig.from_dict(cfg.to_dict()).to_dict()
+
+
+# ---- stages ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny checkpoint and a run config (given plan, no FID) writing under a fresh directory."""
+    root = tmp_path_factory.mktemp("pipeline")
+    model = make_tiny_model()
+    ckpt = save_checkpoint(model, root / "tiny.safetensors")
+    plan = Plan.uniform(4, model.num_tokens, solver="jacobi", tol=1e-5)
+    plan.save(root / "plan.json")
+    return root, {"name": "tiny", "output": str(root / "out"), "model": {"checkpoint": str(ckpt)},
+                  "plan": {"path": str(root / "plan.json")},
+                  "sampling": {"num_samples": 24, "batch_size": 8, "shard_size": 8, "seed": 3},
+                  "fid": {"enabled": False},
+                  "resources": {"generate": {"actors": 1, "num_cpus": 0.5}}}
+
+
+def _config(d, **sampling) -> RunConfig:
+    d = json.loads(json.dumps(d))
+    d["sampling"].update(sampling)
+    return RunConfig.from_dict(d)
+
+
+def test_stages_skip_when_outputs_exist_and_resume_after_a_crash(tiny, ray_local, monkeypatch):
+    root, d = tiny
+    cfg = _config(d)
+    first = pipeline.run(cfg, stop_after="generate")
+    assert [(s.name, s.skipped) for s in first.stages] == [("plan", False), ("generate", False)]
+    assert read_manifest(first.samples).rows == 24
+
+    # a crash in the report stage keeps everything before it
+    def crash(*args, **kwargs):
+        raise MemoryError("simulated crash")
+
+    monkeypatch.setattr(pipeline, "_report", crash)
+    with pytest.raises(pipeline.PipelineError, match="stage 'report' failed: MemoryError.*re-run the same command"):
+        pipeline.run(_config(d))
+    index = json.loads((root / "out" / "run.json").read_text())
+    assert [s["name"] for s in index["stages"]] == ["plan", "generate"]
+    monkeypatch.undo()
+
+    resumed = pipeline.run(_config(d))
+    assert [(s.name, s.skipped) for s in resumed.stages] == [("plan", True), ("generate", True), ("report", False)]
+    assert resumed.samples == first.samples
+    page = (root / "out" / "report.html").read_text()
+    assert 'id="summary-table"' in page and "given plan" not in page and "path plan" in page
+    assert resumed.model_result.runs[1].max_abs_error < 1e-4
+    assert len(read_history(str(root / "out" / "history.parquet"))) == 1
+
+    again = pipeline.run(_config(d))
+    assert all(s.skipped for s in again.stages)
+    assert len(read_history(str(root / "out" / "history.parquet"))) == 1, "a skipped report adds no history row"
+
+    # a changed sampling input re-runs generate (into its own folder) and what follows, not the plan
+    more = pipeline.run(_config(d, num_samples=32))
+    assert [(s.name, s.skipped) for s in more.stages] == [("plan", True), ("generate", False), ("report", False)]
+    assert more.samples != first.samples and read_manifest(more.samples).rows == 32
+    assert read_manifest(first.samples).rows == 24, "the earlier run's shards are untouched"
+
+
+def test_missing_checkpoint_fails_before_any_stage(tiny, tmp_path):
+    _, d = tiny
+    d = {**d, "model": {"checkpoint": str(tmp_path / "nope.safetensors")}, "output": str(tmp_path / "out")}
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        pipeline.run(RunConfig.from_dict(d))
+    assert not (tmp_path / "out" / "run.json").exists()
