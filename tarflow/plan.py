@@ -12,9 +12,10 @@ JSON schema (version 1)::
      "evidence": {...free-form, written by the scheduler...}}
 
 Solvers: `sequential` (one token per step, exact), `jacobi` (all T-1 unknown tokens
-at once), `gs_jacobi` (segments of `segment_len` tokens in order, Jacobi inside).
-`max_iters` caps Jacobi iterations per segment; null means the segment length,
-where Jacobi is exact. Tokens are numbered in the block's own (permuted) order;
+at once), `gs_jacobi` (segments of `segment_len` tokens in order, Jacobi inside),
+`sliding` (Jacobi over a window of `segment_len` tokens that starts at the first
+unconverged token; no `max_iters`). `max_iters` caps Jacobi iterations per segment;
+null means the segment length, where Jacobi is exact. Tokens are numbered in the block's own (permuted) order;
 token 0 never changes, so segments tile tokens 1..T-1.
 """
 from __future__ import annotations
@@ -25,7 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 PLAN_VERSION = 1
-SOLVER_NAMES = ("sequential", "jacobi", "gs_jacobi")
+SOLVER_NAMES = ("sequential", "jacobi", "gs_jacobi", "sliding")
+SEGMENTED_SOLVERS = ("gs_jacobi", "sliding")  # take a segment_len
 INIT_NAMES = ("z", "zeros")
 
 
@@ -46,12 +48,16 @@ class BlockPlan:
             raise PlanError(f"{where}.solver={self.solver!r}: allowed values are {', '.join(SOLVER_NAMES)}")
         if self.init not in INIT_NAMES:
             raise PlanError(f"{where}.init={self.init!r}: allowed values are {', '.join(INIT_NAMES)}")
-        if self.solver == "gs_jacobi":
+        if self.solver in SEGMENTED_SOLVERS:
             if not isinstance(self.segment_len, int) or not 1 <= self.segment_len <= num_tokens - 1:
-                raise PlanError(f"{where}.segment_len={self.segment_len!r}: gs_jacobi needs an integer in "
+                raise PlanError(f"{where}.segment_len={self.segment_len!r}: {self.solver} needs an integer in "
                                 f"[1, {num_tokens - 1}] (T-1 for T={num_tokens} tokens)")
         elif self.segment_len is not None:
-            raise PlanError(f"{where}.segment_len={self.segment_len!r}: only gs_jacobi takes a segment length")
+            raise PlanError(f"{where}.segment_len={self.segment_len!r}: only {' and '.join(SEGMENTED_SOLVERS)} "
+                            "take a segment length")
+        if self.solver == "sliding" and self.max_iters is not None:
+            raise PlanError(f"{where}.max_iters={self.max_iters!r}: the sliding solver takes no iteration cap "
+                            "(it advances at least one token per pass); use null")
         if self.max_iters is not None and (not isinstance(self.max_iters, int) or self.max_iters < 1):
             raise PlanError(f"{where}.max_iters={self.max_iters!r}: must be a positive integer or null")
         if not isinstance(self.tol, (int, float)) or not math.isfinite(self.tol) or self.tol < 0:
@@ -85,6 +91,73 @@ class Plan:
     @classmethod
     def sequential(cls, num_blocks: int, num_tokens: int) -> "Plan":
         return cls.uniform(num_blocks, num_tokens, solver="sequential")
+
+    @classmethod
+    def from_paper_lists(cls, num_gs: list[int], max_jacobi: list[int], guess: list[int] | None,
+                         num_tokens: int, tol: float = 0.0, name: str = "") -> "Plan":
+        """The public GS-Jacobi code's three lists, each in *sampling* order (entry 0 drives the
+        last forward block): `num_GS_list` (segments per block; 1 = plain Jacobi, 0 or T =
+        sequential), `max_jacobi_list` (iteration cap per segment), `guess_list` (0 = start
+        from z, 1 = from zeros; None = all z). Segments tile tokens 1..T-1 in `num_gs` pieces,
+        as the authors' T // num_gs where that divides T. `tol=0` keeps the paper's fixed
+        iteration budgets (stop early only at an exact fixed point)."""
+        guess = [0] * len(num_gs) if guess is None else guess
+        for field_name, values in (("num_GS_list", num_gs), ("max_jacobi_list", max_jacobi), ("guess_list", guess)):
+            if not isinstance(values, (list, tuple)) or not all(isinstance(v, int) for v in values):
+                raise PlanError(f"{field_name}={values!r}: must be a list of integers")
+            if len(values) != len(num_gs):
+                raise PlanError(f"{field_name} has {len(values)} entries but num_GS_list has {len(num_gs)}: "
+                                "give one per block")
+        blocks = []
+        for k, (gs, cap, g) in enumerate(zip(num_gs, max_jacobi, guess)):
+            where = f"entry {k} (block {len(num_gs) - 1 - k})"
+            if not 0 <= gs <= num_tokens:
+                raise PlanError(f"num_GS_list {where} = {gs}: allowed 0 (sequential), 1 (Jacobi) .. {num_tokens} (T)")
+            if cap < 1:
+                raise PlanError(f"max_jacobi_list {where} = {cap}: must be >= 1")
+            if g not in (0, 1):
+                raise PlanError(f"guess_list {where} = {g}: allowed values are 0 (z) and 1 (zeros)")
+            init = INIT_NAMES[g]
+            if gs in (0, num_tokens):
+                blocks.append(BlockPlan("sequential", init=init, tol=tol))
+            elif gs == 1:
+                blocks.append(BlockPlan("jacobi", max_iters=cap, tol=tol, init=init))
+            else:
+                blocks.append(BlockPlan("gs_jacobi", -(-(num_tokens - 1) // gs), cap, tol, init))
+        return cls(len(blocks), num_tokens, blocks[::-1], name=name).validate()
+
+    @classmethod
+    def from_paper_notation(cls, spec: str, num_blocks: int, num_tokens: int, guess: list[int] | None = None,
+                            tol: float = 0.0) -> "Plan":
+        """A plan in the paper's [Stack-GS-J-Else] notation, e.g. `7-8-32-10`: forward block 7
+        is cut into 8 segments with at most 32 Jacobi iterations each, every other block runs
+        plain Jacobi capped at 10. Several tough blocks are joined by '/', with one GS and J
+        value for all of them or one each: `0/7-256/8-1/13-6`. `guess` is the public code's
+        guess_list (sampling order, 0 = z, 1 = zeros)."""
+        text = spec.strip().strip("[]")
+        parts = text.split("-")
+        if len(parts) != 4:
+            raise PlanError(f"hand plan {spec!r}: expected Stack-GS-J-Else, four '-'-separated fields such as "
+                            "'7-8-32-10' or '0/6-8-32-20'")
+        try:
+            stacks, gs, caps = ([int(v) for v in p.split("/")] for p in parts[:3])
+            other = int(parts[3])
+        except ValueError:
+            raise PlanError(f"hand plan {spec!r}: fields must be integers (several blocks joined by '/')") from None
+        for field_name, values in (("GS", gs), ("J", caps)):
+            if len(values) not in (1, len(stacks)):
+                raise PlanError(f"hand plan {spec!r}: {field_name} has {len(values)} values for {len(stacks)} "
+                                "stacked blocks; give one, or one per block")
+        bad = [b for b in stacks if not 0 <= b < num_blocks]
+        if bad or len(set(stacks)) != len(stacks):
+            raise PlanError(f"hand plan {spec!r}: Stack names blocks {stacks}; each must be a distinct forward "
+                            f"block index in 0..{num_blocks - 1}")
+        num_gs, max_jacobi = [1] * num_blocks, [other] * num_blocks
+        for j, b in enumerate(stacks):
+            k = num_blocks - 1 - b  # the lists run in sampling order
+            num_gs[k] = gs[j if len(gs) > 1 else 0]
+            max_jacobi[k] = caps[j if len(caps) > 1 else 0]
+        return cls.from_paper_lists(num_gs, max_jacobi, guess, num_tokens, tol, name=f"paper[{text}]")
 
     def validate(self) -> "Plan":
         if self.version != PLAN_VERSION:

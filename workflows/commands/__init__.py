@@ -1,6 +1,7 @@
 """Click commands, one module per area. Each module exposes its commands; ALL lists them for the CLI."""
 from .generate import ALL as _generate
 from .pipeline import ALL as _pipeline
+from .planning import ALL as _planning
 from .train_sample import ALL as _train_sample
 
-ALL = [*_generate, *_pipeline, *_train_sample]
+ALL = [*_generate, *_pipeline, *_planning, *_train_sample]

@@ -1,0 +1,158 @@
+"""Scheduler and hand plans: tolerance on held-out noise, paper notation, clear errors."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_tiny_model
+
+from tarflow import Plan, PlanError, sample, save_checkpoint
+from tarflow.noise import sample_noise
+from workflows.cli import main
+from workflows.profile import Profile, ProfileError, profile_model
+from workflows.schedule import choose, hand_plan, schedule
+
+TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny(ray_local):
+    model = make_tiny_model(out_std=0.035, num_blocks=2)
+    prof = profile_model(model, num_images=2, batch_size=2, segment_lens=[15, 8], windows=[4],
+                         tols=[1e-2, 1e-4, 1e-6], repeats=1, num_cpus=1)
+    return model, prof
+
+
+def test_auto_plan_meets_the_tolerance_on_held_out_noise(tiny):
+    model, prof = tiny
+    plan = schedule(prof, model, tol=TOL)
+    assert plan.name == "auto" and plan.model_hash == prof.model_hash
+    ev = plan.evidence
+    assert ev["predicted_seconds"]["plan"] <= ev["predicted_seconds"]["sequential"]
+    assert max(ev["rounds"][-1]["final_error"].values()) <= TOL or ev["fallback"]
+    assert [b["block"] for b in ev["blocks"]] == [0, 1]
+    # noise the scheduler never saw: other seed, other labels
+    noise = sample_noise(1234, range(6), model.num_tokens, model.token_dim)
+    labels = torch.tensor([0, 3, 5, 7, 9, 2])
+    ref = sample(model, noise, labels).images
+    out = sample(model, noise, labels, plan=plan)
+    assert (out.images - ref).abs().max().item() <= TOL
+    assert Plan.from_json(plan.to_json()).fingerprint() == plan.fingerprint()
+
+
+def test_budget_picks_sequential_when_nothing_is_accurate_enough(tiny):
+    _, prof = tiny
+    block = prof.cases[0].blocks[1]
+    best, _ = choose(block, prof.num_tokens, budget=0.0)
+    assert best.solver == "sequential"
+    loose, _ = choose(block, prof.num_tokens, budget=1.0)
+    assert loose.predicted_seconds <= best.predicted_seconds
+
+
+def test_hardware_aware_sequential_where_passes_cost_too_much(tiny):
+    """With parallel passes made expensive, every block stays sequential."""
+    model, prof = tiny
+    slow = Profile.from_json(prof.to_json())
+    for b in slow.cases[0].blocks:
+        b.pass_seconds = {k: 1e3 for k in b.pass_seconds}
+    plan = schedule(slow, model, tol=TOL)
+    assert [b.solver for b in plan.blocks] == ["sequential", "sequential"]
+
+
+def test_schedule_rejects_another_model(tiny):
+    _, prof = tiny
+    with pytest.raises(ProfileError, match="profile was made for model"):
+        schedule(prof, make_tiny_model(seed=5, num_blocks=2), tol=TOL)
+    with pytest.raises(ValueError, match="tol=0"):
+        schedule(prof, tiny[0], tol=0)
+
+
+@pytest.mark.parametrize("spec, lists", [
+    # README of the authors' code: AFHQ [7-8-32-10] and Img64cond [0/7-256/8-1/13-6]
+    ("7-8-32-10", ([8, 1, 1, 1, 1, 1, 1, 1], [32, 10, 10, 10, 10, 10, 10, 10], [0, 0, 0, 0, 0, 1, 1, 0])),
+    ("0/6-8-32-20", ([1, 8, 1, 1, 1, 1, 1, 8], [20, 32, 20, 20, 20, 20, 20, 32], [0, 1, 0, 0, 1, 0, 1, 1])),
+    ("[0/7-256/8-1/13-6]", ([8, 1, 1, 1, 1, 1, 1, 0], [13, 6, 6, 6, 6, 6, 6, 1], [1, 0, 0, 0, 0, 1, 1, 1])),
+])
+def test_paper_notation_equals_its_list_form(spec, lists):
+    num_gs, max_jacobi, guess = lists
+    T = 256
+    a = Plan.from_paper_notation(spec, 8, T, guess=guess)
+    b = Plan.from_paper_lists(num_gs, max_jacobi, guess, T)
+    assert a.fingerprint() == b.fingerprint()
+
+
+def test_paper_notation_meaning():
+    plan = Plan.from_paper_notation("7-8-32-10", 8, 256)
+    assert plan.blocks[7].solver == "gs_jacobi" and plan.blocks[7].segment_len == 32  # 256 // 8
+    assert plan.blocks[7].max_iters == 32
+    assert all(b.solver == "jacobi" and b.max_iters == 10 and b.init == "z" for b in plan.blocks[:7])
+    seq = Plan.from_paper_notation("0-256-1-6", 8, 256)
+    assert seq.blocks[0].solver == "sequential"
+    # T not divisible by GS: still GS segments, tiling tokens 1..T-1
+    odd = Plan.from_paper_notation("3-8-32-10", 4, 196)
+    assert len(odd.blocks[3].segments(196)) == 8
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("7-8-32", "four '-'-separated fields"),
+    ("7-x-32-10", "fields must be integers"),
+    ("9-8-32-10", r"Stack names blocks \[9\]"),
+    ("1/1-8-32-10", "distinct"),
+    ("0/1-8/4/2-32-10", "GS has 3 values for 2 stacked blocks"),
+    ("7-300-32-10", "num_GS_list entry 0 .block 7. = 300"),
+    ("7-8-0-10", "max_jacobi_list entry 0 .block 7. = 0"),
+])
+def test_invalid_hand_plans_are_rejected(spec, message):
+    with pytest.raises(PlanError, match=message):
+        Plan.from_paper_notation(spec, 8, 256)
+
+
+def test_invalid_lists_are_rejected():
+    with pytest.raises(PlanError, match="guess_list has 2 entries but num_GS_list has 4"):
+        Plan.from_paper_lists([1, 1, 1, 1], [5, 5, 5, 5], [0, 1], 16)
+    with pytest.raises(PlanError, match="guess_list entry 1 .block 2. = 2: allowed values are 0 .z. and 1 .zeros."):
+        Plan.from_paper_lists([1, 1, 1, 1], [5, 5, 5, 5], [0, 2, 0, 0], 16)
+
+
+def test_sliding_plans_are_validated():
+    with pytest.raises(PlanError, match="sliding needs an integer"):
+        Plan.uniform(2, 16, solver="sliding")
+    with pytest.raises(PlanError, match="sliding solver takes no iteration cap"):
+        Plan.uniform(2, 16, solver="sliding", segment_len=4, max_iters=3)
+
+
+@pytest.mark.parametrize("window, tol", [(1, 0.0), (15, 0.0), (4, 1e-3)])
+def test_sliding_window_matches_sequential(window, tol):
+    model = make_tiny_model(out_std=0.035, num_blocks=2)
+    noise = sample_noise(7, range(3), model.num_tokens, model.token_dim)
+    ref = sample(model, noise, [1, 2, 3]).images
+    plan = Plan.uniform(2, model.num_tokens, solver="sliding", segment_len=window, tol=tol)
+    out = sample(model, noise, [1, 2, 3], plan=plan)
+    assert (out.images - ref).abs().max().item() <= (1e-5 if tol == 0 else 1e-2)
+    if tol > 0:
+        assert out.stats.passes < 2 * (model.num_tokens - 1)  # it skips converged tokens
+
+
+def test_cli_profile_and_plan(tiny, tmp_path):
+    model, prof = tiny
+    ckpt = save_checkpoint(model, tmp_path / "m.safetensors")
+    prof.checkpoint = str(ckpt)
+    prof.save(tmp_path / "profile.json")
+    runner = CliRunner()
+    r = runner.invoke(main, ["plan", "--profile", str(tmp_path / "profile.json"), "--out", str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    assert Plan.load(tmp_path / "p.json").name == "auto"
+    r = runner.invoke(main, ["plan", "--hand", "1-2-8-4", "--checkpoint", str(ckpt), "--out", str(tmp_path / "h.json")])
+    assert r.exit_code == 0, r.output
+    hand = Plan.load(tmp_path / "h.json")
+    assert hand.fingerprint() == hand_plan("1-2-8-4", model).fingerprint()
+    assert hand.blocks[1].solver == "gs_jacobi" and hand.blocks[0].max_iters == 4
+    r = runner.invoke(main, ["plan", "--paper-lists", "[2,1]", "[8,4]", "[0,0]", "--checkpoint", str(ckpt),
+                             "--out", str(tmp_path / "l.json")])
+    assert r.exit_code == 0, r.output
+    assert Plan.load(tmp_path / "l.json").fingerprint() == hand.fingerprint()
+    r = runner.invoke(main, ["plan", "--hand", "5-2-8-4", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x.json")])
+    assert r.exit_code != 0 and "Stack names blocks [5]" in r.output
+    r = runner.invoke(main, ["plan", "--out", str(tmp_path / "x.json")])
+    assert r.exit_code != 0 and "exactly one of --profile, --hand, --paper-lists" in r.output
+    assert json.loads((tmp_path / "p.json").read_text())["evidence"]["tol"] == 1e-3
