@@ -1,0 +1,172 @@
+"""Distributed FID: merged shard statistics against single-process torch-fidelity, reference caching,
+mismatch errors, the offline TorchScript Inception and the CLI. Real local Ray, real Parquet."""
+import json
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch_fidelity
+from click.testing import CliRunner
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+from tarflow.data import load_dataset
+from workflows import shards as sh
+from workflows.evaluate import EvaluateError, ExtractConfig, FeaturePool, evaluate_fid, reference_stats
+from workflows.extractors import build_extractor, extract_features, register_extractors
+from workflows.fid_stats import FeatureStats, FIDStats, StatsMismatchError, frechet_distance
+
+
+def write_shards(uri, images_u8, shard_size):
+    """A shard set as `tarflow-gs generate` writes it (workflows.shards), from uint8 (N, H, W, C) images."""
+    n = len(images_u8)
+    manifest = sh.Manifest(settings={}, num_samples=n, shard_size=shard_size)
+    for index in range(manifest.num_shards):
+        ids = np.asarray(manifest.shard_ids(index))
+        table = sh.shard_table(ids, np.full(len(ids), -1), 0, [sh.encode_png(images_u8[i]) for i in ids],
+                               [[1]] * len(ids), np.zeros(len(ids)), np.zeros(len(ids)))
+        manifest.add(sh.write_shard(str(uri), index, table, {}))
+    sh.write_manifest(str(uri), manifest)
+    return str(uri)
+
+
+@pytest.fixture(scope="module")
+def digits_u8():
+    """300 held-out MNIST digits as uint8 (N, 28, 28, 1), and the same digits shifted 3 pixels right."""
+    images = sh.to_uint8(load_dataset("mnist5k", split="test").images[:300].numpy())
+    shifted = np.zeros_like(images)
+    shifted[:, :, 3:] = images[:, :, :-3]
+    return images, shifted
+
+
+@pytest.fixture(scope="module")
+def shard_sets(tmp_path_factory, digits_u8):
+    root = tmp_path_factory.mktemp("fid")
+    images, shifted = digits_u8
+    return write_shards(root / "a", images, 70), write_shards(root / "shifted", shifted, 100)
+
+
+class _UInt8Images(torch.utils.data.Dataset):
+    """The input torch-fidelity takes: uint8 (3, H, W) tensors."""
+
+    def __init__(self, images_u8):
+        self.images = torch.from_numpy(images_u8).permute(0, 3, 1, 2).expand(-1, 3, -1, -1)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+def test_merged_feature_stats_equal_np_cov_and_torch_fidelity():
+    features = np.random.default_rng(0).normal(2.0, 3.0, (500, 16)).astype(np.float32)
+    merged = FeatureStats.of(features[:123]) + FeatureStats.of(features[123:400]) + FeatureStats.of(features[400:])
+    single = fid_features_to_statistics(torch.from_numpy(features))
+    np.testing.assert_allclose(merged.mu, single["mu"], rtol=1e-6)
+    np.testing.assert_allclose(merged.sigma, single["sigma"], rtol=1e-10, atol=1e-12)
+    other = np.random.default_rng(1).normal(2.5, 3.0, (400, 16)).astype(np.float32)
+    ours = frechet_distance(FIDStats.from_features(merged, "x", (1, 1), "a"),
+                            FIDStats.from_features(FeatureStats.of(other), "x", (1, 1), "b"))
+    theirs = fid_statistics_to_metric(single, fid_features_to_statistics(torch.from_numpy(other)), False)
+    assert ours == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6)
+
+
+def test_distributed_fid_over_shards_equals_single_process_torch_fidelity(ray_local, shard_sets, digits_u8):
+    samples, shifted = shard_sets
+    with FeaturePool(ExtractConfig(actors=2, batch_size=64)) as pool:
+        a, b = pool.stats(samples), pool.stats(shifted)
+    assert (a.count, b.count, a.image_size) == (300, 300, (28, 28))
+
+    register_extractors()
+    metrics = torch_fidelity.calculate_metrics(
+        input1=_UInt8Images(digits_u8[0]), input2=_UInt8Images(digits_u8[1]), fid=True, cuda=False,
+        feature_extractor="mnist5k-classifier", batch_size=300, verbose=False, cache=False, save_cpu_ram=True)
+    assert frechet_distance(a, b) == pytest.approx(metrics["frechet_inception_distance"], rel=1e-6)
+
+    single = fid_features_to_statistics(torch.from_numpy(extract_features(build_extractor("mnist5k-classifier"),
+                                                                          digits_u8[0])))
+    np.testing.assert_allclose(a.mu, single["mu"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a.sigma, single["sigma"], rtol=1e-5, atol=1e-6)
+
+
+def test_fid_against_itself_is_zero_and_against_shifted_set_larger(ray_local, shard_sets):
+    samples, shifted = shard_sets
+    cfg = ExtractConfig(actors=1)
+    same = evaluate_fid(samples, samples, cfg, cache_dir=None, write_result=False)
+    moved = evaluate_fid(samples, shifted, cfg, cache_dir=None, write_result=False)
+    assert abs(same.fid) < 1e-6
+    assert moved.fid > 1.0
+
+
+def test_reference_stats_are_saved_reused_and_round_trip(ray_local, shard_sets, tmp_path):
+    samples, shifted = shard_sets
+    cfg = ExtractConfig(actors=1)
+    first = evaluate_fid(samples, shifted, cfg, cache_dir=tmp_path)
+    assert first.reference_stats and first.reference_stats.startswith(str(tmp_path))
+    saved = FIDStats.load(first.reference_stats)
+    assert (saved.count, saved.extractor, saved.image_size) == (300, "mnist5k-classifier", (28, 28))
+
+    copy = saved.save(tmp_path / "copy.npz")
+    again = FIDStats.load(copy)
+    np.testing.assert_array_equal(again.mu, saved.mu)
+    np.testing.assert_array_equal(again.sigma, saved.sigma)
+    assert again.describe() == saved.describe()
+
+    # a second run reuses the cache (same file, same FID), and the .npz works as --reference itself
+    assert evaluate_fid(samples, shifted, cfg, cache_dir=tmp_path).reference_stats == first.reference_stats
+    from_npz = evaluate_fid(samples, str(copy), cfg)
+    assert from_npz.fid == pytest.approx(first.fid, rel=1e-12)
+
+    written = json.loads(open(sh.resolve(samples)[1] + "/fid-mnist5k-classifier.json").read())
+    assert written["fid"] == pytest.approx(from_npz.fid) and written["sample_count"] == 300
+
+
+def test_mismatched_extractor_or_image_size_is_an_error(ray_local, shard_sets, tmp_path):
+    samples, _ = shard_sets
+    stats = FIDStats(np.zeros(64), np.eye(64), 10, "mnist5k-classifier", (28, 28), "mnist5k")
+    path = stats.save(tmp_path / "ref.npz")
+    # raised before any image is read: the torchscript Inception never even starts on the samples
+    with pytest.raises(StatsMismatchError, match="extractor 'mnist5k-classifier'.*inception-v3-torchscript"):
+        evaluate_fid(samples, str(path), ExtractConfig(extractor="inception-v3-torchscript"))
+    small = FIDStats(np.zeros(64), np.eye(64), 10, "mnist5k-classifier", (8, 8), "digits").save(tmp_path / "s.npz")
+    with pytest.raises(StatsMismatchError, match="8x8 images, the samples are 28x28"):
+        reference_stats(str(small), ExtractConfig(), (28, 28))
+    with pytest.raises(StatsMismatchError, match="different extractors"):
+        frechet_distance(stats, FIDStats(np.zeros(64), np.eye(64), 10, "other", (28, 28), "x"))
+
+
+def test_bad_sources_and_settings_are_errors(tmp_path):
+    with pytest.raises(EvaluateError, match="neither a shard set"):
+        evaluate_fid(str(tmp_path / "missing"), "mnist5k")
+    with pytest.raises(ValueError, match="extractor='inception'.*allowed values"):
+        ExtractConfig(extractor="inception").validate()
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        FIDStats.load(tmp_path / "none.npz")
+
+
+def test_torchscript_inception_runs_offline_on_a_handful_of_images(monkeypatch, digits_u8):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the offline extractor tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    torch.manual_seed(0)
+    extractor = build_extractor("inception-v3-torchscript")
+    features = extract_features(extractor, digits_u8[0][:3])
+    assert features.shape == (3, 2048) and np.isfinite(features).all()
+    assert (features >= 0).all() and features.std(axis=0).max() > 0  # pool of ReLUs, and images differ
+
+
+def test_cli_prints_fid_and_writes_json(ray_local, shard_sets, tmp_path):
+    from workflows.cli import main
+
+    samples, shifted = shard_sets
+    result = CliRunner().invoke(main, ["fid", "--samples", samples, "--reference", shifted, "--actors", "1",
+                                       "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "FID: " in result.output and "300 samples" in result.output and "mnist5k-classifier" in result.output
+    written = json.loads(open(sh.resolve(samples)[1] + "/fid-mnist5k-classifier.json").read())
+    assert written["reference"] == shifted and written["fid"] > 1.0
+
+    bad = CliRunner().invoke(main, ["fid", "--samples", samples, "--reference", str(tmp_path / "nothing")])
+    assert bad.exit_code != 0 and "neither a shard set" in bad.output
