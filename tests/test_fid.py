@@ -13,7 +13,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from tarflow.data import load_dataset
 from workflows import shards as sh
 from workflows.evaluate import EvaluateError, ExtractConfig, FeaturePool, evaluate_fid, reference_stats
-from workflows.extractors import build_extractor, extract_features, register_extractors
+from workflows.extractors import build_extractor, export_compat_weights, extract_features, register_extractors
 from workflows.fid_stats import FeatureStats, FIDStats, StatsMismatchError, frechet_distance
 
 
@@ -145,16 +145,19 @@ def test_bad_sources_and_settings_are_errors(tmp_path):
         FIDStats.load(tmp_path / "none.npz")
 
 
-def test_torchscript_inception_runs_offline_on_a_handful_of_images(monkeypatch, digits_u8):
+def test_torchscript_inception_runs_offline_and_matches_torch_fidelity_inception(monkeypatch, tmp_path, digits_u8):
     def no_network(*args, **kwargs):
-        raise AssertionError("the offline extractor tried to use the network")
+        raise AssertionError("an offline extractor tried to use the network")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    torch.manual_seed(0)
-    extractor = build_extractor("inception-v3-torchscript")
-    features = extract_features(extractor, digits_u8[0][:3])
+    images = digits_u8[0][:3]
+    features = extract_features(build_extractor("inception-v3-torchscript"), images)
     assert features.shape == (3, 2048) and np.isfinite(features).all()
     assert (features >= 0).all() and features.std(axis=0).max() > 0  # pool of ReLUs, and images differ
+
+    # the same weights inside torch-fidelity's own Inception give the same features
+    compat = build_extractor("inception-v3-compat", str(export_compat_weights(tmp_path / "inception.pth")))
+    np.testing.assert_allclose(extract_features(compat, images), features, atol=1e-5)
 
 
 def test_cli_prints_fid_and_writes_json(ray_local, shard_sets, tmp_path):

