@@ -156,8 +156,7 @@ def run_nightly(cfg: NightlyConfig, now: datetime | None = None, accept: bool = 
     stamp = now.strftime("%Y%m%dT%H%M%SZ")
     night = Store(f"{cfg.output.rstrip('/')}/{stamp}")
     workdir = Path(tempfile.mkdtemp(prefix="tarflow-gs-nightly-"))
-    history = read_history(cfg.history)
-    rows, problems, models = [], [], []
+    rows, models = [], []
     for entry in cfg.models:
         run_cfg = RunConfig.load(entry.config)
         if run_cfg.plan.source != "auto":
@@ -179,7 +178,7 @@ def run_nightly(cfg: NightlyConfig, now: datetime | None = None, accept: bool = 
                                           for b in result.model_result.blocks])
         seq, auto = mr.runs[0], mr.run("auto plan")
         auto.fid = result.fid.get("fid")
-        mr.fid_extractor, mr.fid_num_samples = result.fid.get("extractor", ""), result.fid.get("num_samples", 0)
+        mr.fid_extractor, mr.fid_num_samples = result.fid.get("extractor", ""), result.fid.get("sample_count", 0)
         if entry.fid_sequential and run_cfg.fid.enabled:
             seq.fid = _sequential_fid(run_cfg, result.plan, workdir)
         others = {r.plan: {"speedup": r.speedup, "passes": r.passes, "max_abs_error": r.max_abs_error}
@@ -188,19 +187,36 @@ def run_nightly(cfg: NightlyConfig, now: datetime | None = None, accept: bool = 
                          result.plan.fingerprint(), mr.device, run_cfg.sampling.batch_size, seq.seconds, auto.seconds,
                          auto.speedup, seq.passes, auto.passes, auto.max_abs_error, seq.fid, auto.fid,
                          mr.fid_extractor, mr.fid_num_samples, others)
-        row_problems = [] if accept else check_regressions(row, history + rows, cfg.thresholds)
-        row.passed = not row_problems
-        problems += row_problems
         rows.append(row)
         models.append(mr)
+    return record(cfg, stamp, rows, models, accept)
+
+
+def gate(rows: list[HistoryRow], history: list[HistoryRow], thresholds: Thresholds, accept: bool = False) -> list[str]:
+    """Judge each new row against the history before it (and earlier new rows); sets `row.passed`."""
+    problems = []
+    for i, row in enumerate(rows):
+        found = [] if accept else check_regressions(row, history + rows[:i], thresholds)
+        row.passed = not found
+        problems += found
+    return problems
+
+
+def record(cfg: NightlyConfig, stamp: str, rows: list[HistoryRow], models: list, accept: bool = False) -> NightlyResult:
+    """Gate the night's rows, append them (failing rows too, marked) to the history, write the report."""
+    from .pipeline import Store
+
+    problems = gate(rows, read_history(cfg.history), cfg.thresholds, accept)
     append_history(cfg.history, rows)
     notes = [f"nightly run {stamp}; history {cfg.history}",
              "thresholds: " + json.dumps(asdict(cfg.thresholds)),
              *(f"REGRESSION: {p}" for p in problems)]
     data = ReportData(f"tarflow-gs nightly {stamp}", models, [r.point() for r in read_history(cfg.history)], notes)
-    write_report(data, workdir / "report")
+    local = Path(tempfile.mkdtemp(prefix="tarflow-gs-nightly-report-"))
+    write_report(data, local)
+    night = Store(f"{cfg.output.rstrip('/')}/{stamp}")
     for name in ("report-data.json", "report.json", "report.html"):
-        night.write_text(name, (workdir / "report" / name).read_text())
+        night.write_text(name, (local / name).read_text())
     return NightlyResult(rows, problems, night.path("report.html"))
 
 

@@ -200,11 +200,14 @@ def _generate(cfg: RunConfig, samples: str, plan_file: Path) -> dict:
 
 
 def _fid(cfg: RunConfig, samples: str) -> dict:
-    from . import evaluate
+    from .evaluate import ExtractConfig, evaluate_fid
 
     res = cfg.resources.fid
-    return evaluate.fid_for_pipeline(samples, reference=cfg.fid.reference, extractor=cfg.fid.extractor,
-                                     actors=res.actors, gpus_per_actor=res.num_gpus, cpus_per_actor=res.num_cpus)
+    result = evaluate_fid(samples, cfg.fid.reference,
+                          ExtractConfig(extractor=cfg.fid.extractor, weights_path=cfg.fid.weights, actors=res.actors,
+                                        gpus_per_actor=res.num_gpus, cpus_per_actor=res.num_cpus, progress=True))
+    log.info(result.text())
+    return asdict(result)
 
 
 def _block_metrics(profile_file: Path | None, guidance: float) -> list[dict] | None:
@@ -226,7 +229,7 @@ def _report(cfg: RunConfig, model: Model, plan: Plan, fid: dict, profile_file: P
                        block_metrics=_block_metrics(profile_file, cfg.sampling.guidance.scale))
     if fid:
         mr.run(label).fid = fid.get("fid")
-        mr.fid_extractor, mr.fid_num_samples = fid.get("extractor", cfg.fid.extractor), fid.get("num_samples", 0)
+        mr.fid_extractor, mr.fid_num_samples = fid["extractor"], fid["sample_count"]
     seq, planned = mr.runs[0], mr.runs[1]
     row = HistoryRow(datetime.now(timezone.utc).isoformat(timespec="seconds"), cfg.name, mr.model_hash, label,
                      plan.fingerprint(), mr.device, cfg.sampling.batch_size, seq.seconds, planned.seconds,

@@ -23,8 +23,10 @@ Example (every section but `model` and `output` may be left out; defaults are sh
       batch_size: 16
       shard_size: 1024
     fid:
-      extractor: mnist5k
+      extractor: mnist5k-classifier   # or inception-v3-torchscript (offline), inception-v3-compat (+ weights)
       reference: mnist5k          # dataset name, image folder, shards URI, or stats .npz
+      weights: null               # extractor weights file (inception-v3-compat on a machine without internet)
+      enabled: true
     output: runs/demo             # local path or any pyarrow.fs URI (s3://, gs://)
     resources:                    # Ray resources per stage, per actor
       profile:  {actors: 1, num_cpus: 1, num_gpus: 0}
@@ -172,13 +174,17 @@ class SamplingSection:
 
 @dataclass
 class FidSection:
-    extractor: str = "mnist5k"
+    extractor: str = "mnist5k-classifier"
     reference: str = "mnist5k"
+    weights: str | None = None
     enabled: bool = True
 
     def validate(self, where: str = "fid") -> "FidSection":
-        _text(self.extractor, f"{where}.extractor")
+        from .extractors import EXTRACTORS
+
+        _choice(self.extractor, f"{where}.extractor", tuple(EXTRACTORS))
         _text(self.reference, f"{where}.reference")
+        _text(self.weights, f"{where}.weights", optional=True)
         if not isinstance(self.enabled, bool):
             raise ConfigError(f"{where}.enabled={self.enabled!r}: allowed values are true, false")
         return self
@@ -304,6 +310,7 @@ class RunConfig:
             self.calibration.data = resolve(self.calibration.data)
         if "/" in self.fid.reference or Path(self.fid.reference).suffix:
             self.fid.reference = resolve(self.fid.reference)
+        self.fid.weights = resolve(self.fid.weights)
         if "://" not in self.output:
             self.output = str(Path(self.output).resolve())
 

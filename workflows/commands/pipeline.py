@@ -33,8 +33,8 @@ def run_command(config, stop_after):
 def summary_text(result) -> str:
     lines = [f"{s.name:<9} {'skipped' if s.skipped else f'{s.seconds:.1f}s':>8}  {s.output}" for s in result.stages]
     if result.fid:
-        lines.append(f"FID: {result.fid['fid']:.4f} ({result.fid.get('num_samples')} samples, "
-                     f"extractor {result.fid.get('extractor')})")
+        lines.append(f"FID: {result.fid['fid']:.4f} ({result.fid['sample_count']} samples vs "
+                     f"{result.fid['reference_count']} reference images, extractor {result.fid['extractor']})")
     if result.model_result is not None and len(result.model_result.runs) > 1:
         r = result.model_result.runs[1]
         lines.append(f"{r.plan}: {r.speedup:.2f}x vs sequential at batch {result.model_result.batch_size}, "
