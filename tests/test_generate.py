@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from conftest import make_tiny_model
 
 from tarflow import CheckpointError, Plan, PlanError, load_checkpoint, sample, save_checkpoint
+from tarflow.denoise import denoise
 from tarflow.noise import sample_noise
 from workflows import shards as sh
 from workflows.cli import main as cli
@@ -34,8 +35,8 @@ def _cfg(assets, out, **kw):
     return GenerateConfig(**{**base, **kw})
 
 
-def _direct(assets, ids, batch_size=8):
-    """uint8 images of `ids` from tarflow.sample called directly, batch by batch."""
+def _direct(assets, ids, batch_size=8, classes=10, denoise_lr=0.0, noise_std=0.1):
+    """uint8 images of `ids` from tarflow.sample (and tarflow.denoise) called directly, batch by batch."""
     model, plan = load_checkpoint(assets["ckpt"]), Plan.load(assets["plan"])
     out, threads = [], torch.get_num_threads()
     torch.set_num_threads(1)  # as the actors run (cpus_per_actor=0.5); a tiny model gains nothing from more
@@ -43,7 +44,12 @@ def _direct(assets, ids, batch_size=8):
         for s in range(0, len(ids), batch_size):
             chunk = ids[s : s + batch_size]
             noise = sample_noise(SEED, chunk, model.num_tokens, model.token_dim)
-            out.append(sh.to_uint8(sample(model, noise, np.asarray(chunk) % 10, plan=plan).images))
+            labels = torch.as_tensor(np.arange(classes) if isinstance(classes, int) else classes)
+            y = labels[torch.as_tensor(chunk) % len(labels)]
+            images = sample(model, noise, y, plan=plan).images
+            if denoise_lr:
+                images = denoise(model, images, y, noise_std=noise_std, lr_multiplier=denoise_lr)
+            out.append(sh.to_uint8(images))
     finally:
         torch.set_num_threads(threads)
     return np.concatenate(out)
@@ -169,16 +175,18 @@ def test_bad_inputs_fail_before_any_work(assets, tmp_path):
         prepare(_cfg(assets, foreign))
 
 
-def test_cli_generates_and_reports(ray_local, assets, tmp_path):
+def test_cli_generates_with_denoising_and_reports(ray_local, assets, tmp_path):
     out = tmp_path / "cli"
     args = ["generate", "--checkpoint", assets["ckpt"], "--in-channels", "1", "--plan", assets["plan"],
             "--num-samples", "12", "--seed", str(SEED), "--labels", "3,4", "--actors", "1", "--cpus-per-actor", "0.5", "--batch-size", "8",
-            "--shard-size", "8", "--out", str(out), "--no-progress"]
+            "--shard-size", "8", "--denoise", "1", "--noise-std", "0.1", "--out", str(out), "--no-progress"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "12 samples complete" in result.output and "images/s" in result.output
-    _, labels, _ = sh.read_images(str(out))
+    _, labels, images = sh.read_images(str(out))
     assert labels.tolist() == [3, 4] * 6
+    assert np.array_equal(images, _direct(assets, list(range(12)), classes=[3, 4], denoise_lr=1.0))
+    assert not np.array_equal(images, _direct(assets, list(range(12)), classes=[3, 4]))
     again = CliRunner().invoke(cli, [*args, "--seed", "1"])  # the last --seed wins
     assert again.exit_code != 0 and "different settings" in again.output
     missing = CliRunner().invoke(cli, ["generate", "--checkpoint", str(tmp_path / "nope"), "--num-samples", "1",

@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from tarflow import Guidance, Model, ModelConfig, Plan, load_checkpoint, model_hash, sample
+from tarflow.denoise import denoise
 from tarflow.noise import sample_noise
 
 from . import shards as sh
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 
 # Fields that decide the images (or the shard layout): a resumed run must match them all.
 IDENTITY_FIELDS = ("model_hash", "plan_hash", "num_samples", "seed", "labels", "guidance", "attn_temp",
-                   "annealed_guidance", "guide_what", "denoise", "batch_size", "shard_size", "image_shape")
+                   "annealed_guidance", "guide_what", "denoise", "noise_std", "batch_size", "shard_size",
+                   "image_shape")
 
 
 class GenerateError(RuntimeError):
@@ -65,6 +67,7 @@ class GenerateConfig:
     annealed_guidance: bool = False
     guide_what: str = "ab"
     denoise: float = 0.0
+    noise_std: float | None = None
     batch_size: int = 16
     shard_size: int = 1024
     actors: int = 1
@@ -86,6 +89,8 @@ class GenerateConfig:
             raise ValueError(f"cpus_per_actor={self.cpus_per_actor!r}: must be > 0 (or unset to share the free CPUs)")
         if not (self.denoise >= 0 and math.isfinite(self.denoise)):
             raise ValueError(f"denoise={self.denoise!r}: must be a finite number >= 0 (0 = off)")
+        if self.noise_std is not None and not self.noise_std >= 0:
+            raise ValueError(f"noise_std={self.noise_std!r}: must be >= 0")
         if self.guidance < 0:
             raise ValueError(f"guidance={self.guidance!r}: must be >= 0 (0 = off)")
         Guidance(self.guidance, self.attn_temp, self.annealed_guidance, self.guide_what)
@@ -161,7 +166,7 @@ def prepare(cfg: GenerateConfig) -> Job:
     Fails fast on a missing/corrupt checkpoint, a plan for another model, bad labels or
     guidance, an unwritable output, or an output holding a run with other settings."""
     cfg.validate()
-    model = load_checkpoint(cfg.checkpoint, in_channels=cfg.in_channels)
+    model, provenance = load_checkpoint(cfg.checkpoint, in_channels=cfg.in_channels, with_metadata=True)
     mhash = model_hash(model)
     T = model.num_tokens
     plan = Plan.load(cfg.plan) if cfg.plan else Plan.sequential(len(model.blocks), T)
@@ -174,13 +179,16 @@ def prepare(cfg: GenerateConfig) -> Job:
         raise ValueError(f"labels={cfg.labels!r}: class {max(policy)} out of range, the model has {num_classes} classes")
     if cfg.guidance > 0 and not num_classes:
         raise ValueError(f"guidance={cfg.guidance}: classifier-free guidance needs a class-conditional model")
-    if cfg.denoise > 0:
-        _denoiser()
+    noise_std = cfg.noise_std if cfg.noise_std is not None else provenance.get("noise_std")
+    if cfg.denoise > 0 and noise_std is None:
+        raise ValueError(f"denoise={cfg.denoise}: {cfg.checkpoint} does not record the training noise_std "
+                         "that denoising needs; pass noise_std (--noise-std)")
     c = model.config
     settings = {
         "model_hash": mhash, "plan_hash": plan.fingerprint(), "num_samples": cfg.num_samples, "seed": cfg.seed,
         "labels": policy, "guidance": cfg.guidance, "attn_temp": cfg.attn_temp,
         "annealed_guidance": cfg.annealed_guidance, "guide_what": cfg.guide_what, "denoise": cfg.denoise,
+        "noise_std": noise_std if cfg.denoise > 0 else None,
         "batch_size": cfg.batch_size, "shard_size": cfg.shard_size,
         "image_shape": [c.in_channels, c.img_size, c.img_size], "num_classes": num_classes,
     }
@@ -237,14 +245,6 @@ def _lost_shards(uri: str, manifest: sh.Manifest) -> list[sh.ShardEntry]:
     return [e for e, i in zip(manifest.shards, infos) if i.type != pafs.FileType.File or i.size != e.size_bytes]
 
 
-def _denoiser():
-    try:
-        from tarflow.denoise import denoise
-    except ImportError as e:
-        raise NotImplementedError("denoise > 0 needs tarflow.denoise, which this build lacks") from e
-    return denoise
-
-
 def sample_batch(model: Model, ids, settings: dict, plan: Plan, device="cpu"):
     """uint8 images (B, H, W, C) and solver stats for sample ids: what one shard batch computes."""
     labels = labels_for(ids, settings["labels"], settings["num_classes"])
@@ -254,7 +254,7 @@ def sample_batch(model: Model, ids, settings: dict, plan: Plan, device="cpu"):
                  annealed_guidance=settings["annealed_guidance"], guide_what=settings["guide_what"])
     images = out.images
     if settings["denoise"] > 0:
-        images = _denoiser()(model, images, y, multiplier=settings["denoise"])
+        images = denoise(model, images, y, noise_std=settings["noise_std"], lr_multiplier=settings["denoise"])
     return sh.to_uint8(images.float().cpu()), labels, out.stats
 
 

@@ -17,7 +17,10 @@ import click
 @click.option("--attn-temp", type=float, default=1.0, show_default=True, help="Guidance attention temperature.")
 @click.option("--annealed-guidance/--constant-guidance", default=False, show_default=True)
 @click.option("--guide-what", type=click.Choice(["a", "b", "ab"]), default="ab", show_default=True)
-@click.option("--denoise", type=float, default=0.0, show_default=True, help="Denoising multiplier (0 = off).")
+@click.option("--denoise", type=float, default=0.0, show_default=True,
+              help="Self-denoising step multiplier (1 = Tweedie's step); 0 turns it off.")
+@click.option("--noise-std", type=float, default=None,
+              help="Training noise of the model, for --denoise (default: from the checkpoint).")
 @click.option("--actors", type=int, default=1, show_default=True)
 @click.option("--gpus-per-actor", type=float, default=0.0, show_default=True)
 @click.option("--cpus-per-actor", type=float, default=None,
@@ -27,7 +30,7 @@ import click
 @click.option("--out", required=True, help="Output directory or URI (file://, s3://, gs://).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def generate_command(checkpoint, in_channels, plan, num_samples, seed, labels, guidance, attn_temp,
-                     annealed_guidance, guide_what, denoise, actors, gpus_per_actor, cpus_per_actor, batch_size,
+                     annealed_guidance, guide_what, denoise, noise_std, actors, gpus_per_actor, cpus_per_actor, batch_size,
                      shard_size, out, progress):
     """Generate NUM_SAMPLES images into Parquet shards; re-running resumes."""
     from tarflow import CheckpointError, PlanError
@@ -36,13 +39,12 @@ def generate_command(checkpoint, in_channels, plan, num_samples, seed, labels, g
 
     cfg = GenerateConfig(checkpoint=checkpoint, out=out, num_samples=num_samples, seed=seed, plan=plan,
                          in_channels=in_channels, labels=labels, guidance=guidance, attn_temp=attn_temp,
-                         annealed_guidance=annealed_guidance, guide_what=guide_what, denoise=denoise,
+                         annealed_guidance=annealed_guidance, guide_what=guide_what, denoise=denoise, noise_std=noise_std,
                          batch_size=batch_size, shard_size=shard_size, actors=actors,
                          gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor)
     try:
         summary = generate(cfg, progress=progress)
-    except (FileNotFoundError, CheckpointError, PlanError, GenerateError, ShardError, ValueError,
-            NotImplementedError) as e:
+    except (FileNotFoundError, CheckpointError, PlanError, GenerateError, ShardError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(summary.text())
 
