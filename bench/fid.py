@@ -1,0 +1,138 @@
+"""Benchmark distributed FID: feature-extraction throughput per actor count, and a large set end to end.
+
+    python bench/fid.py throughput [--extractor mnist5k-classifier] [--num-images 5000] [--actors 1 2]
+    python bench/fid.py scale --samples URI [--reference digits] [--actors 1]
+
+`throughput`: writes `--num-images` mnist5k digits (cycled) into Parquet shards, then for each
+actor count starts a `FeaturePool` on a local 2-CPU Ray, waits until every actor has loaded its
+extractor, and times `FeaturePool.stats` over the shards (PNG decode, extraction, per-shard float64
+sums, driver merge). Prints images/s per actor count and their ratio to one actor.
+
+`scale`: `evaluate_fid` of an existing shard set (e.g. the generation benchmark's 50,000 samples)
+against a reference, sampling the driver's RSS every 0.2 s (from /proc: Linux): wall time, FID, and driver memory at
+start, peak and end, to show the driver does not grow with the number of images.
+
+Both print the command for a 50k Inception FID on a GPU cluster.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+
+from workflows import shards as sh  # noqa: E402
+from workflows.evaluate import ExtractConfig, FeaturePool, evaluate_fid  # noqa: E402
+
+GPU_COMMAND = ("RAY_ADDRESS=http://HEAD:8265 ray job submit --working-dir . -- tarflow-gs fid "
+               "--samples s3://BUCKET/RUN/shards --reference s3://BUCKET/imagenet-256-inception.npz "
+               "--extractor inception-v3-compat --extractor-weights /weights/inception-compat.pth "
+               "--actors 8 --gpus-per-actor 1 --batch-size 500 --no-progress")
+
+
+def _write_digits(uri: str, num_images: int, shard_size: int) -> None:
+    from tarflow.data import load_dataset
+
+    digits = sh.to_uint8(load_dataset("mnist5k").images.numpy())
+    images = digits[np.arange(num_images) % len(digits)]
+    manifest = sh.Manifest(settings={"bench": "fid"}, num_samples=num_images, shard_size=shard_size)
+    for index in range(manifest.num_shards):
+        ids = np.asarray(manifest.shard_ids(index))
+        table = sh.shard_table(ids, np.full(len(ids), -1), 0, [sh.encode_png(images[i]) for i in ids],
+                               [[0]] * len(ids), np.zeros(len(ids)), np.zeros(len(ids)))
+        manifest.add(sh.write_shard(uri, index, table, {}))
+    sh.write_manifest(uri, manifest)
+
+
+def throughput(args) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-fid-"))
+    uri = str(workdir / "shards")
+    _write_digits(uri, args.num_images, args.shard_size)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    rows = []
+    for actors in args.actors:
+        cfg = ExtractConfig(extractor=args.extractor, actors=actors, batch_size=args.batch_size)
+        start = time.perf_counter()
+        with FeaturePool(cfg) as pool:
+            ray.get([actor.__ray_ready__.remote() for actor in pool.actors])
+            started = time.perf_counter()
+            stats = pool.stats(uri)
+            seconds = time.perf_counter() - started
+        rows.append({"actors": actors, "images": stats.count, "pool_start_s": round(started - start, 2),
+                     "extract_s": round(seconds, 2), "images_per_s": round(stats.count / seconds, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    ray.shutdown()
+    base = rows[0]["images_per_s"]
+    for row in rows:
+        row["speedup_vs_first"] = round(row["images_per_s"] / base, 2)
+    return {"extractor": args.extractor, "cpus": 2, "runs": rows, "gpu_cluster_command": GPU_COMMAND}
+
+
+def _rss_mib() -> float:
+    # /proc (Linux) rather than psutil, which the project does not depend on
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def scale(args) -> dict:
+    samples_mib: list[tuple[float, float]] = []
+    done = threading.Event()
+
+    def watch():
+        t0 = time.perf_counter()
+        while not done.is_set():
+            samples_mib.append((time.perf_counter() - t0, _rss_mib()))
+            done.wait(0.2)
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    cfg = ExtractConfig(extractor=args.extractor, actors=args.actors, batch_size=args.batch_size)
+    result = evaluate_fid(args.samples, args.reference, cfg, cache_dir=args.cache_dir)
+    done.set()
+    watcher.join()
+    ray.shutdown()
+    rss = np.array([m for _, m in samples_mib])
+    quarter = max(1, len(rss) // 4)
+    return {"fid": round(result.fid, 4), "samples": result.sample_count, "reference": result.reference,
+            "reference_count": result.reference_count, "extractor": result.extractor,
+            "image_size": result.image_size, "wall_s": round(result.seconds, 1),
+            "images_per_s": round(result.sample_count / result.seconds, 1),
+            "driver_rss_mib": {"start": round(float(rss[0]), 1), "first_quarter_max": round(float(rss[:quarter].max()), 1),
+                               "last_quarter_max": round(float(rss[-quarter:].max()), 1),
+                               "peak": round(float(rss.max()), 1)},
+            "gpu_cluster_command": GPU_COMMAND}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="mode", required=True)
+    t = sub.add_parser("throughput")
+    t.add_argument("--extractor", default="mnist5k-classifier")
+    t.add_argument("--num-images", type=int, default=5000)
+    t.add_argument("--shard-size", type=int, default=500)
+    t.add_argument("--batch-size", type=int, default=250)
+    t.add_argument("--actors", type=int, nargs="+", default=[1, 2])
+    s = sub.add_parser("scale")
+    s.add_argument("--samples", required=True)
+    s.add_argument("--reference", default="digits")
+    s.add_argument("--extractor", default="mnist5k-classifier")
+    s.add_argument("--actors", type=int, default=1)
+    s.add_argument("--batch-size", type=int, default=500)
+    s.add_argument("--cache-dir", default=None, help="reference cache (default: none, so the reference is extracted too)")
+    args = parser.parse_args()
+    print(json.dumps(throughput(args) if args.mode == "throughput" else scale(args), indent=1))
+
+
+if __name__ == "__main__":
+    main()
