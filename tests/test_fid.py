@@ -136,6 +136,16 @@ def test_mismatched_extractor_or_image_size_is_an_error(ray_local, shard_sets, t
         frechet_distance(stats, FIDStats(np.zeros(64), np.eye(64), 10, "other", (28, 28), "x"))
 
 
+def test_corrupt_shard_is_an_error_naming_the_shard(ray_local, tmp_path, digits_u8):
+    uri = write_shards(tmp_path / "set", digits_u8[0][:40], 20)
+    path = tmp_path / "set" / "shard-00001.parquet"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(sh.ShardError, match="shard-00001.parquet fails its sha256 check"):
+        evaluate_fid(uri, "mnist5k", ExtractConfig(actors=1), cache_dir=None)
+
+
 def test_bad_sources_and_settings_are_errors(tmp_path):
     with pytest.raises(EvaluateError, match="neither a shard set"):
         evaluate_fid(str(tmp_path / "missing"), "mnist5k")
