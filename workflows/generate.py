@@ -209,17 +209,14 @@ def _open_output(cfg: GenerateConfig, settings: dict, plan: Plan) -> sh.Manifest
         fs.create_dir(base, recursive=True)
     except OSError as e:
         raise GenerateError(f"cannot create output {cfg.out}: {e}") from e
-    try:
-        manifest = sh.read_manifest(cfg.out)
-    except sh.ShardError as e:
-        if "no manifest.json" not in str(e):
-            raise
+    if fs.get_file_info(f"{base.rstrip('/')}/{sh.MANIFEST_NAME}").type != pafs.FileType.File:
         existing = [i.base_name for i in fs.get_file_info(pafs.FileSelector(base)) if i.base_name.endswith(".parquet")]
         if existing:
             raise GenerateError(f"output {cfg.out} holds Parquet files ({existing[0]}, ...) but no manifest.json: "
-                                "it is not a tarflow-gs shard set; choose an empty or new output") from None
+                                "it is not a tarflow-gs shard set; choose an empty or new output")
         manifest = sh.Manifest(settings, cfg.num_samples, cfg.shard_size)
     else:
+        manifest = sh.read_manifest(cfg.out)
         diff = _describe_difference(manifest.settings, settings)
         if diff:
             raise GenerateError(f"output {cfg.out} already holds a run with different settings ({diff}); "
