@@ -159,6 +159,7 @@ def _labels(cfg: RunConfig) -> str:
 def _profile(cfg: RunConfig, model: Model, store: Store, name: str) -> None:
     from .profile import profile_model
 
+    ensure_ray()
     res = cfg.resources.profile
     profile = profile_model(model, data=cfg.calibration.data, num_images=cfg.calibration.num_images,
                             batch_size=cfg.sampling.batch_size, guidance=[cfg.sampling.guidance.scale],
@@ -186,6 +187,7 @@ def _plan(cfg: RunConfig, model: Model, store: Store, name: str, profile_file: P
 def _generate(cfg: RunConfig, samples: str, plan_file: Path) -> dict:
     from .generate import GenerateConfig, generate
 
+    ensure_ray()
     res = cfg.resources.generate
     g = cfg.sampling.guidance
     gen = GenerateConfig(checkpoint=checkpoint_path(cfg), out=samples, num_samples=cfg.sampling.num_samples,
@@ -202,6 +204,7 @@ def _generate(cfg: RunConfig, samples: str, plan_file: Path) -> dict:
 def _fid(cfg: RunConfig, samples: str) -> dict:
     from .evaluate import ExtractConfig, evaluate_fid
 
+    ensure_ray()
     res = cfg.resources.fid
     result = evaluate_fid(samples, cfg.fid.reference,
                           ExtractConfig(extractor=cfg.fid.extractor, weights_path=cfg.fid.weights, actors=res.actors,
@@ -295,7 +298,6 @@ def run(cfg: RunConfig, stop_after: str | None = None) -> RunResult:
     plan = result.plan = Plan.load(plan_file)
     result.plan_path = store.path(plan_name)
 
-    ensure_ray()
     gen_key = _hash("generate", mhash, plan.fingerprint(), d["sampling"], d["device"])
     samples = store.path(f"samples-{gen_key}")
     result.samples = samples
