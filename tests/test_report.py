@@ -65,3 +65,23 @@ def test_grid_png_is_square_and_scaled():
 
     img = Image.open(BytesIO(base64.b64decode(grid_png(np.zeros((16, 1, 8, 8), np.float32)))))
     assert img.width == img.height >= 128
+
+
+def test_report_cli_combines_run_data_and_history(data, tmp_path):
+    from click.testing import CliRunner
+
+    from workflows.cli import main
+    from workflows.history import HistoryRow, append_history
+
+    (tmp_path / "a.json").write_text(data.to_json())
+    history = str(tmp_path / "history.parquet")
+    append_history(history, [HistoryRow("2026-11-05T03:00:00+00:00", "tiny", "h", "auto plan", "p", "cpu", 4, 1.0,
+                                        0.5, 2.0, 60, 30, 1e-5, None, 4.5, "mnist5k-classifier", 100)])
+    result = CliRunner().invoke(main, ["report", "--data", str(tmp_path / "a.json"), "--history", history,
+                                       "--title", "morning", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    figures = json.loads((tmp_path / "out" / "report.json").read_text())
+    history_fig = next(f for f in figures["figures"] if f["id"] == "history")
+    assert history_fig["series"]["tiny / auto plan"]["speedup"] == [2.0], "the table's history replaces the file's"
+    assert "<title>morning</title>" in (tmp_path / "out" / "report.html").read_text()
+    assert CliRunner().invoke(main, ["report", "--out", str(tmp_path / "x")]).exit_code == 2

@@ -152,7 +152,7 @@ def _figure_specs(data: ReportData) -> list[dict]:
                 "x": [b.block for b in m.blocks], "x_label": "block (forward index; the last is sampled first)",
                 "crm_share": [b.crm_share for b in m.blocks],
                 "igm_z": [b.igm_z for b in m.blocks], "igm_zeros": [b.igm_zeros for b in m.blocks],
-                "labels": [f"{b.solver}" + (f" L={b.segment_len}" if b.solver == "gs_jacobi" else "")
+                "labels": [f"{b.solver}" + (f" L={b.segment_len}" if b.solver not in ("sequential", "jacobi") else "")
                            + f"\n{b.iterations:.1f} it/seg" for b in m.blocks],
             })
         if m.convergence:
