@@ -17,10 +17,11 @@ import io
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
+from matplotlib.dates import ConciseDateFormatter
 from matplotlib.figure import Figure
 
 SECTIONS = ("summary", "blocks", "convergence", "history", "samples")
@@ -220,6 +221,10 @@ def _draw(spec: dict) -> Figure:
         if any(v is not None for v in s["fid_sequential"]):
             ax2.plot(t, [np.nan if v is None else v for v in s["fid_sequential"]], marker="x", linestyle="--",
                      label=f"{label.split(' / ')[0]} / sequential")
+    times = [datetime.fromisoformat(v.replace("Z", "+00:00")) for s in spec["series"].values() for v in s["t"]]
+    if times and max(times) - min(times) < timedelta(days=1):  # one night: a one-day axis, not matplotlib's years
+        for ax in (ax1, ax2):
+            ax.set_xlim(min(times) - timedelta(hours=12), max(times) + timedelta(hours=12))
     ax1.axhline(1.0, color="grey", lw=0.8)
     ax1.set(ylabel="speedup over sequential (x)", title="speedup")
     ax2.set(ylabel="FID (lower is better)", title="FID")
@@ -227,7 +232,8 @@ def _draw(spec: dict) -> Figure:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+        ax.xaxis.set_major_formatter(ConciseDateFormatter(ax.xaxis.get_major_locator()))
+        ax.tick_params(axis="x", labelsize=7)
     fig.suptitle(spec["title"])
     return fig
 
