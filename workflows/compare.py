@@ -28,14 +28,18 @@ def comparison_batch(model: Model, num_images: int, seed: int, labels="uniform")
     return noise, y
 
 
-def _timed(model, noise, y, plan, guidance: dict, repeats: int):
-    """Best-of-`repeats` wall time: the minimum is the least noisy estimate on a shared machine."""
-    best, out = float("inf"), None
+def _timed(model, noise, y, plans: dict, guidance: dict, repeats: int) -> dict:
+    """{name: (output, best wall time)} of each plan (None: sequential), repeats interleaved.
+
+    Round-robin over the samplers, so a burst of load on a shared machine hits them alike, and
+    the minimum over repeats, the least noisy estimate of what the code costs."""
+    outs, best = {}, {name: float("inf") for name in plans}
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = sample(model, noise, y, plan=plan, **guidance)
-        best = min(best, time.perf_counter() - start)
-    return out, best
+        for name, plan in plans.items():
+            start = time.perf_counter()
+            outs[name] = sample(model, noise, y, plan=plan, **guidance)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: (outs[name], best[name]) for name in plans}
 
 
 def convergence_curves(model: Model, noise: torch.Tensor, y, plan: Plan, guidance: dict,
@@ -78,12 +82,13 @@ def compare_plans(model: Model, plans: dict[str, Plan], num_images: int = 16, se
     `block_metrics`: per forward block {"crm_share", "igm_z", "igm_zeros"} from the profile, if any."""
     guidance = guidance or {}
     noise, y = comparison_batch(model, num_images, seed, labels)
-    seq, seq_s = _timed(model, noise, y, None, guidance, repeats)
+    timed = _timed(model, noise, y, {"sequential": None, **plans}, guidance, repeats)
+    seq, seq_s = timed["sequential"]
     runs = [RunResult("sequential", seq_s, seq.stats.passes, 1.0, 0.0, seq.stats.fallbacks,
                       grid_png=grid_png(seq.images[:grid_images]))]
     blocks: list[BlockResult] = []
     for plan_name, plan in plans.items():
-        out, s = _timed(model, noise, y, plan, guidance, repeats)
+        out, s = timed[plan_name]
         err = (out.images - seq.images).abs().max().item()
         runs.append(RunResult(plan_name, s, out.stats.passes, seq_s / s if s > 0 else float("inf"), err,
                               out.stats.fallbacks, grid_png=grid_png(out.images[:grid_images])))

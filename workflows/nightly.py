@@ -2,8 +2,8 @@
 
 Per model it runs the whole pipeline fresh (profile -> auto plan -> N samples -> FID), times
 sequential sampling and every plan on the same noise (wall time, speedup, passes, max error vs
-sequential), generates the same N samples sequentially for their FID, and appends one row to the
-history table. The regression gate compares each row with the model's last *passing* row: a
+sequential), generates the same N samples sequentially and with each hand plan for their FIDs,
+and appends one row to the history table. The regression gate compares each row with the model's last *passing* row: a
 regression stays flagged night after night until fixed, or until a run is accepted as the new
 baseline (`accept=True`, e.g. after a deliberate hardware change).
 
@@ -18,7 +18,7 @@ Config (YAML)::
     models:
       - config: jobs/configs/demo.yaml   # a run config; its output is replaced by the night's folder
         hand_plans: [ ... ]              # optional paper-style plans, e.g. "7-8-32-10"
-        fid_sequential: true             # also FID of N sequential samples
+        fid_sequential: true             # also FID of N sequential samples (hand plans always get one)
 """
 from __future__ import annotations
 
@@ -134,16 +134,18 @@ class NightlyResult:
         return not self.problems
 
 
-def _sequential_fid(cfg: RunConfig, plan: Plan, workdir: Path) -> float | None:
-    """FID of the same N samples drawn sequentially: the pipeline with a sequential plan, own output."""
+def _fid_of(cfg: RunConfig, label: str, plan: Plan, workdir: Path) -> float | None:
+    """FID of the same N samples drawn with another plan (sequential, a hand plan): the pipeline with
+    that plan given, into its own folder beside the auto plan's run."""
     from .pipeline import run as run_pipeline
 
-    plan_file = workdir / f"{cfg.name}-sequential-plan.json"
-    Plan.sequential(plan.num_blocks, plan.num_tokens).save(plan_file)
-    seq = copy.deepcopy(cfg)
-    seq.name, seq.output = f"{cfg.name}-sequential", f"{cfg.output}/sequential"
-    seq.plan.path, seq.plan.hand = str(plan_file), None
-    return run_pipeline(seq).fid.get("fid")
+    slug = "".join(c if c.isalnum() else "-" for c in label)
+    plan_file = workdir / f"{cfg.name}-{slug}.json"
+    plan.save(plan_file)
+    other = copy.deepcopy(cfg)
+    other.name, other.output = f"{cfg.name}-{slug}", f"{cfg.output}/{slug}"
+    other.plan.path, other.plan.hand = str(plan_file), None
+    return run_pipeline(other).fid.get("fid")
 
 
 def run_nightly(cfg: NightlyConfig, now: datetime | None = None, accept: bool = False) -> NightlyResult:
@@ -179,9 +181,13 @@ def run_nightly(cfg: NightlyConfig, now: datetime | None = None, accept: bool = 
         seq, auto = mr.runs[0], mr.run("auto plan")
         auto.fid = result.fid.get("fid")
         mr.fid_extractor, mr.fid_num_samples = result.fid.get("extractor", ""), result.fid.get("sample_count", 0)
-        if entry.fid_sequential and run_cfg.fid.enabled:
-            seq.fid = _sequential_fid(run_cfg, result.plan, workdir)
-        others = {r.plan: {"speedup": r.speedup, "passes": r.passes, "max_abs_error": r.max_abs_error}
+        if run_cfg.fid.enabled:
+            if entry.fid_sequential:
+                seq.fid = _fid_of(run_cfg, "sequential", Plan.sequential(len(model.blocks), model.num_tokens),
+                                  workdir)
+            for r in mr.runs[2:]:
+                r.fid = _fid_of(run_cfg, r.plan, plans[r.plan], workdir)
+        others = {r.plan: {"speedup": r.speedup, "passes": r.passes, "max_abs_error": r.max_abs_error, "fid": r.fid}
                   for r in mr.runs[2:]}
         row = HistoryRow(now.isoformat(timespec="seconds"), run_cfg.name, mr.model_hash, "auto plan",
                          result.plan.fingerprint(), mr.device, run_cfg.sampling.batch_size, seq.seconds, auto.seconds,

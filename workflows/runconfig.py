@@ -1,6 +1,6 @@
 """The run config: one YAML file that describes a whole run (profile -> plan -> generate -> FID -> report).
 
-Example (every section but `model` and `output` may be left out; defaults are shown)::
+Example (only `output` is required; the values shown for sections left out are their defaults)::
 
     name: demo
     device: cpu                   # cpu | cuda
@@ -12,7 +12,7 @@ Example (every section but `model` and `output` may be left out; defaults are sh
       num_images: 32              # rounded up to whole batches of sampling.batch_size (the batch the plan is for)
     plan:
       tol: 1.0e-3                 # auto plan: max abs error vs sequential on the calibration batch
-      path: null                  # or a given plan JSON (then no profile/plan stage runs)
+      path: null                  # or a given plan JSON (then no profile stage runs)
       hand: null                  # or a paper-style hand plan such as 7-8-32-10
     sampling:
       num_samples: 1000
@@ -29,7 +29,7 @@ Example (every section but `model` and `output` may be left out; defaults are sh
       enabled: true
     output: runs/demo             # local path or any pyarrow.fs URI (s3://, gs://)
     resources:                    # Ray resources per stage, per actor
-      profile:  {actors: 1, num_cpus: 1, num_gpus: 0}
+      profile:  {actors: 1, num_cpus: 1, num_gpus: 0}   # one task per block with num_cpus threads (cuda: 1 GPU each)
       generate: {actors: 1, num_cpus: 1, num_gpus: 0}
       fid:      {actors: 1, num_cpus: 1, num_gpus: 0}
 
@@ -38,7 +38,6 @@ Relative input paths are found beside the config or in a parent directory (see `
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import typing
@@ -250,15 +249,6 @@ class RunConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def fingerprint(self, *sections: str) -> str:
-        """Hash of the named top-level sections (all when none): keys a stage's output by its inputs."""
-        d = self.to_dict()
-        picked = {k: d[k] for k in (sections or sorted(d))}
-        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
     def from_dict(cls, d, base_dir: Path | None = None) -> "RunConfig":
