@@ -368,10 +368,10 @@ def generate(cfg: GenerateConfig, progress: bool = True,
 
     `on_shard` is called in the driver after each shard is in the manifest (progress for callers)."""
     job = prepare(cfg)
-    start = time.perf_counter()
     if not job.pending:
         return _summarize(job, 0, 0, 0.0, 0)
     _ensure_ray()
+    start = time.perf_counter()  # from here: actor start, model loads, sampling, writes
     num_cpus, num_gpus, threads = actor_resources(cfg)
     worker_cls = ray.remote(ShardWorker).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)
     model_ref, state_ref = ray.put(job.model_config), ray.put(job.state_dict)

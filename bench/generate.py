@@ -1,0 +1,185 @@
+"""Benchmark the generate stage: pipeline throughput vs direct sampling, and driver memory at scale.
+
+    python bench/generate.py throughput [--checkpoint PATH] [--num-samples 1024] [--batch-size 16]
+    python bench/generate.py scale [--workdir DIR] [--sizes 5000 50000]
+
+`throughput`: images/s of `tarflow.sample` called directly in this process on the same
+batches the pipeline samples (1 torch thread and all cores' threads, measured before each
+pipeline run and averaged), and of `generate` with 1 and 2 CPU actors (and 1 actor on one
+thread) on a local Ray started beforehand. Pipeline time includes starting the actors,
+loading the model in them, noise, PNG encoding, Parquet writes and the manifest; "steady"
+is actor-side time only (as if the actors were already up). Time overhead = direct rate /
+pipeline rate - 1. Default model: the shipped demo checkpoint, else a random model of the
+demo's shape (the same compute per sample).
+
+`scale`: trains a tiny 8x8 `digits` model for about a minute (cached in the workdir), then
+runs `generate` for each size in a fresh driver process and reports its peak RSS, the ids
+the manifest lists, and images/s. Each run happens in a subprocess so peaks do not mix.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from tarflow import Model, load_checkpoint, sample, save_checkpoint  # noqa: E402
+from tarflow.noise import sample_noise  # noqa: E402
+
+
+def _demo_or_stand_in(workdir: Path) -> tuple[str, str]:
+    try:
+        from tarflow.demo import demo_checkpoint
+        return str(demo_checkpoint()), "demo checkpoint"
+    except (ImportError, FileNotFoundError):
+        torch.manual_seed(0)
+        model = Model(1, 28, 2, 128, 4, 2, num_classes=10, head_dim=64)
+        for block in model.blocks:
+            torch.nn.init.normal_(block.proj_out.weight, std=0.02)
+        path = save_checkpoint(model.eval(), workdir / "demo-shape-random.safetensors")
+        return str(path), "random model of the demo's shape (28x28x1, patch 2, width 128, 4x2 layers)"
+
+
+def _direct_rate(checkpoint: str, num_samples: int, batch_size: int, seed: int, threads: int) -> float:
+    torch.set_num_threads(threads)
+    model = load_checkpoint(checkpoint)
+    classes = max(model.config.num_classes, 1)
+    start = time.perf_counter()
+    for s in range(0, num_samples, batch_size):
+        ids = range(s, min(s + batch_size, num_samples))
+        noise = sample_noise(seed, ids, model.num_tokens, model.token_dim)
+        labels = torch.tensor([i % classes for i in ids]) if model.config.num_classes else None
+        sample(model, noise, labels)
+    return num_samples / (time.perf_counter() - start)
+
+
+def throughput(args) -> dict:
+    import ray
+
+    from workflows import shards as sh
+    from workflows.generate import GenerateConfig, generate
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-generate-"))
+    checkpoint, what = (args.checkpoint, args.checkpoint) if args.checkpoint else _demo_or_stand_in(workdir)
+    cpus = os.cpu_count()
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    rates = {}
+    # (actors, cpus_per_actor): None shares the node's cores (1 actor: all threads; 2: one each);
+    # 1 actor with 1.0 CPU runs one torch thread, the like-for-like match of direct_1_thread
+    for name, actors, cpus_per_actor in (("1_actor", 1, None), ("2_actors", 2, None), ("1_actor_1_thread", 1, 1.0)):
+        rates.setdefault("direct_1_thread", []).append(_direct_rate(checkpoint, args.num_samples, args.batch_size,
+                                                                    args.seed, 1))
+        rates.setdefault(f"direct_{cpus}_threads", []).append(
+            _direct_rate(checkpoint, args.num_samples, args.batch_size, args.seed, cpus))
+        out = workdir / name
+        cfg = GenerateConfig(checkpoint, str(out), args.num_samples, seed=args.seed, batch_size=args.batch_size,
+                             shard_size=args.shard_size, actors=actors, cpus_per_actor=cpus_per_actor)
+        summary = generate(cfg, progress=False)
+        shard_seconds = sum(e.stats["seconds"] for e in sh.read_manifest(str(out)).shards)
+        rates[f"pipeline_{name}"] = [summary.images_per_s]
+        # actor-side time only (sampling, PNG, Parquet write), as if the actors were already up
+        rates[f"pipeline_{name}_steady"] = [args.num_samples / (shard_seconds / actors)]
+    ray.shutdown()
+    shutil.rmtree(workdir, ignore_errors=True)
+    rates = {k: sum(v) / len(v) for k, v in rates.items()}  # direct rates: mean of the runs between pipelines
+    best_direct = max(rates["direct_1_thread"], rates[f"direct_{cpus}_threads"])
+    overhead = {f"{k}_vs_best_direct": round(best_direct / v - 1, 3) for k, v in rates.items() if k.startswith("pipe")}
+    overhead["1_actor_1_thread_vs_direct_1_thread"] = round(rates["direct_1_thread"] / rates["pipeline_1_actor_1_thread"] - 1, 3)
+    overhead["1_actor_1_thread_steady_vs_direct_1_thread"] = round(
+        rates["direct_1_thread"] / rates["pipeline_1_actor_1_thread_steady"] - 1, 3)
+    return {"model": what, "num_samples": args.num_samples, "batch_size": args.batch_size, "cpus": cpus,
+            "load_average_1min": round(os.getloadavg()[0], 1),
+            "images_per_s": {k: round(v, 2) for k, v in rates.items()}, "time_overhead": overhead}
+
+
+def _train_tiny(workdir: Path) -> str:
+    from tarflow.train import TrainConfig, train
+
+    out = workdir / "digits-tiny.safetensors"
+    if not out.is_file():
+        cfg = TrainConfig(dataset="digits", out=str(out), patch_size=2, width=64, num_blocks=4, layers_per_block=2,
+                          head_dim=32, epochs=15, batch_size=64, lr=2e-3, warmup_steps=20, precision="fp32")
+        start = time.perf_counter()
+        train(cfg.validate(), progress=False, log=lambda *a: None)
+        print(f"trained {out} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+    return str(out)
+
+
+def scale_run(args) -> dict:
+    """One generate run in this (fresh) process; reports the driver's peak RSS."""
+    from workflows import shards as sh
+    from workflows.generate import GenerateConfig, generate
+
+    cfg = GenerateConfig(args.checkpoint, args.out, args.num_samples, seed=args.seed,
+                         batch_size=args.batch_size, shard_size=args.shard_size, actors=args.actors)
+    summary = generate(cfg, progress=False)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    manifest = sh.verify_shards(args.out)
+    ids = set()
+    for entry in manifest.shards:
+        ids.update(range(entry.first_id, entry.last_id + 1))
+    return {"num_samples": args.num_samples, "driver_peak_rss_mib": round(peak_mib, 1),
+            "manifest_rows": manifest.rows, "manifest_unique_ids": len(ids),
+            "ids_are_0_to_n": ids == set(range(args.num_samples)), "shards": len(manifest.shards),
+            "seconds": round(summary.seconds, 1), "images_per_s": round(summary.images_per_s, 1)}
+
+
+def scale(args) -> dict:
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint = _train_tiny(workdir)
+    results = []
+    for n in args.sizes:
+        out = workdir / f"set-{n}"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, __file__, "scale-run", "--checkpoint", checkpoint, "--out", str(out),
+               "--num-samples", str(n), "--batch-size", str(args.batch_size), "--shard-size", str(args.shard_size),
+               "--actors", str(args.actors)]
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        shutil.rmtree(out, ignore_errors=True)
+    small, large = results[0]["driver_peak_rss_mib"], results[-1]["driver_peak_rss_mib"]
+    return {"checkpoint": checkpoint, "runs": results, "peak_rss_ratio_large_vs_small": round(large / small, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="part", required=True)
+    t = sub.add_parser("throughput")
+    t.add_argument("--checkpoint")
+    t.add_argument("--num-samples", type=int, default=1024)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--shard-size", type=int, default=128)
+    t.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("scale")
+    s.add_argument("--workdir", default="/tmp/bench-generate-scale")
+    s.add_argument("--sizes", type=int, nargs="+", default=[5000, 50000])
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--shard-size", type=int, default=1024)
+    s.add_argument("--actors", type=int, default=2)
+    r = sub.add_parser("scale-run")
+    r.add_argument("--checkpoint", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--num-samples", type=int, required=True)
+    r.add_argument("--batch-size", type=int, required=True)
+    r.add_argument("--shard-size", type=int, required=True)
+    r.add_argument("--actors", type=int, required=True)
+    r.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    result = {"throughput": throughput, "scale": scale, "scale-run": scale_run}[args.part](args)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
