@@ -9,8 +9,10 @@ extractor, and times `FeaturePool.stats` over the shards (PNG decode, extraction
 sums, driver merge). Prints images/s per actor count and their ratio to one actor.
 
 `scale`: `evaluate_fid` of an existing shard set (e.g. the generation benchmark's 50,000 samples)
-against a reference, sampling the driver's RSS every 0.2 s (from /proc: Linux): wall time, FID, and driver memory at
-start, peak and end, to show the driver does not grow with the number of images.
+against a reference, sampling the driver's RSS every 0.2 s (from /proc: Linux): wall time, FID, and
+driver memory at each tenth of the run, to show the driver does not grow with the number of
+images. With `--cache-dir`, a second run finds the reference statistics cached and extracts only
+the samples.
 
 Both print the command for a 50k Inception FID on a GPU cluster.
 """
@@ -35,7 +37,7 @@ from workflows import shards as sh  # noqa: E402
 from workflows.evaluate import ExtractConfig, FeaturePool, evaluate_fid  # noqa: E402
 
 GPU_COMMAND = ("RAY_ADDRESS=http://HEAD:8265 ray job submit --working-dir . -- tarflow-gs fid "
-               "--samples s3://BUCKET/RUN/shards --reference s3://BUCKET/imagenet-256-inception.npz "
+               "--samples s3://BUCKET/RUN/shards --reference imagenet-256-inception.npz "
                "--extractor inception-v3-compat --extractor-weights /weights/inception-compat.pth "
                "--actors 8 --gpus-per-actor 1 --batch-size 500 --no-progress")
 
@@ -103,13 +105,12 @@ def scale(args) -> dict:
     watcher.join()
     ray.shutdown()
     rss = np.array([m for _, m in samples_mib])
-    quarter = max(1, len(rss) // 4)
+    deciles = [round(float(rss[min(len(rss) - 1, len(rss) * k // 10)]), 1) for k in range(1, 11)]
     return {"fid": round(result.fid, 4), "samples": result.sample_count, "reference": result.reference,
             "reference_count": result.reference_count, "extractor": result.extractor,
             "image_size": result.image_size, "wall_s": round(result.seconds, 1),
             "images_per_s": round(result.sample_count / result.seconds, 1),
-            "driver_rss_mib": {"start": round(float(rss[0]), 1), "first_quarter_max": round(float(rss[:quarter].max()), 1),
-                               "last_quarter_max": round(float(rss[-quarter:].max()), 1),
+            "driver_rss_mib": {"start": round(float(rss[0]), 1), "at_10_20_to_100pct_of_run": deciles,
                                "peak": round(float(rss.max()), 1)},
             "gpu_cluster_command": GPU_COMMAND}
 
