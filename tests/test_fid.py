@@ -113,8 +113,9 @@ def test_reference_stats_are_saved_reused_and_round_trip(ray_local, shard_sets, 
     np.testing.assert_array_equal(again.sigma, saved.sigma)
     assert again.describe() == saved.describe()
 
-    # a second run reuses the cache (same file, same FID), and the .npz works as --reference itself
-    assert evaluate_fid(samples, shifted, cfg, cache_dir=tmp_path).reference_stats == first.reference_stats
+    # a second look-up finds the cache (no extraction), and the .npz works as --reference itself
+    cached, cached_path = reference_stats(shifted, cfg, (28, 28), tmp_path)
+    assert cached_path == first.reference_stats and cached.count == 300
     from_npz = evaluate_fid(samples, str(copy), cfg)
     assert from_npz.fid == pytest.approx(first.fid, rel=1e-12)
 
