@@ -90,13 +90,17 @@ def test_distributed_fid_over_shards_equals_single_process_torch_fidelity(ray_lo
     np.testing.assert_allclose(a.sigma, single["sigma"], rtol=1e-5, atol=1e-6)
 
 
-def test_fid_against_itself_is_zero_and_against_shifted_set_larger(ray_local, shard_sets):
-    samples, shifted = shard_sets
+def test_fid_against_itself_is_zero_and_against_shifted_set_larger(ray_local, shard_sets, digits_u8, tmp_path):
+    samples, _ = shard_sets
+    folder = tmp_path / "shifted" / "any-class"  # the shifted digits as an image folder reference
+    folder.mkdir(parents=True)
+    for i, image in enumerate(digits_u8[1]):
+        (folder / f"{i:04d}.png").write_bytes(sh.encode_png(image))
     cfg = ExtractConfig(actors=1)
     same = evaluate_fid(samples, samples, cfg, cache_dir=None, write_result=False)
-    moved = evaluate_fid(samples, shifted, cfg, cache_dir=None, write_result=False)
+    moved = evaluate_fid(samples, str(tmp_path / "shifted"), cfg, cache_dir=None, write_result=False)
     assert abs(same.fid) < 1e-6
-    assert moved.fid > 1.0
+    assert moved.reference_count == 300 and moved.fid > 1.0
 
 
 def test_reference_stats_are_saved_reused_and_round_trip(ray_local, shard_sets, tmp_path):
