@@ -30,13 +30,18 @@ def test_profile_records_every_block(profiled):
         assert set(b.igm) == {"z", "zeros"} and b.crm > 0
         assert set(b.pass_seconds) == {"15", "8", "4"} and b.sequential_step_seconds > 0
         assert b.sequential_error < 1e-5  # sequential re-solves the true pairs
-        kinds = {(r.solver, r.segment_len) for r in b.convergence}
-        assert kinds == {("jacobi", 15), ("gs_jacobi", 8), ("sliding", 4)}
-        assert len(b.convergence) == 3 * 2 * 2  # solvers x inits x tols
-        for r in b.convergence:  # sliding counts all its passes as one segment's iterations
-            assert 1 <= r.max_iters <= (T - 1 if r.solver == "sliding" else r.segment_len) and r.passes >= 1
-        tight = [r for r in b.convergence if r.tol == 1e-5]
-        assert max(r.error for r in tight) < 1e-3
+        sequential = (T - 1) * b.sequential_step_seconds
+        for solver, L in [("jacobi", 15), ("gs_jacobi", 8), ("sliding", 4)]:
+            for init in ("z", "zeros"):
+                runs = [r for r in b.convergence if (r.solver, r.segment_len, r.init) == (solver, L, init)]
+                # settings are skipped only where they are slower than sequential on this machine
+                if not runs:
+                    assert -(-(T - 1) // L) * b.pass_seconds[str(L)] >= sequential
+                elif len(runs) < 2:
+                    assert runs[0].tol == 1e-3 and runs[0].passes * b.pass_seconds[str(L)] >= sequential
+                for r in runs:  # sliding counts all its passes as one segment's iterations
+                    assert 1 <= r.max_iters <= (T - 1 if solver == "sliding" else L) and r.passes >= 1
+                    assert r.error < (1e-2 if r.tol == 1e-3 else 1e-3)
 
 
 def test_profile_json_round_trip(profiled, tmp_path):

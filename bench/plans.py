@@ -1,0 +1,130 @@
+"""Benchmark: sequential vs the auto plan vs paper-style hand plans, measured in one run.
+
+For each batch size: profile the model (Ray tasks, calibration on training images),
+compute the auto plan at --tol, then sample held-out noise with every plan and print
+wall time, speedup over sequential, parallel passes (network calls) vs sequential
+steps, max abs error vs sequential (model space) and the share of 8-bit pixels that
+differ from sequential.
+
+    python bench/plans.py                        # demo model, CPU, batch 1 and 16
+    python bench/plans.py --device cuda --batch-sizes 1 16 64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from tarflow import Plan, load_checkpoint, sample
+from tarflow.noise import sample_noise
+from workflows.profile import profile_model
+from workflows.schedule import hand_plan, schedule
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def run_plan(model, noise, labels, plan, batch_size, repeats, device):
+    """(images, best total seconds over repeats, passes per batch)."""
+    best, images, passes = float("inf"), None, 0
+    for _ in range(repeats):
+        out, total, passes = [], 0.0, 0
+        for s in range(0, noise.shape[0], batch_size):
+            n, y = noise[s:s + batch_size], labels[s:s + batch_size]
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            res = sample(model, n, y, plan)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            total += time.perf_counter() - t0
+            out.append(res.images)
+            passes += res.stats.passes
+        best = min(best, total)
+        images = torch.cat(out)
+    return images, best, passes / (noise.shape[0] // batch_size)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default="demo", help="model path, or 'demo' for the shipped demo model")
+    ap.add_argument("--data", default="mnist5k", help="calibration images (dataset name or folder)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--num-images", type=int, default=16, help="held-out images per batch size (whole batches)")
+    ap.add_argument("--calib-images", type=int, default=8, help="calibration images for the profile")
+    ap.add_argument("--tol", type=float, default=1e-3)
+    ap.add_argument("--hand", nargs="*", default=None,
+                    help="paper-style plans, e.g. 3-8-32-10 (default: three around the highest-CRM block)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--profile-cpus", type=int, default=None, help="CPUs per profile task (default: --threads)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+
+    import ray
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    path = args.checkpoint
+    if path == "demo":
+        from tarflow import demo_checkpoint
+
+        path = str(demo_checkpoint())
+    device = torch.device(args.device)
+    model = load_checkpoint(path).eval()
+    T, D = model.num_tokens, model.token_dim
+    steps = len(model.blocks) * (T - 1)
+    print(f"model {path}: {len(model.blocks)} blocks x {T} tokens, device {args.device}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    results = []
+    for B in args.batch_sizes:
+        t0 = time.perf_counter()
+        prof = profile_model(model, data=args.data, num_images=max(args.calib_images, B), batch_size=B,
+                             device=args.device, num_cpus=args.profile_cpus, checkpoint=path)
+        t1 = time.perf_counter()
+        auto = schedule(prof, model, tol=args.tol)
+        t2 = time.perf_counter()
+        shares = [b.crm_share for b in prof.cases[0].blocks]
+        tough = max(range(len(shares)), key=shares.__getitem__)
+        specs = args.hand if args.hand is not None else [f"{tough}-8-32-10", f"{tough}-4-64-10",
+                                                          f"{tough}-{T}-1-10"]
+        plans = {"sequential": Plan.sequential(len(model.blocks), T), "auto": auto}
+        plans.update({f"paper[{s}]": hand_plan(s, model) for s in specs})
+        n = max(B, args.num_images // B * B)
+        noise = sample_noise(10_000 + B, range(n), T, D).to(device)
+        labels = torch.arange(n, device=device) % max(model.config.num_classes, 1)
+        if not model.config.num_classes:
+            labels = None
+        m = model.to(device)
+        print(f"\nbatch {B}: profile {t1 - t0:.1f}s, plan {t2 - t1:.1f}s; CRM shares "
+              + " ".join(f"{100 * s:.0f}%" for s in shares) + f"; auto plan: "
+              + ", ".join(f"{i}:{b.solver}" + (f"/L{b.segment_len}" if b.segment_len else "") + f"/{b.init}/tol{b.tol:g}"
+                          for i, b in enumerate(auto.blocks)))
+        print(f"{'plan':<22}{'seconds':>9}{'speedup':>9}{'passes':>9}{'steps':>7}{'max err':>10}{'8bit diff':>11}")
+        ref, ref_s, _ = run_plan(m, noise, labels, plans["sequential"], B, args.repeats, device)
+        ref8 = to_uint8(ref)
+        for name, plan in plans.items():
+            images, secs, passes = (ref, ref_s, steps) if name == "sequential" else \
+                run_plan(m, noise, labels, plan, B, args.repeats, device)
+            err = (images - ref).abs().max().item()
+            diff8 = (to_uint8(images) != ref8).float().mean().item()
+            row = {"batch_size": B, "plan": name, "seconds": secs, "speedup": ref_s / secs, "passes": passes,
+                   "sequential_steps": steps, "max_abs_error": err, "pixels_8bit_differ": diff8}
+            results.append(row)
+            print(f"{name:<22}{secs:>9.3f}{ref_s / secs:>8.2f}x{passes:>9.0f}{steps:>7}{err:>10.1e}{100 * diff8:>10.2f}%")
+        model = model.cpu()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
