@@ -76,11 +76,23 @@ def convergence_curves(model: Model, noise: torch.Tensor, y, plan: Plan, guidanc
 def compare_plans(model: Model, plans: dict[str, Plan], num_images: int = 16, seed: int = 0, labels="uniform",
                   guidance: dict | None = None, repeats: int = 1, name: str = "model",
                   block_metrics: list[dict] | None = None, grid_images: int = 16,
-                  curves_for: str | None = None) -> ModelResult:
+                  curves_for: str | None = None, threads: int | None = None) -> ModelResult:
     """Run sequential and each named plan on the same noise; the first plan's blocks go in the block table.
 
-    `block_metrics`: per forward block {"crm_share", "igm_z", "igm_zeros"} from the profile, if any."""
-    guidance = guidance or {}
+    `block_metrics`: per forward block {"crm_share", "igm_z", "igm_zeros"} from the profile, if any.
+    `threads`: torch threads while measuring, e.g. those of one generate actor, so the timings are
+    what the pool's workers see (and a busy machine is not oversubscribed by this process)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        return _compare(model, plans, num_images, seed, labels, guidance or {}, repeats, name, block_metrics,
+                        grid_images, curves_for)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _compare(model, plans, num_images, seed, labels, guidance, repeats, name, block_metrics, grid_images,
+             curves_for) -> ModelResult:
     noise, y = comparison_batch(model, num_images, seed, labels)
     timed = _timed(model, noise, y, {"sequential": None, **plans}, guidance, repeats)
     seq, seq_s = timed["sequential"]

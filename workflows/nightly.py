@@ -152,7 +152,7 @@ def run_nightly(cfg: NightlyConfig, now: datetime | None = None, accept: bool = 
     """Measure every model, append a row each to the history, write the report; returns the gate's verdict."""
     from . import schedule
     from .compare import compare_plans
-    from .pipeline import Store, load_model, run as run_pipeline
+    from .pipeline import Store, actor_threads, load_model, run as run_pipeline
 
     now = now or datetime.now(timezone.utc)
     stamp = now.strftime("%Y%m%dT%H%M%SZ")
@@ -177,7 +177,7 @@ def run_nightly(cfg: NightlyConfig, now: datetime | None = None, accept: bool = 
                            guidance={"guidance": g.scale, "attn_temp": g.attn_temp, "annealed_guidance": g.annealed,
                                      "guide_what": g.what},
                            block_metrics=[{"crm_share": b.crm_share, "igm_z": b.igm_z, "igm_zeros": b.igm_zeros}
-                                          for b in result.model_result.blocks])
+                                          for b in result.model_result.blocks], threads=actor_threads(run_cfg))
         seq, auto = mr.runs[0], mr.run("auto plan")
         auto.fid = result.fid.get("fid")
         mr.fid_extractor, mr.fid_num_samples = result.fid.get("extractor", ""), result.fid.get("sample_count", 0)

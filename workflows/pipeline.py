@@ -143,6 +143,11 @@ def checkpoint_path(cfg: RunConfig) -> str:
     return cfg.model.checkpoint
 
 
+def actor_threads(cfg: RunConfig) -> int:
+    """Torch threads of one generate actor, as workflows.generate gives them: the comparison runs alike."""
+    return max(1, int(cfg.resources.generate.num_cpus))
+
+
 def _guidance_kwargs(cfg: RunConfig) -> dict:
     g = cfg.sampling.guidance
     return {"guidance": g.scale, "attn_temp": g.attn_temp, "annealed_guidance": g.annealed, "guide_what": g.what}
@@ -229,7 +234,8 @@ def _report(cfg: RunConfig, model: Model, plan: Plan, fid: dict, profile_file: P
     label = "auto plan" if cfg.plan.source == "auto" else f"{cfg.plan.source} plan"
     mr = compare_plans(model, {label: plan}, num_images=cfg.sampling.batch_size, seed=cfg.sampling.seed,
                        labels=cfg.sampling.labels, guidance=_guidance_kwargs(cfg), repeats=2, name=cfg.name,
-                       block_metrics=_block_metrics(profile_file, cfg.sampling.guidance.scale))
+                       block_metrics=_block_metrics(profile_file, cfg.sampling.guidance.scale),
+                       threads=actor_threads(cfg))
     if fid:
         mr.run(label).fid = fid.get("fid")
         mr.fid_extractor, mr.fid_num_samples = fid["extractor"], fid["sample_count"]
@@ -240,7 +246,8 @@ def _report(cfg: RunConfig, model: Model, plan: Plan, fid: dict, profile_file: P
                      mr.fid_extractor, mr.fid_num_samples)
     append_history(history_uri, [row])
     notes = [f"config: {cfg.name} -> {cfg.output}", f"plan: {result.plan_path}", f"samples: {result.samples}",
-             "timings: best of 2 on one batch of sampling.batch_size, same noise for every sampler"]
+             f"timings: best of 2 on one batch of {cfg.sampling.batch_size}, {actor_threads(cfg)} torch thread(s) as "
+             "one generate actor, same noise for every sampler"]
     return ReportData(f"tarflow-gs run: {cfg.name}", [mr], [r.point() for r in read_history(history_uri)], notes)
 
 
