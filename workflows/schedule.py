@@ -12,9 +12,10 @@ stays sequential.
 Per-block errors do not bound the final error (it accumulates across blocks), so the
 chosen plan is checked by sampling: the calibration noise and a held-out noise batch,
 plan vs sequential, max abs difference of the final images in model space. While that
-exceeds the tolerance the budgets shrink and the choice is made again; sequential
-everywhere always passes. CRM and IGM are the paper's priors: they are reported per
-block beside the measured choice and break ties (lower IGM start first).
+exceeds half the tolerance (a margin for noise the calibration never saw) the budgets
+shrink and the choice is made again; sequential everywhere always passes. CRM and IGM
+are the paper's priors: they are reported per block beside the measured choice and
+break ties (lower IGM start first).
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ from .profile import BlockProfile, Profile, ProfileError, calibration_batch
 
 TIE_FRACTION = 0.03  # candidates within 3% of the fastest predicted time count as equally fast
 MAX_ROUNDS = 8
+# the worst of a few calibration images underestimates the worst of many: verify at half the tolerance
+VERIFY_MARGIN = 0.5
 
 
 @dataclass
@@ -105,7 +108,8 @@ def schedule(profile: Profile, model: Model, tol: float = 1e-3, guidance: float 
     sequential = Plan.sequential(profile.num_blocks, T)
     reference = {k: _sample_chunks(model, n, y, sequential, case.guidance, B) for k, (n, y) in batches.items()}
 
-    budget, rounds = tol, []
+    target = tol * VERIFY_MARGIN
+    budget, rounds = target, []
     while True:
         picks = [choose(b, T, budget) for b in case.blocks]
         plan = Plan(profile.num_blocks, T, [p.block_plan() for p, _ in picks], model_hash=profile.model_hash,
@@ -116,16 +120,16 @@ def schedule(profile: Profile, model: Model, tol: float = 1e-3, guidance: float 
             errors[k] = (images - reference[k][0]).abs().max().item()
         worst = max(errors.values())
         rounds.append({"block_error_budget": budget, "final_error": errors, "seconds": seconds})
-        if worst <= tol or all(p.solver == "sequential" for p, _ in picks) or len(rounds) == MAX_ROUNDS:
+        if worst <= target or all(p.solver == "sequential" for p, _ in picks) or len(rounds) == MAX_ROUNDS:
             break
-        # errors grow roughly in proportion to the per-block budget: aim below tol with margin
-        budget /= min(1e3, max(4.0, 2 * worst / tol))
+        # errors grow roughly in proportion to the per-block budget: aim below the target with margin
+        budget /= min(1e3, max(4.0, 2 * worst / target))
     measured = sum(rounds[-1]["seconds"].values())
     measured_seq = sum(r[1] for r in reference.values())
     fallback = None
-    if worst > tol:
-        fallback = "round limit reached above tol"
-    elif measured > measured_seq:
+    if worst > target:
+        fallback = "round limit reached above the verified tolerance"
+    elif measured > measured_seq and any(p.solver != "sequential" for p, _ in picks):
         fallback = "measured slower than sequential on this device"
     if fallback:  # sequential everywhere is exact and never slower than itself
         picks = [(block_options(b, T)[0], []) for b in case.blocks]
