@@ -71,6 +71,9 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray nices its workers to 15 by default: on a busy box the profile tasks' timings then
+    # measure everyone else's load instead of this model's passes
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     path = args.checkpoint
     if path == "demo":
