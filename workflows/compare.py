@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -16,6 +17,17 @@ from tarflow.solvers import BlockRun, BlockStats, Guidance, gauss_seidel_jacobi
 
 from .generate import labels_for
 from .report import BlockResult, Curve, ModelResult, RunResult, grid_png
+
+
+@contextmanager
+def torch_threads(threads: int | None):
+    """Run the block with `threads` torch threads (None: unchanged), then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def comparison_batch(model: Model, num_images: int, seed: int, labels="uniform"):
@@ -82,13 +94,9 @@ def compare_plans(model: Model, plans: dict[str, Plan], num_images: int = 16, se
     `block_metrics`: per forward block {"crm_share", "igm_z", "igm_zeros"} from the profile, if any.
     `threads`: torch threads while measuring, e.g. those of one generate actor, so the timings are
     what the pool's workers see (and a busy machine is not oversubscribed by this process)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads or previous)
-    try:
+    with torch_threads(threads):
         return _compare(model, plans, num_images, seed, labels, guidance or {}, repeats, name, block_metrics,
                         grid_images, curves_for)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _compare(model, plans, num_images, seed, labels, guidance, repeats, name, block_metrics, grid_images,

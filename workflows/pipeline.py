@@ -183,8 +183,12 @@ def _plan(cfg: RunConfig, model: Model, store: Store, name: str, profile_file: P
     else:
         from .profile import Profile
 
-        plan = schedule.schedule(Profile.load(profile_file), model, tol=cfg.plan.tol,
-                                 guidance=cfg.sampling.guidance.scale)
+        from .compare import torch_threads
+
+        # the scheduler times its candidate plans here: at one generate actor's threads, as they will run
+        with torch_threads(actor_threads(cfg)):
+            plan = schedule.schedule(Profile.load(profile_file), model, tol=cfg.plan.tol,
+                                     guidance=cfg.sampling.guidance.scale)
     plan.check_model(len(model.blocks), model.num_tokens, model_hash(model))
     store.write_text(name, plan.validate().to_json())
 
