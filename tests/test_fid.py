@@ -123,7 +123,7 @@ def test_reference_stats_are_saved_reused_and_round_trip(ray_local, shard_sets, 
     from_npz = evaluate_fid(samples, str(copy), cfg)
     assert from_npz.fid == pytest.approx(first.fid, rel=1e-12)
 
-    written = json.loads(open(sh.resolve(samples)[1] + "/fid-mnist5k-classifier.json").read())
+    written = json.loads(open(sh.resolve(samples)[1] + "/_fid-mnist5k-classifier.json").read())
     assert written["fid"] == pytest.approx(from_npz.fid) and written["sample_count"] == 300
 
 
@@ -183,7 +183,7 @@ def test_cli_prints_fid_and_writes_json(ray_local, shard_sets, tmp_path):
                                        "--cache-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "FID: " in result.output and "300 samples" in result.output and "mnist5k-classifier" in result.output
-    written = json.loads(open(sh.resolve(samples)[1] + "/fid-mnist5k-classifier.json").read())
+    written = json.loads(open(sh.resolve(samples)[1] + "/_fid-mnist5k-classifier.json").read())
     assert written["reference"] == shifted and written["fid"] > 1.0
 
     bad = CliRunner().invoke(main, ["fid", "--samples", samples, "--reference", str(tmp_path / "nothing")])

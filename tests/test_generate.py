@@ -166,12 +166,12 @@ def test_bad_inputs_fail_before_any_work(assets, tmp_path):
     with pytest.raises(GenerateError, match="plan_hash="):
         prepare(_cfg(assets, out, plan=None))
     assert sh.read_manifest(str(out)).settings["seed"] == SEED
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["_manifest.json"]
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "part-0.parquet").write_bytes(b"PAR1")
-    with pytest.raises(GenerateError, match="no manifest.json"):
+    with pytest.raises(GenerateError, match="no _manifest.json"):
         prepare(_cfg(assets, foreign))
 
 
@@ -192,4 +192,4 @@ def test_cli_generates_with_denoising_and_reports(ray_local, assets, tmp_path):
     missing = CliRunner().invoke(cli, ["generate", "--checkpoint", str(tmp_path / "nope"), "--num-samples", "1",
                                        "--seed", "0", "--batch-size", "1", "--out", str(tmp_path / "x")])
     assert missing.exit_code != 0 and "checkpoint not found" in missing.output
-    json.loads((out / "manifest.json").read_text())
+    json.loads((out / "_manifest.json").read_text())

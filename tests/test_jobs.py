@@ -174,7 +174,7 @@ def test_ray_job_submit_fid_set(ray_head, tmp_path):
     assert [s["name"] for s in index["stages"]] == ["profile", "plan", "generate", "fid", "report"]
     assert result["fid"]["sample_count"] == 16 and result["fid"]["fid"] > 0
     assert "FID: " in job.stdout
-    manifest = json.loads((Path(result["samples"]) / "manifest.json").read_text())
+    manifest = json.loads((Path(result["samples"]) / "_manifest.json").read_text())
     assert sum(s["rows"] for s in manifest["shards"]) == 16
     shards = sorted(str(p) for p in Path(result["samples"]).glob("*.parquet"))
     ids = pads.dataset(shards, format="parquet").to_table(columns=["sample_id"]).column(0).to_pylist()

@@ -43,13 +43,15 @@ def test_shard_set_round_trip_schema_and_manifest(tmp_path):
     uri = str(tmp_path / "set")
     manifest, images = _write_set(uri)
     assert manifest.complete and manifest.num_shards == 3
-    on_disk = json.loads((tmp_path / "set" / "manifest.json").read_text())
+    on_disk = json.loads((tmp_path / "set" / "_manifest.json").read_text())
     assert on_disk["complete"] and on_disk["rows"] == 10
     assert [(s["first_id"], s["last_id"], s["rows"]) for s in on_disk["shards"]] == [(0, 3, 4), (4, 7, 4), (8, 9, 2)]
-    # no temporaries left behind; any Parquet reader opens the listed files
+    # no temporaries left behind; any Parquet reader opens the directory itself
     assert sorted(p.name for p in (tmp_path / "set").iterdir()) == [
-        "manifest.json", "shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
-    table = ds.dataset(sorted(str(p) for p in (tmp_path / "set").glob("*.parquet")), format="parquet").to_table()
+        "_manifest.json", "shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+    table = ds.dataset(uri, format="parquet").to_table()
+    assert sorted(table.column("sample_id").to_pylist()) == list(range(10))
+    assert pq.read_table(uri).num_rows == 10
     assert table.schema.field("image").type == sh.IMAGE_TYPE
     assert table.schema.field("sample_id").type == pa.int64() and table.schema.field("label").type == pa.int32()
     assert sh.open_dataset(uri).count_rows() == 10
@@ -84,10 +86,10 @@ def test_corrupt_missing_and_incomplete_shards_raise_clear_errors(tmp_path):
     with pytest.raises(sh.ShardError, match="incomplete: 1 of 3 shards"):
         sh.read_images(uri)
     assert sh.read_images(uri, allow_partial=True)[0].tolist() == [0, 1, 2, 3]
-    (tmp_path / "set" / "manifest.json").write_text("{not json")
+    (tmp_path / "set" / "_manifest.json").write_text("{not json")
     with pytest.raises(sh.ShardError, match="manifest is corrupt"):
         sh.read_manifest(uri)
-    with pytest.raises(sh.ShardError, match="no manifest.json"):
+    with pytest.raises(sh.ShardError, match="no _manifest.json"):
         sh.read_manifest(str(tmp_path / "elsewhere"))
 
 

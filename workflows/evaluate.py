@@ -298,14 +298,14 @@ class FIDResult:
 
 
 def result_name(extractor: str) -> str:
-    return f"fid-{extractor}.json"
+    return f"_fid-{extractor}.json"  # '_' keeps Parquet readers of the shard directory from parsing it
 
 
 def evaluate_fid(samples: str, reference: str, cfg: ExtractConfig | None = None,
                  cache_dir: Path | str | None = DEFAULT_CACHE_DIR, write_result: bool = True) -> FIDResult:
     """FID of `samples` (shards, folder or dataset) against `reference` (any source or a stats .npz).
 
-    With `write_result`, the result JSON goes next to the shards (`fid-<extractor>.json` in the
+    With `write_result`, the result JSON goes next to the shards (`_fid-<extractor>.json` in the
     shard directory or URI, or in the image folder)."""
     cfg = cfg or ExtractConfig()
     cfg.validate()

@@ -212,7 +212,7 @@ def _open_output(cfg: GenerateConfig, settings: dict, plan: Plan) -> sh.Manifest
     if fs.get_file_info(f"{base.rstrip('/')}/{sh.MANIFEST_NAME}").type != pafs.FileType.File:
         existing = [i.base_name for i in fs.get_file_info(pafs.FileSelector(base)) if i.base_name.endswith(".parquet")]
         if existing:
-            raise GenerateError(f"output {cfg.out} holds Parquet files ({existing[0]}, ...) but no manifest.json: "
+            raise GenerateError(f"output {cfg.out} holds Parquet files ({existing[0]}, ...) but no _manifest.json: "
                                 "it is not a tarflow-gs shard set; choose an empty or new output")
         manifest = sh.Manifest(settings, cfg.num_samples, cfg.shard_size)
     else:

@@ -7,7 +7,7 @@ shard), and a changed input re-runs only the stages downstream of it, next to th
 
 Layout under `output` (a local path or any pyarrow.fs URI)::
 
-    stages/profile-<key>.json   stages/plan-<key>.json   samples-<key>/ (shards, manifest.json)
+    stages/profile-<key>.json   stages/plan-<key>.json   samples-<key>/ (shards, _manifest.json)
     stages/fid-<key>.json       reports/<key>/report.html, report.json, report-data.json
     report.html, report.json    (copies of the latest report)
     run.json                    (what ran, what was skipped, every stage's key and output)

@@ -2,15 +2,16 @@
 
 Layout of an output URI (a local path, `file://`, `s3://`, `gs://`, ...)::
 
-    manifest.json          settings of the run and the completed shards
+    _manifest.json         settings of the run and the completed shards
     shard-00000.parquet    one row per sample, ids [0, shard_size)
     shard-00001.parquet    ...
 
 A shard is written to a hidden temporary name and renamed into place, then added to
-the manifest, so a shard is either complete and listed or absent. Readers go through
-the manifest (`open_dataset`, `iter_shards`, `read_images`): a directory scan with
-`pyarrow.dataset.dataset(uri)` would also try to read `manifest.json` as Parquet, and
-could pick up a renamed shard whose manifest update a crash cut off.
+the manifest, so a shard is either complete and listed or absent. The manifest's name
+starts with '_' (and temporaries with '.'), which Parquet readers skip by convention, so
+any reader opens the directory itself (`pyarrow.dataset.dataset(uri)`, `pandas.read_parquet`,
+Spark, DuckDB). The manifest stays the record of what a run completed: the readers here
+(`open_dataset`, `iter_shards`, `read_images`) go through it and verify checksums.
 
 Columns: `sample_id` int64, `label` int32 (-1 unconditional), `seed` int64 (the run's
 global seed; noise comes from (seed, sample_id)), `image` struct{bytes: PNG, path} (the
@@ -35,7 +36,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = "_manifest.json"
 MANIFEST_FORMAT = "tarflow-gs-shards"
 MANIFEST_VERSION = 1
 METADATA_KEY = b"tarflow-gs"
@@ -190,7 +191,7 @@ def write_shard(uri: str, index: int, table: pa.Table, metadata: dict, stats: di
 
 @dataclass
 class Manifest:
-    """Settings of a generation run and its completed shards, kept in `manifest.json`."""
+    """Settings of a generation run and its completed shards, kept in `_manifest.json`."""
 
     settings: dict
     num_samples: int

@@ -5,7 +5,7 @@ import click
 
 
 @click.command("fid")
-@click.option("--samples", required=True, help="Generated shards (directory or URI with manifest.json) or an image folder.")
+@click.option("--samples", required=True, help="Generated shards (directory or URI with _manifest.json) or an image folder.")
 @click.option("--reference", required=True,
               help="Shards URI, image folder, dataset name (mnist5k, digits) or a statistics .npz.")
 @click.option("--extractor", default="mnist5k-classifier", show_default=True,
@@ -22,7 +22,7 @@ import click
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def fid_command(samples, reference, extractor, extractor_weights, actors, gpus_per_actor, cpus_per_actor, batch_size,
                 cache_dir, progress):
-    """FID of SAMPLES against REFERENCE; prints `FID: <value>` and writes fid-<extractor>.json next to the shards."""
+    """FID of SAMPLES against REFERENCE; prints `FID: <value>` and writes _fid-<extractor>.json next to the shards."""
     from workflows.evaluate import DEFAULT_CACHE_DIR, EvaluateError, ExtractConfig, evaluate_fid
     from workflows.shards import ShardError
 
