@@ -196,7 +196,7 @@ def _plan_dict(**block):
     (_plan_dict(solver="newton"), r"plan.blocks\[0\].solver='newton': allowed values are sequential, jacobi, gs_jacobi"),
     (_plan_dict(segment_len=16), r"segment_len=16: gs_jacobi needs an integer in \[1, 15\]"),
     (_plan_dict(segment_len=None), r"segment_len=None"),
-    (_plan_dict(solver="jacobi"), r"only gs_jacobi takes a segment length"),
+    (_plan_dict(solver="jacobi"), r"segment_len=4: only gs_jacobi and sliding take a segment length"),
     (_plan_dict(max_iters=0), r"max_iters=0: must be a positive integer or null"),
     (_plan_dict(tol=-1), r"tol=-1: must be a finite number >= 0"),
     (_plan_dict(init="ones"), r"init='ones': allowed values are z, zeros"),
