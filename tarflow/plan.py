@@ -20,6 +20,7 @@ token 0 never changes, so segments tile tokens 1..T-1.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -189,7 +190,6 @@ class Plan:
 
     def fingerprint(self) -> str:
         """Hash of what changes samples (solvers and settings), not of names or evidence."""
-        import hashlib
         core = {k: v for k, v in self.to_dict().items() if k not in ("name", "evidence")}
         return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
