@@ -28,25 +28,32 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def run_plan(model, noise, labels, plan, batch_size, repeats, device):
-    """(images, best total seconds over repeats, passes per batch)."""
-    best, images, passes = float("inf"), None, 0
+def run_once(model, noise, labels, plan, batch_size, device):
+    """(images, total seconds, passes per batch) of one pass over the noise."""
+    out, total, passes = [], 0.0, 0
+    for s in range(0, noise.shape[0], batch_size):
+        n, y = noise[s:s + batch_size], None if labels is None else labels[s:s + batch_size]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        res = sample(model, n, y, plan)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        total += time.perf_counter() - t0
+        out.append(res.images)
+        passes += res.stats.passes
+    return torch.cat(out), total, passes / (noise.shape[0] // batch_size)
+
+
+def run_plans(model, noise, labels, plans: dict, batch_size, repeats, device) -> dict:
+    """name -> (images, best seconds, passes per batch). Repeats go round the plans in turn, so a
+    burst of load on a shared machine hits every plan alike instead of the one that ran then."""
+    best = {}
     for _ in range(repeats):
-        out, total, passes = [], 0.0, 0
-        for s in range(0, noise.shape[0], batch_size):
-            n, y = noise[s:s + batch_size], labels[s:s + batch_size]
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            res = sample(model, n, y, plan)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            total += time.perf_counter() - t0
-            out.append(res.images)
-            passes += res.stats.passes
-        best = min(best, total)
-        images = torch.cat(out)
-    return images, best, passes / (noise.shape[0] // batch_size)
+        for name, plan in plans.items():
+            images, secs, passes = run_once(model, noise, labels, plan, batch_size, device)
+            best[name] = (images, min(secs, best.get(name, (None, float("inf")))[1]), passes)
+    return best
 
 
 def main(argv=None):
@@ -107,19 +114,17 @@ def main(argv=None):
             labels = None
         m = model.to(device)
         print(f"\nbatch {B}: profile {t1 - t0:.1f}s, plan {t2 - t1:.1f}s; CRM shares "
-              + " ".join(f"{100 * s:.0f}%" for s in shares) + f"; auto plan: "
-              + ", ".join(f"{i}:{b.solver}" + (f"/L{b.segment_len}" if b.segment_len else "") + f"/{b.init}/tol{b.tol:g}"
-                          for i, b in enumerate(auto.blocks)))
+              + " ".join(f"{100 * s:.0f}%" for s in shares) + f"; auto plan: {auto.summary()}")
         print(f"{'plan':<22}{'seconds':>9}{'speedup':>9}{'passes':>9}{'steps':>7}{'max err':>10}{'8bit diff':>11}")
-        ref, ref_s, _ = run_plan(m, noise, labels, plans["sequential"], B, args.repeats, device)
+        timed = run_plans(m, noise, labels, plans, B, args.repeats, device)
+        ref, ref_s, _ = timed["sequential"]
         ref8 = to_uint8(ref)
-        for name, plan in plans.items():
-            images, secs, passes = (ref, ref_s, steps) if name == "sequential" else \
-                run_plan(m, noise, labels, plan, B, args.repeats, device)
+        for name, (images, secs, passes) in timed.items():
             err = (images - ref).abs().max().item()
             diff8 = (to_uint8(images) != ref8).float().mean().item()
-            row = {"batch_size": B, "plan": name, "seconds": secs, "speedup": ref_s / secs, "passes": passes,
-                   "sequential_steps": steps, "max_abs_error": err, "pixels_8bit_differ": diff8}
+            row = {"batch_size": B, "plan": name, "plan_summary": plans[name].summary(), "seconds": secs,
+                   "speedup": ref_s / secs, "passes": passes, "sequential_steps": steps, "max_abs_error": err,
+                   "pixels_8bit_differ": diff8}
             results.append(row)
             print(f"{name:<22}{secs:>9.3f}{ref_s / secs:>8.2f}x{passes:>9.0f}{steps:>7}{err:>10.1e}{100 * diff8:>10.2f}%")
         model = model.cpu()

@@ -73,6 +73,13 @@ class BlockPlan:
         L = self.segment_length(num_tokens)
         return [(s, min(s + L, num_tokens)) for s in range(1, num_tokens, L)]
 
+    def short(self) -> str:
+        """One line for logs: `gs_jacobi/L32/zeros/tol0.001/cap10`."""
+        if self.solver == "sequential":
+            return "sequential"
+        return "/".join([self.solver, *([f"L{self.segment_len}"] if self.segment_len else []), self.init,
+                         f"tol{self.tol:g}", *([f"cap{self.max_iters}"] if self.max_iters else [])])
+
 
 @dataclass
 class Plan:
@@ -187,6 +194,10 @@ class Plan:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    def summary(self) -> str:
+        """Each block's solver on one line, by forward index: `0:jacobi/z/tol0.001, 1:sequential`."""
+        return ", ".join(f"{i}:{b.short()}" for i, b in enumerate(self.blocks))
 
     def fingerprint(self) -> str:
         """Hash of what changes samples (solvers and settings), not of names or evidence."""

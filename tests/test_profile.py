@@ -33,7 +33,8 @@ def test_profile_records_every_block(profiled):
         sequential = (T - 1) * b.sequential_step_seconds
         for solver, L in [("jacobi", 15), ("gs_jacobi", 8), ("sliding", 4)]:
             for init in ("z", "zeros"):
-                runs = [r for r in b.convergence if (r.solver, r.segment_len, r.init) == (solver, L, init)]
+                mine = [r for r in b.convergence if (r.solver, r.segment_len, r.init) == (solver, L, init)]
+                runs = [r for r in mine if r.cap is None]
                 # settings are skipped only where they are slower than sequential on this machine
                 if not runs:
                     assert -(-(T - 1) // L) * b.pass_seconds[str(L)] >= sequential
@@ -42,6 +43,19 @@ def test_profile_records_every_block(profiled):
                 for r in runs:  # sliding counts all its passes as one segment's iterations
                     assert 1 <= r.max_iters <= (T - 1 if solver == "sliding" else L) and r.passes >= 1
                     assert r.error < (1e-2 if r.tol == 1e-3 else 1e-3)
+                capped = [r for r in mine if r.cap is not None]
+                if solver == "sliding" or not runs:
+                    assert not capped
+                    continue
+                # caps ascend from 1 until a run is as slow as sequential or as accurate as the tightest tol
+                assert [r.cap for r in capped] == [c for c in prof.caps if c < L][:len(capped)] and capped
+                segments = -(-(T - 1) // L)
+                for r in capped:
+                    assert r.tol == 0 and r.max_iters == r.cap and r.passes == r.cap * segments
+                last = capped[-1]
+                assert (last.passes * b.pass_seconds[str(L)] >= sequential or last.error <= min(prof.tols)
+                        or last.cap == max(c for c in prof.caps if c < L))
+                assert capped[0].error > last.error  # more iterations, closer to the true solution
 
 
 def test_profile_json_round_trip(profiled, tmp_path):
@@ -63,6 +77,10 @@ def test_profile_json_round_trip(profiled, tmp_path):
     (lambda d: d["cases"][0]["blocks"][0]["convergence"][0].update(solver="newton"), "solver='newton': allowed"),
     (lambda d: d["cases"][0]["blocks"][0]["convergence"][0].update(error=float("nan")), "error=nan"),
     (lambda d: d["cases"][0]["blocks"][0]["pass_seconds"].update({"99": 1.0}), "key '99'"),
+    (lambda d: d.update(caps=[2, 0]), r"profile.caps=\[2, 0\]"),
+    (lambda d: d["cases"][0]["blocks"][0]["convergence"][0].update(cap=2.5), "cap=2.5: must be a positive integer"),
+    (lambda d: next(r for r in d["cases"][0]["blocks"][0]["convergence"] if r["solver"] == "sliding").update(cap=3),
+     "sliding solver takes no iteration cap"),
 ])
 def test_invalid_profiles_are_rejected(profiled, edit, message):
     _, prof = profiled

@@ -17,7 +17,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import MISSING, asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,7 +29,10 @@ from tarflow.plan import BlockPlan
 from tarflow.solvers import SOLVERS, BlockRun, BlockStats, Guidance
 
 PROFILE_VERSION = 1
-DEFAULT_TOLS = (1e-3, 1e-4, 1e-5)
+# stopping tolerances and iteration caps tried per setting: a fine ladder, because the scheduler
+# can only spend the error budget in the steps the profile measured
+DEFAULT_TOLS = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)
+DEFAULT_CAPS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 384, 512)
 DEFAULT_WINDOWS = (32, 64)
 NO_DATA = "samples"  # calibration source when no data is given: the model's own sequential samples
 DIVERGENCE_BOUND = 1e4
@@ -42,7 +45,10 @@ class ProfileError(ValueError):
 
 @dataclass
 class ConvergenceRun:
-    """One solver setting on the calibration batch, run in chunks of `batch_size` rows."""
+    """One solver setting on the calibration batch, run in chunks of `batch_size` rows.
+
+    Stopping rule: at `tol` (max abs change of an iteration), or after exactly `cap`
+    Jacobi iterations per segment when `cap` is set (then `tol` is 0)."""
 
     solver: str
     segment_len: int
@@ -52,6 +58,7 @@ class ConvergenceRun:
     max_iters: int  # most Jacobi iterations any segment needed
     error: float  # max abs deviation from the true block solution, all rows
     seconds: float  # measured wall time per chunk, mean
+    cap: int | None = None  # iteration cap per segment (BlockPlan.max_iters); None: until `tol`
 
 
 @dataclass
@@ -88,6 +95,7 @@ class Profile:
     tols: list[float]
     cases: list[GuidanceProfile]
     seconds: float = 0.0
+    caps: list[int] = field(default_factory=list)
     version: int = PROFILE_VERSION
 
     def case(self, guidance: float) -> GuidanceProfile:
@@ -146,6 +154,9 @@ class Profile:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ProfileError(f"profile.{name}={v!r}: must be an integer >= {low}")
+        if not isinstance(self.caps, list) or any(isinstance(c, bool) or not isinstance(c, int) or c < 1
+                                                  for c in self.caps):
+            raise ProfileError(f"profile.caps={self.caps!r}: must be a list of positive integers")
         if not self.cases:
             raise ProfileError("profile.cases is empty: profile at least one guidance scale")
         for i, case in enumerate(self.cases):
@@ -209,6 +220,11 @@ def _check_block(b: BlockProfile, index: int, num_tokens: int, where: str) -> No
             _number(getattr(r, name), f"{w}.{name}")
         if isinstance(r.max_iters, bool) or not isinstance(r.max_iters, int) or r.max_iters < 1:
             raise ProfileError(f"{w}.max_iters={r.max_iters!r}: must be a positive integer")
+        if r.cap is not None:
+            if isinstance(r.cap, bool) or not isinstance(r.cap, int) or r.cap < 1:
+                raise ProfileError(f"{w}.cap={r.cap!r}: must be a positive integer or null")
+            if r.solver == "sliding":
+                raise ProfileError(f"{w}.cap={r.cap!r}: the sliding solver takes no iteration cap; use null")
 
 
 # --- calibration ---------------------------------------------------------------------------------
@@ -314,7 +330,7 @@ def _plan_for(solver: str, L: int, init: str, tol: float, max_iters=None) -> Blo
 
 @torch.inference_mode()
 def profile_block(block, index: int, pairs_by_case: list, labels, batch_size: int, segment_lens, windows,
-                  tols, repeats: int = 3) -> list[BlockProfile]:
+                  tols, repeats: int = 3, caps=DEFAULT_CAPS) -> list[BlockProfile]:
     """Everything the scheduler needs about one block, for each guidance case.
 
     Settings that are predictably slower than sequential on this device are not run
@@ -339,21 +355,35 @@ def profile_block(block, index: int, pairs_by_case: list, labels, batch_size: in
             pass_seconds[str(L)] = _timed(block, z[first], lab(first), g, bp, repeats)
         runs = []
         sequential_block = (T - 1) * seq_seconds
+
+        def measure(solver, L, init, tol, cap=None) -> ConvergenceRun:
+            passes, iters, err, secs = [], [], 0.0, []
+            for c in chunks:
+                xs, stats, s = _solve(block, z[c], lab(c), g, _plan_for(solver, L, init, tol, cap))
+                passes.append(stats.passes)
+                iters.append(max(stats.iterations))
+                err = max(err, (xs - x[c]).abs().max().item())
+                secs.append(s)
+            run = ConvergenceRun(solver, L, init, tol, sum(passes) / len(passes), max(iters), err,
+                                 sum(secs) / len(secs), cap)
+            runs.append(run)
+            return run
+
         for solver, L in options:
-            if -(-(T - 1) // L) * pass_seconds[str(L)] >= sequential_block:
+            pass_cost = pass_seconds[str(L)]
+            if -(-(T - 1) // L) * pass_cost >= sequential_block:
                 continue  # even one pass per segment is slower than sequential here: never chosen
             for init in INITIAL_GUESSES:
                 for tol in sorted(tols, reverse=True):  # loosest first: tighter ones only take longer
-                    passes, iters, err, secs = [], [], 0.0, []
-                    for c in chunks:
-                        xs, stats, s = _solve(block, z[c], lab(c), g, _plan_for(solver, L, init, tol))
-                        passes.append(stats.passes)
-                        iters.append(max(stats.iterations))
-                        err = max(err, (xs - x[c]).abs().max().item())
-                        secs.append(s)
-                    runs.append(ConvergenceRun(solver, L, init, tol, sum(passes) / len(passes), max(iters), err,
-                                               sum(secs) / len(secs)))
-                    if runs[-1].passes * pass_seconds[str(L)] >= sequential_block:
+                    if measure(solver, L, init, tol).passes * pass_cost >= sequential_block:
+                        break
+                if solver == "sliding":
+                    continue
+                # fixed iteration counts: no pass is spent detecting convergence; caps >= L are exact
+                # Jacobi, which the tightest tolerance already covers for fewer passes
+                for cap in sorted(c for c in caps if c < L):
+                    r = measure(solver, L, init, 0.0, cap)
+                    if r.passes * pass_cost >= sequential_block or r.error <= min(tols):
                         break
         c = crm(block, x, labels)
         out.append(BlockProfile(index, c.value, 0.0, {"mean_alpha_x": c.mean_alpha_x, "scale_weight": c.scale_weight,
@@ -365,14 +395,14 @@ def profile_block(block, index: int, pairs_by_case: list, labels, batch_size: in
 
 # --- the stage -----------------------------------------------------------------------------------
 
-def _profile_block_task(model, index, pairs_by_case, labels, batch_size, segment_lens, windows, tols, repeats,
-                        device, threads):
+def _profile_block_task(model, index, pairs_by_case, labels, batch_size, segment_lens, windows, tols, caps,
+                        repeats, device, threads):
     torch.set_num_threads(threads)
     dev = torch.device(device)
     block = model.blocks[index].to(dev)
     moved = [(g, z.to(dev), x.to(dev)) for g, z, x in pairs_by_case]
     return profile_block(block, index, moved, None if labels is None else labels.to(dev), batch_size, segment_lens,
-                         windows, tols, repeats)
+                         windows, tols, repeats, caps)
 
 
 def device_name(device: torch.device, threads: int) -> str:
@@ -383,7 +413,7 @@ def device_name(device: torch.device, threads: int) -> str:
 
 def profile_model(model: Model, data: str | None = None, num_images: int = 8, batch_size: int = 1,
                   guidance: list[float] = (0.0,), device: str = "cpu", seed: int = 0,
-                  segment_lens: list[int] | None = None, windows=DEFAULT_WINDOWS, tols=DEFAULT_TOLS,
+                  segment_lens: list[int] | None = None, windows=DEFAULT_WINDOWS, tols=DEFAULT_TOLS, caps=DEFAULT_CAPS,
                   repeats: int = 3, num_cpus: int | None = None, checkpoint: str | None = None) -> Profile:
     """Profile every block of `model` in Ray tasks, one per block (Ray must be initialised).
 
@@ -410,7 +440,7 @@ def profile_model(model: Model, data: str | None = None, num_images: int = 8, ba
     task = ray.remote(**resources)(_profile_block_task)
     model_ref = ray.put(model)
     refs = [task.remote(model_ref, i, [(g, *pairs[g][i]) for g in guidance], calib.labels, batch_size,
-                        segment_lens, list(windows), list(tols), repeats, device, threads)
+                        segment_lens, list(windows), list(tols), list(caps), repeats, device, threads)
             for i in range(len(model.blocks))]
     per_block = ray.get(refs)
     cases = []
@@ -422,4 +452,4 @@ def profile_model(model: Model, data: str | None = None, num_images: int = 8, ba
     return Profile(model_hash(model), checkpoint, len(model.blocks), T, model.token_dim, batch_size,
                    {"source": calib.source, "num_images": num_images, "seed": seed}, device_name(dev, threads),
                    threads, torch.__version__, [float(t) for t in tols], cases,
-                   time.perf_counter() - start).validate()
+                   time.perf_counter() - start, caps=[int(c) for c in caps]).validate()

@@ -90,12 +90,12 @@ def plan_command(profile_path, tol, guidance, hand, paper_lists, guess, checkpoi
         plan = schedule(prof, model, tol=tol, guidance=guidance)
         ev = plan.evidence
         click.echo(f"auto plan: predicted {ev['predicted_seconds']['speedup']:.2f}x over sequential, final error "
-                   f"{max(ev['rounds'][-1]['final_error'].values()):.2e} (tol {tol:g})"
+                   f"{max(ev['final_error'].values()):.2e} (tol {tol:g})"
                    + (f"; fell back to sequential: {ev['fallback']}" if ev["fallback"] else ""))
         for b in ev["blocks"]:
             c = b["chosen"]
             click.echo(f"  block {b['block']}: {c['solver']:<10} L={c['segment_len']} init={c['init']} "
-                       f"tol={c['tol']:g} CRM share {100 * b['crm_share']:.1f}%")
+                       f"tol={c['tol']:g} cap={c['cap']} CRM share {100 * b['crm_share']:.1f}%")
     else:
         if not checkpoint:
             raise click.UsageError("--hand and --paper-lists need --checkpoint (for the block and token counts)")
