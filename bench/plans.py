@@ -114,7 +114,8 @@ def main(argv=None):
             labels = None
         m = model.to(device)
         print(f"\nbatch {B}: profile {t1 - t0:.1f}s, plan {t2 - t1:.1f}s; CRM shares "
-              + " ".join(f"{100 * s:.0f}%" for s in shares) + f"; auto plan: {auto.summary()}")
+              + " ".join(f"{100 * s:.0f}%" for s in shares) + f"; auto plan: {auto.summary()}"
+              + (f" (fell back: {auto.evidence['fallback']})" if auto.evidence["fallback"] else ""))
         print(f"{'plan':<22}{'seconds':>9}{'speedup':>9}{'passes':>9}{'steps':>7}{'max err':>10}{'8bit diff':>11}")
         timed = run_plans(m, noise, labels, plans, B, args.repeats, device)
         ref, ref_s, _ = timed["sequential"]

@@ -2,8 +2,9 @@
 
 One Ray task per block takes the block's true (z, x) pairs on a calibration batch
 and records the paper's CRM and IGM, the passes every candidate solver needs to
-reach each tolerance (and its error against the true solution), and the measured
-seconds per sequential step and per parallel pass at the batch size the plan is for.
+reach each tolerance and the error each fixed iteration cap leaves (both against the
+true solution), and the measured seconds per sequential step and per parallel pass
+at the batch size the plan is for.
 The scheduler (`workflows/schedule.py`) turns a profile into a plan.
 
 Calibration: training images pushed through `encode` give every block's true

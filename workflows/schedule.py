@@ -9,9 +9,10 @@ and more accurate than every faster one are kept, so a block where nothing paral
 beats sequential on this hardware stays sequential and the plan is never predicted
 slower than sequential.
 
-Per-block errors do not bound the final error: it accumulates across blocks, and an
-error in a block sampled early is carried (and here amplified up to ~20x) through
-every later block. So choices are made by sampling, not by adding per-block errors:
+Per-block errors measured on a few calibration images do not bound the final error: a
+block's error varies ~10x between samples, an error in a block sampled early is carried
+(on the demo model up to 2.5x larger) through every later block, and the blocks'
+errors add up. So choices are made by sampling, not by adding per-block errors:
 blocks are decided one at a time (highest CRM first), each taking its
 fastest candidate for which the whole plan so far stays within its share of the
 error target (block k of n may bring the final error to k/n of the target), found by
