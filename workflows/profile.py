@@ -384,7 +384,7 @@ def profile_block(block, index: int, pairs_by_case: list, labels, batch_size: in
                 # Jacobi, which the tightest tolerance already covers for fewer passes
                 for cap in sorted(c for c in caps if c < L):
                     r = measure(solver, L, init, 0.0, cap)
-                    if r.passes * pass_cost >= sequential_block or r.error <= min(tols):
+                    if r.passes * pass_cost >= sequential_block or r.error <= min(tols, default=0.0):
                         break
         c = crm(block, x, labels)
         out.append(BlockProfile(index, c.value, 0.0, {"mean_alpha_x": c.mean_alpha_x, "scale_weight": c.scale_weight,
