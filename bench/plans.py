@@ -18,42 +18,15 @@ import time
 
 import torch
 
-from tarflow import Plan, load_checkpoint, sample
+from tarflow import Plan, load_checkpoint
 from tarflow.noise import sample_noise
+from workflows.compare import time_in_turns
 from workflows.profile import profile_model
 from workflows.schedule import hand_plan, schedule
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def run_once(model, noise, labels, plan, batch_size, device):
-    """(images, total seconds, passes per batch) of one pass over the noise."""
-    out, total, passes = [], 0.0, 0
-    for s in range(0, noise.shape[0], batch_size):
-        n, y = noise[s:s + batch_size], None if labels is None else labels[s:s + batch_size]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        res = sample(model, n, y, plan)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        total += time.perf_counter() - t0
-        out.append(res.images)
-        passes += res.stats.passes
-    return torch.cat(out), total, passes / (noise.shape[0] // batch_size)
-
-
-def run_plans(model, noise, labels, plans: dict, batch_size, repeats, device) -> dict:
-    """name -> (images, best seconds, passes per batch). Repeats go round the plans in turn, so a
-    burst of load on a shared machine hits every plan alike instead of the one that ran then."""
-    best = {}
-    for _ in range(repeats):
-        for name, plan in plans.items():
-            images, secs, passes = run_once(model, noise, labels, plan, batch_size, device)
-            best[name] = (images, min(secs, best.get(name, (None, float("inf")))[1]), passes)
-    return best
 
 
 def main(argv=None):
@@ -117,10 +90,14 @@ def main(argv=None):
               + " ".join(f"{100 * s:.0f}%" for s in shares) + f"; auto plan: {auto.summary()}"
               + (f" (fell back: {auto.evidence['fallback']})" if auto.evidence["fallback"] else ""))
         print(f"{'plan':<22}{'seconds':>9}{'speedup':>9}{'passes':>9}{'steps':>7}{'max err':>10}{'8bit diff':>11}")
-        timed = run_plans(m, noise, labels, plans, B, args.repeats, device)
-        ref, ref_s, _ = timed["sequential"]
+        # sample() waits for the device after every block, so wall times are complete on CUDA too
+        timed = time_in_turns(m, noise, labels, plans, args.repeats, B)
+        ref = torch.cat([o.images for o in timed["sequential"][0]])
+        ref_s = timed["sequential"][1]
         ref8 = to_uint8(ref)
-        for name, (images, secs, passes) in timed.items():
+        for name, (outs, secs) in timed.items():
+            images = torch.cat([o.images for o in outs])
+            passes = sum(o.stats.passes for o in outs) / len(outs)
             err = (images - ref).abs().max().item()
             diff8 = (to_uint8(images) != ref8).float().mean().item()
             row = {"batch_size": B, "plan": name, "plan_summary": plans[name].summary(), "seconds": secs,

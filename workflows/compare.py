@@ -40,17 +40,24 @@ def comparison_batch(model: Model, num_images: int, seed: int, labels="uniform")
     return noise, y
 
 
-def _timed(model, noise, y, plans: dict, guidance: dict, repeats: int) -> dict:
-    """{name: (output, best wall time)} of each plan (None: sequential), repeats interleaved.
+def time_in_turns(model, noise, labels, plans: dict, repeats: int, batch_size: int | None = None,
+                  **sample_kwargs) -> dict:
+    """{name: ([SampleOutput per batch], best wall seconds)} of each plan (None: sequential),
+    sampling `noise` in batches of `batch_size` (None: one batch).
 
     Round-robin over the samplers, so a burst of load on a shared machine hits them alike, and
     the minimum over repeats, the least noisy estimate of what the code costs."""
-    outs, best = {}, {name: float("inf") for name in plans}
+    B = batch_size or noise.shape[0]
+    outs, best = {}, {name: math.inf for name in plans}
     for _ in range(repeats):
         for name, plan in plans.items():
-            start = time.perf_counter()
-            outs[name] = sample(model, noise, y, plan=plan, **guidance)
-            best[name] = min(best[name], time.perf_counter() - start)
+            outs[name], total = [], 0.0
+            for s in range(0, noise.shape[0], B):
+                y = None if labels is None else labels[s:s + B]
+                start = time.perf_counter()
+                outs[name].append(sample(model, noise[s:s + B], y, plan=plan, **sample_kwargs))
+                total += time.perf_counter() - start
+            best[name] = min(best[name], total)
     return {name: (outs[name], best[name]) for name in plans}
 
 
@@ -102,13 +109,13 @@ def compare_plans(model: Model, plans: dict[str, Plan], num_images: int = 16, se
 def _compare(model, plans, num_images, seed, labels, guidance, repeats, name, block_metrics, grid_images,
              curves_for) -> ModelResult:
     noise, y = comparison_batch(model, num_images, seed, labels)
-    timed = _timed(model, noise, y, {"sequential": None, **plans}, guidance, repeats)
-    seq, seq_s = timed["sequential"]
+    timed = time_in_turns(model, noise, y, {"sequential": None, **plans}, repeats, **guidance)
+    (seq,), seq_s = timed["sequential"]
     runs = [RunResult("sequential", seq_s, seq.stats.passes, 1.0, 0.0, seq.stats.fallbacks,
                       grid_png=grid_png(seq.images[:grid_images]))]
     blocks: list[BlockResult] = []
     for plan_name, plan in plans.items():
-        out, s = timed[plan_name]
+        (out,), s = timed[plan_name]
         err = (out.images - seq.images).abs().max().item()
         runs.append(RunResult(plan_name, s, out.stats.passes, seq_s / s if s > 0 else float("inf"), err,
                               out.stats.fallbacks, grid_png=grid_png(out.images[:grid_images])))

@@ -39,6 +39,7 @@ from tarflow import Model, Plan, model_hash, sample
 from tarflow.noise import sample_noise
 from tarflow.plan import BlockPlan
 
+from .compare import time_in_turns
 from .profile import BlockProfile, Profile, ProfileError, calibration_batch
 
 TIE_FRACTION = 0.03  # candidates within 3% of sequential's predicted time are not worth any error
@@ -101,16 +102,6 @@ def _sample_chunks(model, noise, labels, plan, guidance, batch_size, reference=N
             if error > limit:
                 break
     return torch.cat(images), seconds, error
-
-
-def _race(model, plan, sequential, noise, labels, guidance, batch_size, repeats) -> dict:
-    """Best-of-`repeats` seconds of `plan` and of `sequential`, run in turns so that a burst of load
-    on a shared machine hits both alike."""
-    best = {"plan": math.inf, "sequential": math.inf, "repeats": repeats}
-    for _ in range(repeats):
-        for name, p in (("sequential", sequential), ("plan", plan)):
-            best[name] = min(best[name], _sample_chunks(model, noise, labels, p, guidance, batch_size)[1])
-    return best
 
 
 def schedule(profile: Profile, model: Model, tol: float = 1e-3, guidance: float | None = None,
@@ -194,7 +185,9 @@ def schedule(profile: Profile, model: Model, tol: float = 1e-3, guidance: float 
     if accepted:
         # the profile predicts; a clock decides. Time the plan against sequential in turns on the
         # held-out batch: a plan that is not clearly faster here is not worth its error
-        measured = _race(model, plan_of(picks), sequential, *batches["held_out"], case.guidance, B, CONFIRM_REPEATS)
+        raced = time_in_turns(model, *batches["held_out"], {"sequential": sequential, "plan": plan_of(picks)},
+                              CONFIRM_REPEATS, B, guidance=case.guidance)
+        measured = {"plan": raced["plan"][1], "sequential": raced["sequential"][1], "repeats": CONFIRM_REPEATS}
         if measured["plan"] > (1 - MIN_GAIN) * measured["sequential"]:
             fallback = (f"measured {measured['sequential'] / measured['plan']:.2f}x over sequential on this device, "
                         f"below the {1 / (1 - MIN_GAIN):.2f}x a parallel plan must reach")
