@@ -3,13 +3,20 @@
 The project's format is one safetensors file whose string metadata carries the model
 config and provenance as JSON. Raw `.pth` files are read with `weights_only=True`:
 checkpoints are data, never code.
+
+A checkpoint is named by a reference: `demo` (the shipped demo model), a local path, a
+`file://` URI, or any other URI an installed fsspec filesystem reads (s3://, gs://, ...;
+copied once into a local cache). `ModelRef` is that reference plus what a raw file needs
+to be read, so a profile or plan can reload its model from what it recorded.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from .model import Model, ModelConfig
+from .schema import STRICT_FIELDS
 
 FORMAT_NAME = "tarflow-gs"
 FORMAT_VERSION = 1
@@ -84,15 +92,50 @@ def _build(config: ModelConfig, state_dict: dict) -> Model:
     return model.eval()
 
 
-def load_checkpoint(path, in_channels: int = 3, head_dim: int = 64, with_metadata: bool = False):
+CACHE_DIR = Path(os.environ.get("TARFLOW_GS_CACHE", "~/.cache/tarflow-gs")).expanduser() / "checkpoints"
+
+
+def resolve_checkpoint(ref) -> Path:
+    """The local file a checkpoint reference names (see the module docstring)."""
+    ref = str(ref)
+    if ref == "demo":
+        from .demo import demo_checkpoint
+
+        return demo_checkpoint()
+    if ref.startswith("file://"):
+        return Path(ref.removeprefix("file://"))
+    if "://" not in ref:
+        return Path(ref).expanduser()
+    try:
+        import fsspec
+    except ImportError:
+        raise CheckpointError(f"checkpoint {ref}: reading URIs needs fsspec (pip install fsspec, plus s3fs/gcsfs "
+                              "for s3:// and gs://), or copy the file to a local path") from None
+    local = CACHE_DIR / hashlib.sha256(ref.encode()).hexdigest()[:16] / ref.rstrip("/").rsplit("/", 1)[-1]
+    if not local.is_file():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(local.name + ".part")
+        try:
+            with fsspec.open(ref, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 24):
+                    dst.write(chunk)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"checkpoint not found: {ref}") from None
+        except (OSError, ValueError, ImportError) as e:
+            raise CheckpointError(f"checkpoint {ref}: cannot read it ({type(e).__name__}: {e})") from None
+        tmp.replace(local)
+    return local
+
+
+def load_checkpoint(ref, in_channels: int = 3, head_dim: int = 64, with_metadata: bool = False):
     """Load a model from a raw apple `.pth` state dict or a tarflow-gs safetensors file.
 
-    `in_channels` only matters for raw files (it resolves patch and image size).
-    With `with_metadata=True` returns (model, metadata dict) where metadata holds the
-    provenance of the project format ({} for raw files)."""
-    path = Path(path)
+    `ref` is a checkpoint reference (`demo`, a path or a URI). `in_channels` only matters for
+    raw files (it resolves patch and image size). With `with_metadata=True` returns (model,
+    metadata dict) where metadata holds the provenance of the project format ({} for raw files)."""
+    path = resolve_checkpoint(ref)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"checkpoint not found: {ref}")
     if _is_safetensors(path):
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -146,3 +189,22 @@ def model_hash(model: Model) -> str:
         h.update(k.encode())
         h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What reloads a model: the checkpoint reference and, for raw `.pth` files, the image channels."""
+
+    checkpoint: str = "demo"
+    in_channels: int = 3
+
+    __pydantic_config__ = STRICT_FIELDS
+
+    def __post_init__(self):
+        if not isinstance(self.checkpoint, str) or not self.checkpoint.strip():
+            raise CheckpointError(f"checkpoint={self.checkpoint!r}: give a path, a URI, or 'demo'")
+        if isinstance(self.in_channels, bool) or not isinstance(self.in_channels, int) or self.in_channels < 1:
+            raise CheckpointError(f"in_channels={self.in_channels!r}: must be an integer >= 1")
+
+    def load(self, with_metadata: bool = False):
+        return load_checkpoint(self.checkpoint, self.in_channels, with_metadata=with_metadata)

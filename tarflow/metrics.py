@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from .model import MetaBlock
-from .solvers import BlockRun, Guidance
-
-INITIAL_GUESSES = ("z", "zeros")
+from .plan import INIT_NAMES
+from .schema import STRICT_FIELDS
+from .solvers import jacobi_trace
+from .spec import Guidance
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class CRM:
     mean_alpha_x: float  # ||mean_n(alpha * X)||_2
     scale_weight: float  # ||W_s||_2
     shift_weight: float  # ||W_u||_2
+
+    __pydantic_config__ = STRICT_FIELDS
 
     @property
     def value(self) -> float:
@@ -67,9 +70,7 @@ def crm_shares(values: list[float]) -> list[float]:
 def igm(block: MetaBlock, z: torch.Tensor, x: torch.Tensor, init: str, labels: torch.Tensor | None = None,
         guidance: Guidance = Guidance()) -> float:
     """IGM of guess `init` ('z' or 'zeros'): the block maps x -> z; both (B, T, D) in model order."""
-    if init not in INITIAL_GUESSES:
-        raise ValueError(f"init={init!r}: allowed values are {', '.join(INITIAL_GUESSES)}")
-    run = BlockRun(block, z.float(), labels, guidance)
-    x1 = run.initial(init)
-    x1[:, 1:] = run.update(x1, 1, run.num_tokens)
-    return spectral_norm((x1 - block.permute(x.float())).mean(0))
+    if init not in INIT_NAMES:
+        raise ValueError(f"init={init!r}: allowed values are {', '.join(INIT_NAMES)}")
+    (x1,) = jacobi_trace(block, z.float(), labels, init, guidance, max_iters=1, keep_iterates=True).iterates
+    return spectral_norm((x1 - x.float()).mean(0))

@@ -2,83 +2,164 @@
 
 A plan is indexed by *forward* block index: `plan.blocks[i]` drives `model.blocks[i]`.
 Sampling runs the blocks in reverse, so `plan.blocks[-1]` is the block sampled first.
-
-JSON schema (version 1)::
-
-    {"version": 1, "num_blocks": 4, "num_tokens": 196,
-     "divergence_bound": 10000.0, "model_hash": "ab12..." | null, "name": "auto",
-     "blocks": [{"solver": "gs_jacobi", "segment_len": 32, "max_iters": null,
-                 "tol": 1e-4, "init": "z"}, ...],
-     "evidence": {...free-form, written by the scheduler...}}
-
-Solvers: `sequential` (one token per step, exact), `jacobi` (all T-1 unknown tokens
-at once), `gs_jacobi` (segments of `segment_len` tokens in order, Jacobi inside),
-`sliding` (Jacobi over a window of `segment_len` tokens that starts at the first
-unconverged token; no `max_iters`). `max_iters` caps Jacobi iterations per segment;
-null means the segment length, where Jacobi is exact. Tokens are numbered in the block's own (permuted) order;
+Each block plan is one of the solver types below, keyed by its `solver` field, and carries
+only that solver's settings. Tokens are numbered in the block's own (permuted) order;
 token 0 never changes, so segments tile tokens 1..T-1.
+
+JSON (version 2)::
+
+    {"version": 2, "num_blocks": 4, "num_tokens": 196, "divergence_bound": 10000.0,
+     "model_hash": "ab12..." | null, "name": "auto", "tol": 0.001 | null, "spec": {...} | null,
+     "blocks": [{"solver": "gs_jacobi", "segment_len": 32, "max_iters": null, "tol": 1e-4, "init": "z"},
+                {"solver": "sequential"}, ...],
+     "evidence": {...written by the scheduler...}}
+
+`tol` and `spec` say what an auto plan was certified for: final images within `tol` of
+sequential sampling under that sampling spec (null for hand plans, which are not checked).
+To add a solver: a dataclass here (and in `BlockPlan`), its function in `solvers.SOLVERS`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
+from typing import Literal, Union
 
-PLAN_VERSION = 1
-SOLVER_NAMES = ("sequential", "jacobi", "gs_jacobi", "sliding")
-SEGMENTED_SOLVERS = ("gs_jacobi", "sliding")  # take a segment_len
+from .schema import STRICT_FIELDS, SchemaError, load, loads, save, to_dict, validate
+from .spec import SamplingSpec
+
+PLAN_VERSION = 2
+Init = Literal["z", "zeros"]
 INIT_NAMES = ("z", "zeros")
 
 
-class PlanError(ValueError):
-    """An invalid plan, or a plan that does not fit the model."""
+class PlanError(SchemaError):
+    """An invalid plan, or a plan that does not fit the model or spec it is used with."""
 
 
-@dataclass
-class BlockPlan:
-    solver: str = "sequential"
-    segment_len: int | None = None
-    max_iters: int | None = None
-    tol: float = 1e-4
-    init: str = "z"
+def _check_iteration(tol, max_iters, init) -> None:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+        raise PlanError(f"tol={tol!r}: must be a finite number >= 0")
+    if max_iters is not None and (isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1):
+        raise PlanError(f"max_iters={max_iters!r}: must be a positive integer or null")
+    if init not in INIT_NAMES:
+        raise PlanError(f"init={init!r}: allowed values are {', '.join(INIT_NAMES)}")
 
-    def validate(self, num_tokens: int, where: str = "block") -> "BlockPlan":
-        if self.solver not in SOLVER_NAMES:
-            raise PlanError(f"{where}.solver={self.solver!r}: allowed values are {', '.join(SOLVER_NAMES)}")
-        if self.init not in INIT_NAMES:
-            raise PlanError(f"{where}.init={self.init!r}: allowed values are {', '.join(INIT_NAMES)}")
-        if self.solver in SEGMENTED_SOLVERS:
-            if not isinstance(self.segment_len, int) or not 1 <= self.segment_len <= num_tokens - 1:
-                raise PlanError(f"{where}.segment_len={self.segment_len!r}: {self.solver} needs an integer in "
-                                f"[1, {num_tokens - 1}] (T-1 for T={num_tokens} tokens)")
-        elif self.segment_len is not None:
-            raise PlanError(f"{where}.segment_len={self.segment_len!r}: only {' and '.join(SEGMENTED_SOLVERS)} "
-                            "take a segment length")
-        if self.solver == "sliding" and self.max_iters is not None:
-            raise PlanError(f"{where}.max_iters={self.max_iters!r}: the sliding solver takes no iteration cap "
-                            "(it advances at least one token per pass); use null")
-        if self.max_iters is not None and (not isinstance(self.max_iters, int) or self.max_iters < 1):
-            raise PlanError(f"{where}.max_iters={self.max_iters!r}: must be a positive integer or null")
-        if not isinstance(self.tol, (int, float)) or not math.isfinite(self.tol) or self.tol < 0:
-            raise PlanError(f"{where}.tol={self.tol!r}: must be a finite number >= 0")
-        return self
+
+def _check_length(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PlanError(f"{name}={value!r}: must be a positive integer")
+
+
+@dataclass(frozen=True)
+class Sequential:
+    """One token per step with the KV cache: exact."""
+
+    solver: Literal["sequential"] = "sequential"
+
+    __pydantic_config__ = STRICT_FIELDS
+    init = "z"  # never read: every token is computed before a later one uses it
 
     def segment_length(self, num_tokens: int) -> int:
-        """Tokens solved together: 1 for sequential, all T-1 unknown tokens for jacobi."""
-        return {"sequential": 1, "jacobi": num_tokens - 1}.get(self.solver, self.segment_len)
-
-    def segments(self, num_tokens: int) -> list[tuple[int, int]]:
-        L = self.segment_length(num_tokens)
-        return [(s, min(s + L, num_tokens)) for s in range(1, num_tokens, L)]
+        return 1
 
     def short(self) -> str:
-        """One line for logs: `gs_jacobi/L32/zeros/tol0.001/cap10`."""
-        if self.solver == "sequential":
-            return "sequential"
-        return "/".join([self.solver, *([f"L{self.segment_len}"] if self.segment_len else []), self.init,
-                         f"tol{self.tol:g}", *([f"cap{self.max_iters}"] if self.max_iters else [])])
+        return "sequential"
+
+
+# The Jacobi family stops a segment when no token moved more than `tol` in an iteration (max abs,
+# worst sample) or after `max_iters` iterations (null: the segment length, where Jacobi is exact).
+
+@dataclass(frozen=True, kw_only=True)
+class Jacobi:
+    """All T-1 unknown tokens of the block at once."""
+
+    solver: Literal["jacobi"] = "jacobi"
+    tol: float = 1e-4
+    max_iters: int | None = None
+    init: Init = "z"
+
+    __pydantic_config__ = STRICT_FIELDS
+
+    def __post_init__(self):
+        _check_iteration(self.tol, self.max_iters, self.init)
+
+    def segment_length(self, num_tokens: int) -> int:
+        return num_tokens - 1
+
+    def short(self) -> str:
+        return _short(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GSJacobi:
+    """Segments of `segment_len` tokens in order (Gauss-Seidel), Jacobi inside each."""
+
+    solver: Literal["gs_jacobi"] = "gs_jacobi"
+    segment_len: int
+    tol: float = 1e-4
+    max_iters: int | None = None
+    init: Init = "z"
+
+    __pydantic_config__ = STRICT_FIELDS
+
+    def __post_init__(self):
+        _check_length(self.segment_len, "segment_len")
+        _check_iteration(self.tol, self.max_iters, self.init)
+
+    def segment_length(self, num_tokens: int) -> int:
+        return self.segment_len
+
+    def short(self) -> str:
+        return _short(self, f"L{self.segment_len}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sliding:
+    """Jacobi over a window of `window` tokens that starts at the first unconverged token; the
+    converged prefix keeps its keys/values. It advances at least one token per pass: no cap."""
+
+    solver: Literal["sliding"] = "sliding"
+    window: int
+    tol: float = 1e-4
+    init: Init = "z"
+
+    __pydantic_config__ = STRICT_FIELDS
+    max_iters = None
+
+    def __post_init__(self):
+        _check_length(self.window, "window")
+        _check_iteration(self.tol, None, self.init)
+
+    def segment_length(self, num_tokens: int) -> int:
+        return self.window
+
+    def short(self) -> str:
+        return _short(self, f"W{self.window}")
+
+
+def _short(bp, *length: str) -> str:
+    """One line for logs: `gs_jacobi/L32/zeros/tol0.001/cap10`."""
+    return "/".join([bp.solver, *length, bp.init, f"tol{bp.tol:g}", *([f"cap{bp.max_iters}"] if bp.max_iters else [])])
+
+
+try:  # with pydantic present, JSON block plans are told apart by `solver` (and errors name only that type)
+    from typing import Annotated
+
+    from pydantic import Discriminator
+
+    BlockPlan = Annotated[Union[Sequential, Jacobi, GSJacobi, Sliding], Discriminator("solver")]
+except ImportError:  # torch-only installs build plans in code
+    BlockPlan = Union[Sequential, Jacobi, GSJacobi, Sliding]
+BLOCK_PLANS = {cls.solver: cls for cls in (Sequential, Jacobi, GSJacobi, Sliding)}
+SOLVER_NAMES = tuple(BLOCK_PLANS)
+
+
+def segments(bp, num_tokens: int) -> list[tuple[int, int]]:
+    """[start, end) token ranges a block plan solves one after the other (tokens 1..T-1)."""
+    L = bp.segment_length(num_tokens)
+    return [(s, min(s + L, num_tokens)) for s in range(1, num_tokens, L)]
 
 
 @dataclass
@@ -89,16 +170,44 @@ class Plan:
     divergence_bound: float = 1e4
     model_hash: str | None = None
     name: str = ""
+    tol: float | None = None
+    spec: SamplingSpec | None = None
     evidence: dict = field(default_factory=dict)
     version: int = PLAN_VERSION
 
+    __pydantic_config__ = {"extra": "forbid"}  # evidence may hold inf (an unmeasured speedup)
+
+    def __post_init__(self):
+        if self.version != PLAN_VERSION:
+            raise PlanError(f"version={self.version!r}: this build reads version {PLAN_VERSION} "
+                            "(re-run `tarflow-gs plan` to make one)")
+        for name, low in (("num_blocks", 1), ("num_tokens", 2)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise PlanError(f"{name}={value!r}: must be an integer >= {low}")
+        if len(self.blocks) != self.num_blocks:
+            raise PlanError(f"blocks has {len(self.blocks)} entries but num_blocks={self.num_blocks}")
+        if not (isinstance(self.divergence_bound, (int, float)) and 0 < self.divergence_bound < math.inf):
+            raise PlanError(f"divergence_bound={self.divergence_bound!r}: must be a finite number > 0")
+        T = self.num_tokens
+        for i, b in enumerate(self.blocks):
+            if type(b) not in BLOCK_PLANS.values():
+                raise PlanError(f"blocks[{i}]={b!r}: not a block plan ({', '.join(SOLVER_NAMES)})")
+            length = getattr(b, "segment_len", None) or getattr(b, "window", None)
+            if length is not None and not 1 <= length <= T - 1:
+                name = "segment_len" if isinstance(b, GSJacobi) else "window"
+                raise PlanError(f"blocks[{i}].{name}={length}: {b.solver} needs an integer in [1, {T - 1}] "
+                                f"(T-1 for T={T} tokens)")
+
+    # ---- constructors ---------------------------------------------------------------------------------------
+
     @classmethod
-    def uniform(cls, num_blocks: int, num_tokens: int, **block_fields) -> "Plan":
-        return cls(num_blocks, num_tokens, [BlockPlan(**block_fields) for _ in range(num_blocks)]).validate()
+    def uniform(cls, num_blocks: int, num_tokens: int, block) -> "Plan":
+        return cls(num_blocks, num_tokens, [block] * num_blocks)
 
     @classmethod
     def sequential(cls, num_blocks: int, num_tokens: int) -> "Plan":
-        return cls.uniform(num_blocks, num_tokens, solver="sequential")
+        return cls.uniform(num_blocks, num_tokens, Sequential())
 
     @classmethod
     def from_paper_lists(cls, num_gs: list[int], max_jacobi: list[int], guess: list[int] | None,
@@ -127,38 +236,38 @@ class Plan:
                 raise PlanError(f"guess_list {where} = {g}: allowed values are 0 (z) and 1 (zeros)")
             init = INIT_NAMES[g]
             if gs in (0, num_tokens):
-                blocks.append(BlockPlan("sequential", init=init, tol=tol))
+                blocks.append(Sequential())
             elif gs == 1:
-                blocks.append(BlockPlan("jacobi", max_iters=cap, tol=tol, init=init))
+                blocks.append(Jacobi(max_iters=cap, tol=tol, init=init))
             else:
-                blocks.append(BlockPlan("gs_jacobi", -(-(num_tokens - 1) // gs), cap, tol, init))
-        return cls(len(blocks), num_tokens, blocks[::-1], name=name).validate()
+                blocks.append(GSJacobi(segment_len=-(-(num_tokens - 1) // gs), max_iters=cap, tol=tol, init=init))
+        return cls(len(blocks), num_tokens, blocks[::-1], name=name)
 
     @classmethod
-    def from_paper_notation(cls, spec: str, num_blocks: int, num_tokens: int, guess: list[int] | None = None,
+    def from_paper_notation(cls, notation: str, num_blocks: int, num_tokens: int, guess: list[int] | None = None,
                             tol: float = 0.0) -> "Plan":
         """A plan in the paper's [Stack-GS-J-Else] notation, e.g. `7-8-32-10`: forward block 7
         is cut into 8 segments with at most 32 Jacobi iterations each, every other block runs
         plain Jacobi capped at 10. Several tough blocks are joined by '/', with one GS and J
         value for all of them or one each: `0/7-256/8-1/13-6`. `guess` is the public code's
         guess_list (sampling order, 0 = z, 1 = zeros)."""
-        text = spec.strip().strip("[]")
+        text = notation.strip().strip("[]")
         parts = text.split("-")
         if len(parts) != 4:
-            raise PlanError(f"hand plan {spec!r}: expected Stack-GS-J-Else, four '-'-separated fields such as "
+            raise PlanError(f"hand plan {notation!r}: expected Stack-GS-J-Else, four '-'-separated fields such as "
                             "'7-8-32-10' or '0/6-8-32-20'")
         try:
             stacks, gs, caps = ([int(v) for v in p.split("/")] for p in parts[:3])
             other = int(parts[3])
         except ValueError:
-            raise PlanError(f"hand plan {spec!r}: fields must be integers (several blocks joined by '/')") from None
+            raise PlanError(f"hand plan {notation!r}: fields must be integers (several blocks joined by '/')") from None
         for field_name, values in (("GS", gs), ("J", caps)):
             if len(values) not in (1, len(stacks)):
-                raise PlanError(f"hand plan {spec!r}: {field_name} has {len(values)} values for {len(stacks)} "
+                raise PlanError(f"hand plan {notation!r}: {field_name} has {len(values)} values for {len(stacks)} "
                                 "stacked blocks; give one, or one per block")
         bad = [b for b in stacks if not 0 <= b < num_blocks]
         if bad or len(set(stacks)) != len(stacks):
-            raise PlanError(f"hand plan {spec!r}: Stack names blocks {stacks}; each must be a distinct forward "
+            raise PlanError(f"hand plan {notation!r}: Stack names blocks {stacks}; each must be a distinct forward "
                             f"block index in 0..{num_blocks - 1}")
         num_gs, max_jacobi = [1] * num_blocks, [other] * num_blocks
         for j, b in enumerate(stacks):
@@ -167,19 +276,7 @@ class Plan:
             max_jacobi[k] = caps[j if len(caps) > 1 else 0]
         return cls.from_paper_lists(num_gs, max_jacobi, guess, num_tokens, tol, name=f"paper[{text}]")
 
-    def validate(self) -> "Plan":
-        if self.version != PLAN_VERSION:
-            raise PlanError(f"plan.version={self.version!r}: this build reads version {PLAN_VERSION}")
-        for name in ("num_blocks", "num_tokens"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < (1 if name == "num_blocks" else 2):
-                raise PlanError(f"plan.{name}={getattr(self, name)!r}: must be a positive integer")
-        if len(self.blocks) != self.num_blocks:
-            raise PlanError(f"plan.blocks has {len(self.blocks)} entries but plan.num_blocks={self.num_blocks}")
-        if not isinstance(self.divergence_bound, (int, float)) or not self.divergence_bound > 0:
-            raise PlanError(f"plan.divergence_bound={self.divergence_bound!r}: must be a number > 0")
-        for i, b in enumerate(self.blocks):
-            b.validate(self.num_tokens, f"plan.blocks[{i}]")
-        return self
+    # ---- checks -----------------------------------------------------------------------------------------------
 
     def check_model(self, num_blocks: int, num_tokens: int, model_hash: str | None = None) -> None:
         """Raise PlanError where the plan was made for another model."""
@@ -189,65 +286,47 @@ class Plan:
         if model_hash and self.model_hash and model_hash != self.model_hash:
             raise PlanError(f"plan.model_hash={self.model_hash} but the model's hash is {model_hash}")
 
+    def check_spec(self, spec: SamplingSpec) -> None:
+        """Raise PlanError where an auto plan was certified under another sampling map than `spec`'s."""
+        if self.spec is None:
+            return
+        mine, theirs = self.spec.sampling_map(), spec.sampling_map()
+        if mine != theirs:
+            diff = [f"{k}: {mine[k]} there, {theirs[k]} here" for k in mine if mine[k] != theirs[k]]
+            raise PlanError(f"plan {self.name or ''} was certified for another sampling map ({'; '.join(diff)}): "
+                            "its tolerance does not hold here; re-plan with this spec, or use it as a hand plan")
+
+    # ---- JSON ---------------------------------------------------------------------------------------------------
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return to_dict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        return json.dumps(self.to_dict(), indent=1)
 
     def summary(self) -> str:
         """Each block's solver on one line, by forward index: `0:jacobi/z/tol0.001, 1:sequential`."""
         return ", ".join(f"{i}:{b.short()}" for i, b in enumerate(self.blocks))
 
     def fingerprint(self) -> str:
-        """Hash of what changes samples (solvers and settings), not of names or evidence."""
-        core = {k: v for k, v in self.to_dict().items() if k not in ("name", "evidence")}
+        """Hash of what changes samples (solvers and their settings), not of names, certificate or evidence."""
+        core = {k: v for k, v in self.to_dict().items() if k not in ("name", "evidence", "tol", "spec")}
         return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
+    def bound_to(self, model_hash: str) -> "Plan":
+        return replace(self, model_hash=model_hash)
+
     @classmethod
-    def from_dict(cls, d: dict) -> "Plan":
-        if not isinstance(d, dict):
-            raise PlanError("a plan must be a JSON object")
-        known = {"version", "num_blocks", "num_tokens", "blocks", "divergence_bound", "model_hash", "name", "evidence"}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise PlanError(f"plan has unknown field(s) {unknown}; allowed: {sorted(known)}")
-        for name in ("num_blocks", "num_tokens", "blocks"):
-            if name not in d:
-                raise PlanError(f"plan lacks required field '{name}'")
-        if not isinstance(d["blocks"], list):
-            raise PlanError("plan.blocks must be a list")
-        blocks = []
-        block_fields = set(BlockPlan.__dataclass_fields__)
-        for i, b in enumerate(d["blocks"]):
-            if not isinstance(b, dict):
-                raise PlanError(f"plan.blocks[{i}] must be an object")
-            bad = sorted(set(b) - block_fields)
-            if bad:
-                raise PlanError(f"plan.blocks[{i}] has unknown field(s) {bad}; allowed: {sorted(block_fields)}")
-            blocks.append(BlockPlan(**b))
-        return cls(**{**d, "blocks": blocks}).validate()
+    def from_dict(cls, d) -> "Plan":
+        return validate(cls, d, "plan", PlanError)
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PlanError(f"plan is not valid JSON: {e}") from e
-        return cls.from_dict(d)
+        return loads(cls, text, "plan", PlanError)
 
     @classmethod
     def load(cls, path) -> "Plan":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"plan file not found: {path}")
-        try:
-            return cls.from_json(path.read_text())
-        except PlanError as e:
-            raise PlanError(f"{path}: {e}") from e
+        return load(cls, path, "plan", PlanError)
 
-    def save(self, path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.validate().to_json() + "\n")
-        return path
+    def save(self, path):
+        return save(self, path)

@@ -1,4 +1,4 @@
-"""Samplers: invert TarFlow blocks sequentially, by Jacobi, or by GS-Jacobi.
+"""Block solvers: invert one TarFlow block sequentially, by Jacobi, GS-Jacobi or a sliding window.
 
 Inverting one block means solving the triangular system
     x_0 = z_0,   x_t = z_t * exp(a_t(x_<t)) + b_t(x_<t),   t = 1..T-1
@@ -9,49 +9,25 @@ sampler; T-1 = plain Jacobi). A segment of L tokens is exact after L Jacobi
 iterations (the first k tokens are exact after k), so a budget >= L reproduces
 sequential sampling up to floating-point reduction order.
 
-To add a solver: write a function `(run, block_plan, stats) -> x` and register it
-in SOLVERS, and add its name to `plan.SOLVER_NAMES`.
+The public API is `solve_block` (one block under one block plan, as sampling runs it)
+and `jacobi_trace` (plain Jacobi iterations of one block with their residuals and, given
+the true solution, their errors: what profiling and convergence figures read).
+To add a solver: its block-plan type in `plan.py`, its function `(run, block_plan, stats,
+divergence_bound) -> x` in SOLVERS.
 """
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import torch
 
-from .model import KVCache, MetaBlock, Model
-from .plan import BlockPlan, Plan
+from .model import KVCache, MetaBlock
+from .plan import GSJacobi, Jacobi, Sequential, Sliding, segments
+from .spec import Guidance
 
-
-class NonFiniteSampleError(FloatingPointError):
-    """Sampling produced NaN or inf even after the sequential fallback."""
-
-
-@dataclass(frozen=True)
-class Guidance:
-    """Classifier-free guidance as the reference sampler applies it."""
-
-    scale: float = 0.0
-    attn_temp: float = 1.0
-    annealed: bool = False
-    what: str = "ab"
-
-    def __post_init__(self):
-        if self.what not in ("a", "b", "ab"):
-            raise ValueError(f"guide_what={self.what!r}: allowed values are 'a', 'b', 'ab'")
-        if self.attn_temp <= 0:
-            raise ValueError(f"attn_temp={self.attn_temp!r}: must be > 0")
-
-    @property
-    def active(self) -> bool:
-        return self.scale > 0
-
-    def weights(self, num_tokens: int, device) -> torch.Tensor:
-        """(T, 1) guidance weight of the step producing each token; annealed: g_t = t/(T-1)*scale."""
-        t = torch.arange(num_tokens, device=device, dtype=torch.float32).unsqueeze(1)
-        return t / (num_tokens - 1) * self.scale if self.annealed else torch.full_like(t, self.scale)
+DIVERGENCE_BOUND = 1e4
 
 
 @dataclass
@@ -64,35 +40,6 @@ class BlockStats:
     residual: float = 0.0
     fallbacks: int = 0
     seconds: float = 0.0
-
-
-@dataclass
-class SampleStats:
-    blocks: list[BlockStats] = field(default_factory=list)  # in sampling order
-    seconds: float = 0.0
-
-    @property
-    def passes(self) -> int:
-        return sum(b.passes for b in self.blocks)
-
-    @property
-    def fallbacks(self) -> int:
-        return sum(b.fallbacks for b in self.blocks)
-
-    def to_dict(self) -> dict:
-        return {"seconds": self.seconds, "passes": self.passes, "fallbacks": self.fallbacks,
-                "blocks": [asdict(b) for b in self.blocks]}
-
-    def summary(self) -> str:
-        rows = [f"  block {b.block}: {b.solver:<10} L={b.segment_len:<4} passes={b.passes:<5} "
-                f"max_iters/seg={max(b.iterations)} residual={b.residual:.1e} fallbacks={b.fallbacks} "
-                f"{b.seconds:.3f}s" for b in self.blocks]
-        return "\n".join([f"sampled in {self.seconds:.3f}s, {self.passes} passes, {self.fallbacks} fallbacks", *rows])
-
-
-class SampleOutput(NamedTuple):
-    images: torch.Tensor
-    stats: SampleStats
 
 
 class BlockRun:
@@ -146,10 +93,10 @@ def _sequential_steps(run: BlockRun, x: torch.Tensor, s: int, e: int) -> None:
         x[:, t : t + 1] = run.update(x, t, t + 1)
 
 
-def gauss_seidel_jacobi(run: BlockRun, bp: BlockPlan, stats: BlockStats, bound: float) -> torch.Tensor:
-    """Segments in order (Gauss-Seidel), Jacobi iterations inside each segment."""
+def gauss_seidel_jacobi(run: BlockRun, bp, stats: BlockStats, bound: float) -> torch.Tensor:
+    """Segments in order (Gauss-Seidel), Jacobi iterations inside each."""
     x = run.initial(bp.init)
-    for s, e in bp.segments(run.num_tokens):
+    for s, e in segments(bp, run.num_tokens):
         n = e - s
         if n == 1:
             _sequential_steps(run, x, s, e)
@@ -178,8 +125,8 @@ def gauss_seidel_jacobi(run: BlockRun, bp: BlockPlan, stats: BlockStats, bound: 
     return x
 
 
-def sliding_window(run: BlockRun, bp: BlockPlan, stats: BlockStats, bound: float) -> torch.Tensor:
-    """Jacobi over a window of `segment_len` tokens that starts at the first unconverged token.
+def sliding_window(run: BlockRun, bp: Sliding, stats: BlockStats, bound: float) -> torch.Tensor:
+    """Jacobi over a window of `bp.window` tokens that starts at the first unconverged token.
 
     After a pass the window's first token is exact (its inputs are final). A later token
     is final, up to `tol`, when every token before it in the window moved by <= tol in
@@ -188,7 +135,7 @@ def sliding_window(run: BlockRun, bp: BlockPlan, stats: BlockStats, bound: float
     spent on converged tokens (fixed segments wait for their slowest token). Progress is
     at least one token per pass, so tol=0 is exact."""
     x = run.initial(bp.init)
-    T, W = run.num_tokens, bp.segment_len
+    T, W = run.num_tokens, bp.window
     s = 1
     while s < T:
         e = min(s + W, T)
@@ -211,25 +158,17 @@ def sliding_window(run: BlockRun, bp: BlockPlan, stats: BlockStats, bound: float
     return x
 
 
-SOLVERS: dict[str, Callable[[BlockRun, BlockPlan, BlockStats, float], torch.Tensor]] = {
-    "sequential": gauss_seidel_jacobi,
-    "jacobi": gauss_seidel_jacobi,
-    "gs_jacobi": gauss_seidel_jacobi,
-    "sliding": sliding_window,
+SOLVERS: dict[type, Callable[[BlockRun, object, BlockStats, float], torch.Tensor]] = {
+    Sequential: gauss_seidel_jacobi,
+    Jacobi: gauss_seidel_jacobi,
+    GSJacobi: gauss_seidel_jacobi,
+    Sliding: sliding_window,
 }
 
 
-def _labels_tensor(labels, batch: int, num_classes: int, device) -> torch.Tensor | None:
-    if labels is None:
-        return None
-    y = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
-    if y.numel() == 1 and batch > 1:
-        y = y.expand(batch)
-    if y.numel() != batch:
-        raise ValueError(f"got {y.numel()} labels for a batch of {batch}")
-    if num_classes and bool((y >= num_classes).any()):
-        raise ValueError(f"label {int(y.max())} out of range: the model has {num_classes} classes (use -1 for none)")
-    return y
+class BlockSolution(NamedTuple):
+    x: torch.Tensor  # the block's input (B, T, D), model token order
+    stats: BlockStats
 
 
 def _sync(device: torch.device) -> None:
@@ -238,42 +177,48 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def sample(model: Model, noise: torch.Tensor, labels=None, plan: Plan | None = None, guidance: float = 0.0,
-           attn_temp: float = 1.0, annealed_guidance: bool = False, guide_what: str = "ab",
-           autocast_dtype: torch.dtype | None = None) -> SampleOutput:
-    """Sample images (B, C, H, W) in model space from noise (B, T, D) or (B, C, H, W).
+def solve_block(block: MetaBlock, z: torch.Tensor, labels=None, plan=Sequential(), guidance: Guidance = Guidance(),
+                divergence_bound: float = DIVERGENCE_BOUND, index: int = 0) -> BlockSolution:
+    """Invert one block under one block plan: its output z (B, T, D) -> its input x, both in model
+    token order, with the solver's statistics (`stats.seconds` includes waiting for the device)."""
+    t0 = time.perf_counter()
+    run = BlockRun(block, z, labels, guidance)
+    stats = BlockStats(index, plan.solver, plan.segment_length(run.num_tokens))
+    x = block.permute(SOLVERS[type(plan)](run, plan, stats, divergence_bound))
+    _sync(z.device)
+    stats.seconds = time.perf_counter() - t0
+    return BlockSolution(x, stats)
 
-    `plan=None` is exact sequential sampling. Under `autocast_dtype` (bf16 on GPU, as
-    the reference samples) the network runs in that dtype while the iterates x stay
-    float32: a plan's `tol` then measures convergence of the bf16 Jacobi map, and the
-    distance to float32 sequential sampling is bf16 rounding, not `tol`."""
-    cfg = Guidance(guidance, attn_temp, annealed_guidance, guide_what)
-    T, D = model.num_tokens, model.token_dim
-    if noise.dim() == 4:
-        noise = model.patchify(noise)
-    if noise.dim() != 3 or tuple(noise.shape[1:]) != (T, D):
-        raise ValueError(f"noise must be (B, {T}, {D}) tokens or (B, C, H, W) images, got {tuple(noise.shape)}")
-    plan = plan or Plan.sequential(len(model.blocks), T)
-    plan.check_model(len(model.blocks), T)
-    device = noise.device
-    y = _labels_tensor(labels, noise.shape[0], model.config.num_classes, device)
-    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext())
-    stats = SampleStats()
-    start = time.perf_counter()
-    x = noise.float() * model.var.sqrt()
-    with autocast:
-        for i in reversed(range(len(model.blocks))):
-            bp = plan.blocks[i]
-            bstats = BlockStats(i, bp.solver, bp.segment_length(T))
-            t0 = time.perf_counter()
-            run = BlockRun(model.blocks[i], x, y, cfg)
-            x = run.block.permute(SOLVERS[bp.solver](run, bp, bstats, plan.divergence_bound))
-            _sync(device)
-            bstats.seconds = time.perf_counter() - t0
-            stats.blocks.append(bstats)
-            if not bool(torch.isfinite(x).all()):
-                bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
-                raise NonFiniteSampleError(f"block {i} produced NaN/inf for batch rows {bad[:10]}: "
-                                           "the model or its guidance settings overflow")
-    stats.seconds = time.perf_counter() - start
-    return SampleOutput(model.unpatchify(x), stats)
+
+@dataclass
+class JacobiTrace:
+    """Plain Jacobi over a whole block, iteration by iteration (index k: after k + 1 iterations)."""
+
+    residuals: list[float]  # max |x_k - x_(k-1)| over the batch
+    errors: list[float] | None = None  # max |x_k - solution| over the batch, when a solution was given
+    iterates: list[torch.Tensor] = field(default_factory=list)  # x_k in model order, when kept
+
+
+@torch.inference_mode()
+def jacobi_trace(block: MetaBlock, z: torch.Tensor, labels=None, init: str = "z", guidance: Guidance = Guidance(),
+                 max_iters: int | None = None, solution: torch.Tensor | None = None, floor: float = 0.0,
+                 keep_iterates: bool = False) -> JacobiTrace:
+    """Iterate plain Jacobi on one block from `init` for `max_iters` (default T-1, where it is exact)
+    iterations, or until the residual is <= `floor`. `solution` (the block's true input, model order)
+    adds each iterate's error."""
+    run = BlockRun(block, z, labels, guidance)
+    T = run.num_tokens
+    truth = None if solution is None else block.permute(solution.float())
+    x = run.initial(init)
+    trace = JacobiTrace([], [] if truth is not None else None)
+    for _ in range(min(max_iters or T - 1, T - 1)):
+        new = run.update(x, 1, T)
+        trace.residuals.append((new - x[:, 1:]).abs().max().item())
+        x[:, 1:] = new
+        if truth is not None:
+            trace.errors.append((x - truth).abs().max().item())
+        if keep_iterates:
+            trace.iterates.append(block.permute(x.clone()))
+        if trace.residuals[-1] <= floor:
+            break
+    return trace

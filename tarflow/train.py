@@ -19,7 +19,7 @@ import math
 import subprocess
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -28,10 +28,15 @@ from tqdm import tqdm
 from .checkpoint import save_checkpoint
 from .data import ImageDataset, load_dataset
 from .model import Model
+from .schema import STRICT_FIELDS, SchemaError, validate
 
 STATE_SUFFIX = ".state.pt"
 STATE_VERSION = 1
 PRECISIONS = ("bf16", "fp32")
+
+
+class TrainConfigError(SchemaError):
+    """Training settings that cannot run; the message names the field."""
 
 
 @dataclass(frozen=True)
@@ -57,28 +62,36 @@ class TrainConfig:
     device: str = "cpu"
     precision: str = "bf16"  # autocast dtype of the network, as the reference trains; "fp32" turns it off
 
-    def validate(self) -> "TrainConfig":
-        positive = ("patch_size", "width", "num_blocks", "layers_per_block", "head_dim", "epochs", "batch_size")
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: must be a positive integer")
+    __pydantic_config__ = STRICT_FIELDS
+
+    def __post_init__(self):
+        def fail(name, rule):
+            raise TrainConfigError(f"{name}={getattr(self, name)!r}: {rule}")
+
+        def integer(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("patch_size", "width", "num_blocks", "layers_per_block", "head_dim", "epochs", "batch_size"):
+            if not integer(getattr(self, name)) or getattr(self, name) < 1:
+                fail(name, "must be a positive integer")
         for name in ("image_size", "in_channels"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"TrainConfig.{name}={value!r}: must be a positive integer or None")
-        if not self.noise_std >= 0:
-            raise ValueError(f"TrainConfig.noise_std={self.noise_std!r}: must be >= 0")
+            if value is not None and (not integer(value) or value < 1):
+                fail(name, "must be a positive integer or None")
+        if not (math.isfinite(self.noise_std) and self.noise_std >= 0):
+            fail("noise_std", "must be a finite number >= 0")
         if not 0 <= self.drop_label < 1:
-            raise ValueError(f"TrainConfig.drop_label={self.drop_label!r}: must be in [0, 1)")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr={self.lr!r}: must be > 0")
-        if self.warmup_steps < 0 or self.weight_decay < 0:
-            raise ValueError("TrainConfig.warmup_steps and weight_decay must be >= 0")
+            fail("drop_label", "must be in [0, 1)")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            fail("lr", "must be a finite number > 0")
+        if not integer(self.warmup_steps) or self.warmup_steps < 0:
+            fail("warmup_steps", "must be an integer >= 0")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            fail("weight_decay", "must be a finite number >= 0")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"TrainConfig.precision={self.precision!r}: allowed values are {', '.join(PRECISIONS)}")
+            fail("precision", f"allowed values are {', '.join(PRECISIONS)}")
         if self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
-            raise ValueError(f"TrainConfig.device={self.device!r}: allowed values are cpu, cuda[:N], mps")
-        return self
+            fail("device", "allowed values are cpu, cuda[:N], mps")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,11 +101,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**d).validate()
+        return validate(cls, d, "TrainConfig", TrainConfigError)
 
     @property
     def state_path(self) -> Path:
@@ -154,9 +163,9 @@ def load_train_state(path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"{path}: not a readable training state ({type(e).__name__}: {e})") from e
+        raise TrainConfigError(f"{path}: not a readable training state ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        raise ValueError(f"{path}: not a tarflow-gs training state of version {STATE_VERSION}")
+        raise TrainConfigError(f"{path}: not a tarflow-gs training state of version {STATE_VERSION}")
     return state
 
 
@@ -176,13 +185,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
     """Train (or, with `resume`, continue) the run `cfg` describes; returns the final checkpoint path.
 
     With `resume` the state next to `cfg.out` must have been written with this same config."""
-    cfg.validate()
     device = torch.device(cfg.device)
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     train_set = load_dataset(cfg.dataset, cfg.image_size, cfg.in_channels, split="train")
     test_set = load_dataset(cfg.dataset, cfg.image_size, cfg.in_channels, split="test")
     if len(train_set) < cfg.batch_size:
-        raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} exceeds the {len(train_set)} training images")
+        raise TrainConfigError(f"TrainConfig.batch_size={cfg.batch_size} exceeds the {len(train_set)} training images")
     torch.manual_seed(cfg.seed)  # model initialisation
     model = build_model(cfg, train_set).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
@@ -199,7 +207,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
         stored = TrainConfig.from_dict(json.loads(state["config"]))
         diff = {k: (v, getattr(cfg, k)) for k, v in stored.to_dict().items() if k != "out" and getattr(cfg, k) != v}
         if diff:
-            raise ValueError(f"{cfg.state_path}: cannot resume, config differs (stored, given): {diff}")
+            raise TrainConfigError(f"{cfg.state_path}: cannot resume, config differs (stored, given): {diff}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -11,10 +11,12 @@ from click.testing import CliRunner
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
 from tarflow.data import load_dataset
-from workflows import shards as sh
-from workflows.evaluate import EvaluateError, ExtractConfig, FeaturePool, evaluate_fid, reference_stats
-from workflows.extractors import build_extractor, export_compat_weights, extract_features, register_extractors
-from workflows.fid_stats import FeatureStats, FIDStats, StatsMismatchError, frechet_distance
+from workflows.config import FidSettings, Resources
+from workflows.fidelity.extractors import build_extractor, export_compat_weights, extract_features, \
+    register_extractors
+from workflows.fidelity.stats import FeatureStats, FIDStats, StatsMismatchError, frechet_distance
+from workflows.stages.fid import EvaluateError, FeaturePool, evaluate_fid, reference_stats
+from workflows.storage import files, shards as sh
 
 
 def write_shards(uri, images_u8, shard_size):
@@ -74,7 +76,7 @@ def test_merged_feature_stats_equal_np_cov_and_torch_fidelity():
 
 def test_distributed_fid_over_shards_equals_single_process_torch_fidelity(ray_local, shard_sets, digits_u8):
     samples, shifted = shard_sets
-    with FeaturePool(ExtractConfig(actors=2, batch_size=64)) as pool:
+    with FeaturePool(FidSettings(batch_size=64), Resources(actors=2)) as pool:
         a, b = pool.stats(samples), pool.stats(shifted)
     assert (a.count, b.count, a.image_size) == (300, 300, (28, 28))
 
@@ -96,7 +98,7 @@ def test_fid_against_itself_is_zero_and_against_shifted_set_larger(ray_local, sh
     folder.mkdir(parents=True)
     for i, image in enumerate(digits_u8[1]):
         (folder / f"{i:04d}.png").write_bytes(sh.encode_png(image))
-    cfg = ExtractConfig(actors=1)
+    cfg = FidSettings()
     same = evaluate_fid(samples, samples, cfg, cache_dir=None, write_result=False)
     moved = evaluate_fid(samples, str(tmp_path / "shifted"), cfg, cache_dir=None, write_result=False)
     assert abs(same.fid) < 1e-6
@@ -105,7 +107,7 @@ def test_fid_against_itself_is_zero_and_against_shifted_set_larger(ray_local, sh
 
 def test_reference_stats_are_saved_reused_and_round_trip(ray_local, shard_sets, tmp_path):
     samples, shifted = shard_sets
-    cfg = ExtractConfig(actors=1)
+    cfg = FidSettings()
     first = evaluate_fid(samples, shifted, cfg, cache_dir=tmp_path)
     assert first.reference_stats and first.reference_stats.startswith(str(tmp_path))
     saved = FIDStats.load(first.reference_stats)
@@ -123,7 +125,7 @@ def test_reference_stats_are_saved_reused_and_round_trip(ray_local, shard_sets, 
     from_npz = evaluate_fid(samples, str(copy), cfg)
     assert from_npz.fid == pytest.approx(first.fid, rel=1e-12)
 
-    written = json.loads(open(sh.resolve(samples)[1] + "/_fid-mnist5k-classifier.json").read())
+    written = json.loads(open(files.resolve(samples)[1] + "/_fid-mnist5k-classifier.json").read())
     assert written["fid"] == pytest.approx(from_npz.fid) and written["sample_count"] == 300
 
 
@@ -133,10 +135,10 @@ def test_mismatched_extractor_or_image_size_is_an_error(ray_local, shard_sets, t
     path = stats.save(tmp_path / "ref.npz")
     # raised before any image is read: the torchscript Inception never even starts on the samples
     with pytest.raises(StatsMismatchError, match="extractor 'mnist5k-classifier'.*inception-v3-torchscript"):
-        evaluate_fid(samples, str(path), ExtractConfig(extractor="inception-v3-torchscript"))
+        evaluate_fid(samples, str(path), FidSettings(extractor="inception-v3-torchscript"))
     small = FIDStats(np.zeros(64), np.eye(64), 10, "mnist5k-classifier", (8, 8), "digits").save(tmp_path / "s.npz")
     with pytest.raises(StatsMismatchError, match="8x8 images, the samples are 28x28"):
-        reference_stats(str(small), ExtractConfig(), (28, 28))
+        reference_stats(str(small), FidSettings(), (28, 28))
     with pytest.raises(StatsMismatchError, match="different extractors"):
         frechet_distance(stats, FIDStats(np.zeros(64), np.eye(64), 10, "other", (28, 28), "x"))
 
@@ -148,14 +150,16 @@ def test_corrupt_shard_is_an_error_naming_the_shard(ray_local, tmp_path, digits_
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(sh.ShardError, match="shard-00001.parquet fails its sha256 check"):
-        evaluate_fid(uri, "mnist5k", ExtractConfig(actors=1), cache_dir=None)
+        evaluate_fid(uri, "mnist5k", FidSettings(), cache_dir=None)
 
 
 def test_bad_sources_and_settings_are_errors(tmp_path):
     with pytest.raises(EvaluateError, match="neither a shard set"):
         evaluate_fid(str(tmp_path / "missing"), "mnist5k")
-    with pytest.raises(ValueError, match="extractor='inception'.*allowed values"):
-        ExtractConfig(extractor="inception").validate()
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="Input should be 'mnist5k-classifier'"):
+        FidSettings(extractor="inception")
     with pytest.raises(FileNotFoundError, match="do not exist"):
         FIDStats.load(tmp_path / "none.npz")
 
@@ -183,7 +187,7 @@ def test_cli_prints_fid_and_writes_json(ray_local, shard_sets, tmp_path):
                                        "--cache-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "FID: " in result.output and "300 samples" in result.output and "mnist5k-classifier" in result.output
-    written = json.loads(open(sh.resolve(samples)[1] + "/_fid-mnist5k-classifier.json").read())
+    written = json.loads(open(files.resolve(samples)[1] + "/_fid-mnist5k-classifier.json").read())
     assert written["reference"] == shifted and written["fid"] > 1.0
 
     bad = CliRunner().invoke(main, ["fid", "--samples", samples, "--reference", str(tmp_path / "nothing")])

@@ -10,12 +10,14 @@ import torch
 from click.testing import CliRunner
 from conftest import make_tiny_model
 
-from tarflow import CheckpointError, Plan, PlanError, load_checkpoint, sample, save_checkpoint
+from tarflow import CheckpointError, GSJacobi, Guidance, ModelRef, Plan, PlanError, SamplingSpec, SpecError, \
+    load_checkpoint, sample, save_checkpoint
 from tarflow.denoise import denoise
 from tarflow.noise import sample_noise
-from workflows import shards as sh
 from workflows.cli import main as cli
-from workflows.generate import GenerateConfig, GenerateError, generate, prepare
+from workflows.config import GenerateConfig, Resources, SampleSet
+from workflows.stages.generate import GenerateError, generate, prepare
+from workflows.storage import shards as sh
 
 SEED = 11
 
@@ -24,22 +26,24 @@ SEED = 11
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("generate")
     ckpt = save_checkpoint(make_tiny_model(), root / "tiny.safetensors")
-    plan = Plan.uniform(4, 16, solver="gs_jacobi", segment_len=5).save(root / "plan.json")
+    plan = Plan.uniform(4, 16, GSJacobi(segment_len=5)).save(root / "plan.json")
     other = save_checkpoint(make_tiny_model(img_size=16), root / "other.safetensors")
     return {"ckpt": str(ckpt), "plan": str(plan), "other": str(other)}
 
 
-def _cfg(assets, out, **kw):
-    base = dict(checkpoint=assets["ckpt"], out=str(out), num_samples=40, seed=SEED, plan=assets["plan"],
-                in_channels=1, batch_size=8, shard_size=16, actors=1, cpus_per_actor=0.5)
-    return GenerateConfig(**{**base, **kw})
+def _cfg(assets, out, num_samples=40, shard_size=16, actors=1, plan="default", checkpoint=None, **spec):
+    return GenerateConfig(model=ModelRef(checkpoint or assets["ckpt"], 1), out=str(out),
+                          samples=SampleSet(num_samples=num_samples, shard_size=shard_size),
+                          spec=SamplingSpec(**{"seed": SEED, "batch_size": 8, **spec}),
+                          plan=Plan.load(assets["plan"]) if plan == "default" else plan,
+                          resources=Resources(actors=actors, num_cpus=0.5))
 
 
 def _direct(assets, ids, batch_size=8, classes=10, denoise_lr=0.0, noise_std=0.1):
     """uint8 images of `ids` from tarflow.sample (and tarflow.denoise) called directly, batch by batch."""
     model, plan = load_checkpoint(assets["ckpt"]), Plan.load(assets["plan"])
     out, threads = [], torch.get_num_threads()
-    torch.set_num_threads(1)  # as the actors run (cpus_per_actor=0.5); a tiny model gains nothing from more
+    torch.set_num_threads(1)  # as the actors run (num_cpus=0.5); a tiny model gains nothing from more
     try:
         for s in range(0, len(ids), batch_size):
             chunk = ids[s : s + batch_size]
@@ -75,7 +79,10 @@ def test_one_vs_two_actors_identical_and_equal_to_direct_sampling(ray_local, ass
     meta = sh.read_metadata(str(tmp_path / "one"), manifest.shards[0])
     assert meta["settings"]["plan_hash"] == Plan.load(assets["plan"]).fingerprint()
     assert meta["settings"]["model_hash"] == manifest.settings["model_hash"]
-    assert meta["provenance"]["software"]["torch"] and meta["settings"]["labels"] == "uniform"
+    assert meta["provenance"]["software"]["torch"] and meta["settings"]["spec"]["labels"] == "uniform"
+    assert SamplingSpec(**{k: v for k, v in meta["settings"]["spec"].items() if k in ("seed", "batch_size")}) == \
+        SamplingSpec(seed=SEED, batch_size=8)
+    assert {p["device"] for p in one.placements} == {"cpu"} and 1 <= len(two.placements) <= 2
 
 
 def test_resume_after_interrupted_run_has_no_gaps_or_duplicates(ray_local, assets, tmp_path):
@@ -119,7 +126,7 @@ def _our_shard_workers():
         except (OSError, ValueError, IndexError):
             continue
         if title.startswith("ray::ShardWorker") and grandparent == me:
-            found.append((not title.startswith("ray::ShardWorker.write_shard"), int(pid)))
+            found.append((not title.startswith("ray::ShardWorker.call"), int(pid)))
     return [pid for _, pid in sorted(found)]
 
 
@@ -151,21 +158,27 @@ def test_bad_inputs_fail_before_any_work(assets, tmp_path):
         prepare(_cfg(assets, out, checkpoint=str(tmp_path / "junk.safetensors")))
     with pytest.raises(PlanError, match="plan is for 4 blocks x 16 tokens, the model has 4 blocks x 64 tokens"):
         prepare(_cfg(assets, out, checkpoint=assets["other"]))
-    with pytest.raises(ValueError, match="class 12 out of range"):
-        prepare(_cfg(assets, out, labels="3,12"))
-    with pytest.raises(ValueError, match="batch_size=0"):
+    with pytest.raises(SpecError, match="class 12 out of range"):
+        prepare(_cfg(assets, out, labels=(3, 12)))
+    with pytest.raises(SpecError, match="batch_size=0"):
         prepare(_cfg(assets, out, batch_size=0))
+    with pytest.raises(SpecError, match="scale=nan: must be a finite number"):
+        prepare(_cfg(assets, out, guidance=Guidance(float("nan"))))
+    certified = Plan.load(assets["plan"])
+    certified.spec = SamplingSpec(guidance=Guidance(2.0))
+    with pytest.raises(PlanError, match="certified for another sampling map"):
+        prepare(_cfg(assets, out, plan=certified))
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(GenerateError, match="cannot create output|is a file"):
         prepare(_cfg(assets, tmp_path / "a_file" / "out"))
     assert not out.exists()
 
     prepare(_cfg(assets, out))  # creates the output and its manifest, samples nothing
-    with pytest.raises(GenerateError, match=r"different settings \(seed=11 there vs 12 now\)"):
+    with pytest.raises(GenerateError, match=r"different settings \(spec.seed=11 there vs 12 now\)"):
         prepare(_cfg(assets, out, seed=12))
     with pytest.raises(GenerateError, match="plan_hash="):
         prepare(_cfg(assets, out, plan=None))
-    assert sh.read_manifest(str(out)).settings["seed"] == SEED
+    assert sh.read_manifest(str(out)).settings["spec"]["seed"] == SEED
     assert sorted(p.name for p in out.iterdir()) == ["_manifest.json"]
 
     foreign = tmp_path / "foreign"
@@ -178,8 +191,9 @@ def test_bad_inputs_fail_before_any_work(assets, tmp_path):
 def test_cli_generates_with_denoising_and_reports(ray_local, assets, tmp_path):
     out = tmp_path / "cli"
     args = ["generate", "--checkpoint", assets["ckpt"], "--in-channels", "1", "--plan", assets["plan"],
-            "--num-samples", "12", "--seed", str(SEED), "--labels", "3,4", "--actors", "1", "--cpus-per-actor", "0.5", "--batch-size", "8",
-            "--shard-size", "8", "--denoise", "1", "--noise-std", "0.1", "--out", str(out), "--no-progress"]
+            "--num-samples", "12", "--seed", str(SEED), "--labels", "3,4", "--actors", "1", "--num-cpus", "0.5",
+            "--batch-size", "8", "--shard-size", "8", "--denoise", "1", "--noise-std", "0.1", "--out", str(out),
+            "--no-progress"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "12 samples complete" in result.output and "images/s" in result.output

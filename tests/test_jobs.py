@@ -18,9 +18,9 @@ import yaml
 from conftest import make_tiny_model
 
 from tarflow import save_checkpoint
-from workflows.history import HistoryRow, read_history
-from workflows.nightly import NightlyConfig, Thresholds, check_regressions, record
-from workflows.runconfig import ConfigError
+from workflows.config import ConfigError, NightlyConfig, Thresholds
+from workflows.pipeline.nightly import check_regressions, record
+from workflows.storage.history import HistoryRow, read_history
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,10 +77,13 @@ def test_nightly_config_errors(tmp_path):
         NightlyConfig.load(f)
     f.write_text(yaml.safe_dump({"history": "h", "output": "o", "models": [{"config": "n.yaml"}],
                                  "thresholds": {"max_speedup_drop": 1.5}}))
-    with pytest.raises(ConfigError, match="thresholds.max_speedup_drop=1.5"):
+    with pytest.raises(ConfigError, match="thresholds.max_speedup_drop: Input should be less than 1"):
         NightlyConfig.load(f)
     f.write_text(yaml.safe_dump({"history": "h", "output": "o", "models": [{"config": "n.yaml", "hand": "x"}]}))
-    with pytest.raises(ConfigError, match=r"unknown field\(s\) models\[0\].hand"):
+    with pytest.raises(ConfigError, match=r"models\[0\].hand: unknown field; allowed here: config, hand_plans"):
+        NightlyConfig.load(f)
+    f.write_text(yaml.safe_dump({"history": "h", "output": "o", "models": []}))
+    with pytest.raises(ConfigError, match="models: List should have at least 1 item"):
         NightlyConfig.load(f)
     assert NightlyConfig.load(REPO / "jobs" / "configs" / "nightly.yaml").models
 
@@ -157,26 +160,26 @@ def test_ray_job_submit_fid_set(ray_head, tmp_path):
     out = tmp_path / "out"
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({
-        "name": "tiny-job", "output": str(out), "model": {"checkpoint": str(ckpt)},
+        "name": "tiny-job", "output": str(out), "model": {"checkpoint": str(ckpt), "in_channels": 1},
         "calibration": {"data": None, "num_images": 4},
-        "sampling": {"num_samples": 16, "batch_size": 4, "shard_size": 8},
+        "sampling": {"batch_size": 4}, "samples": {"num_samples": 16, "shard_size": 8},
         "fid": {"extractor": "mnist5k-classifier", "reference": "digits"},
         "resources": {"profile": {"num_cpus": 1}, "generate": {"actors": 1, "num_cpus": 0.5},
                       "fid": {"actors": 1, "num_cpus": 0.5}}}))
     job = subprocess.run(
         [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", address,
-         "--working-dir", str(REPO), "--", "python", "jobs/fid_set.py", "--config", str(config)],
+         "--working-dir", str(REPO), "--", "python", "jobs/fid_set.py", str(config)],
         env=env, capture_output=True, text=True, timeout=300)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout
-    result = json.loads(next(line for line in job.stdout.splitlines() if line.startswith("RESULT "))[7:])
     index = json.loads((out / "run.json").read_text())
     assert [s["name"] for s in index["stages"]] == ["profile", "plan", "generate", "fid", "report"]
-    assert result["fid"]["sample_count"] == 16 and result["fid"]["fid"] > 0
-    assert "FID: " in job.stdout
-    manifest = json.loads((Path(result["samples"]) / "_manifest.json").read_text())
+    assert index["fid"]["sample_count"] == 16 and index["fid"]["fid"] > 0
+    assert f"FID: {index['fid']['fid']:.4f}" in job.stdout
+    assert all(s["workers"] for s in index["stages"]), "every stage says where its work ran"
+    manifest = json.loads((Path(index["samples"]) / "_manifest.json").read_text())
     assert sum(s["rows"] for s in manifest["shards"]) == 16
-    shards = sorted(str(p) for p in Path(result["samples"]).glob("*.parquet"))
+    shards = sorted(str(p) for p in Path(index["samples"]).glob("*.parquet"))
     ids = pads.dataset(shards, format="parquet").to_table(columns=["sample_id"]).column(0).to_pylist()
     assert sorted(ids) == list(range(16))
     print({s["name"]: round(s["seconds"], 1) for s in index["stages"]})

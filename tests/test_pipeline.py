@@ -6,42 +6,58 @@ import pytest
 import yaml
 from conftest import make_tiny_model
 
-from tarflow import Plan, save_checkpoint
+from tarflow import Jacobi, Plan, save_checkpoint
 from workflows import pipeline
-from workflows.history import read_history
-from workflows.runconfig import ConfigError, RunConfig
-from workflows.shards import read_manifest
+from workflows.config import ConfigError, RunConfig
+from workflows.pipeline import runner as pipeline_run
+from workflows.storage.history import read_history
+from workflows.storage.shards import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ---- config validation -----------------------------------------------------------------------------------------
 
+def _from_dict(d) -> RunConfig:
+    from tarflow.schema import validate
+
+    return validate(RunConfig, d, "", ConfigError)
+
+
 @pytest.mark.parametrize("patch, message", [
-    ({"sampling": {"num_samples": 0}}, "sampling.num_samples=0: must be an integer >= 1"),
-    ({"sampling": {"labels": "all"}}, "sampling.labels='all': allowed values are uniform, none, or a list"),
-    ({"sampling": {"labels": [1, -2]}}, "sampling.labels[1]=-2: must be an integer >= 0"),
-    ({"sampling": {"guidance": {"what": "c"}}}, "sampling.guidance.what='c': allowed values are a, b, ab"),
-    ({"device": "tpu"}, "device='tpu': allowed values are cpu, cuda"),
-    ({"plan": {"tol": 0}}, "plan.tol=0: must be > 0.0"),
+    ({"samples": {"num_samples": 0}}, "samples.num_samples: Input should be greater than or equal to 1 (got 0)"),
+    ({"sampling": {"labels": "all"}}, "sampling.labels"),
+    ({"sampling": {"labels": [1, -2]}}, "sampling.labels=[1, -2]: class ids are integers >= 0 (-1: unconditional)"),
+    ({"sampling": {"guidance": {"what": "c"}}}, "sampling.guidance.what: Input should be 'a', 'b' or 'ab' (got 'c')"),
+    ({"sampling": {"guidance": {"scale": "nan"}}}, "sampling.guidance.scale: Input should be a finite number"),
+    ({"device": "tpu"}, "device: Input should be 'cpu' or 'cuda' (got 'tpu')"),
+    ({"plan": {"tol": 0}}, "plan.tol: Input should be greater than 0 (got 0)"),
     ({"plan": {"path": "p.json", "hand": "7-8-32-10"}}, "plan.path and plan.hand are both set"),
     ({"resources": {"generate": {"num_gpus": 1}}}, "num_gpus > 0 but device='cpu'"),
-    ({"resources": {"fid": {"actors": 0}}}, "resources.fid.actors=0: must be an integer >= 1"),
-    ({"resources": {"fid": {"gpus": 1}}}, "unknown field(s) resources.fid.gpus; allowed in resources.fid: actors, "
-                                          "num_cpus, num_gpus"),
-    ({"sampling": {"num_sample": 5}}, "unknown field(s) sampling.num_sample"),
-    ({"samplng": {}}, "unknown field(s) samplng; allowed in the config: output, model"),
-    ({"model": "demo"}, "model must be a mapping"),
+    ({"resources": {"fid": {"actors": 0}}}, "resources.fid.actors: Input should be greater than or equal to 1"),
+    ({"resources": {"fid": {"gpus": 1}}}, "resources.fid.gpus: unknown field; allowed here: actors, num_cpus, num_gpus"),
+    ({"samples": {"num_sample": 5}}, "samples.num_sample: unknown field; allowed here: num_samples, shard_size"),
+    ({"samplng": {}}, "samplng: unknown field; allowed here: output, name, device, model"),
+    ({"model": "demo"}, "model: Input should be a dictionary"),
+    ({"fid": {"extractor": "inception"}}, "fid.extractor: Input should be 'mnist5k-classifier', 'inception-v3-torchscript'"),
 ])
 def test_config_errors_name_field_and_allowed_values(patch, message):
     with pytest.raises(ConfigError) as e:
-        RunConfig.from_dict({"output": "runs/x", **patch})
+        _from_dict({"output": "runs/x", **patch})
     assert message in str(e.value)
 
 
+def test_numbers_written_as_yaml_strings_are_numbers(tmp_path):
+    """PyYAML reads `1e-3` (no dot) as a string; the config takes it as the number it means."""
+    f = tmp_path / "c.yaml"
+    f.write_text("output: out\nplan: {tol: 1e-3}\nsampling: {guidance: {scale: 2e0}}\n")
+    cfg = RunConfig.load(f)
+    assert cfg.plan.tol == 1e-3 and cfg.sampling.guidance.scale == 2.0
+
+
 def test_config_requires_output_and_valid_yaml(tmp_path):
-    with pytest.raises(ConfigError, match="missing required field.*output"):
-        RunConfig.from_dict({"model": {"checkpoint": "demo"}})
+    with pytest.raises(ConfigError, match="output: Field required"):
+        _from_dict({"model": {"checkpoint": "demo"}})
     bad = tmp_path / "bad.yaml"
     bad.write_text("output: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml: run config is not valid YAML"):
@@ -52,7 +68,7 @@ def test_config_requires_output_and_valid_yaml(tmp_path):
 def test_shipped_job_configs_validate(name):
     cfg = RunConfig.load(REPO / "jobs" / "configs" / f"{name}.yaml")
     assert cfg.name == name and cfg.plan.source == "auto"
-    assert cfg.to_dict() == RunConfig.from_dict(cfg.to_dict()).to_dict()
+    assert cfg == _from_dict(cfg.model_dump(mode="json"))
 
 
 # ---- stages ------------------------------------------------------------------------------------------------------
@@ -63,19 +79,19 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     model = make_tiny_model()
     ckpt = save_checkpoint(model, root / "tiny.safetensors")
-    plan = Plan.uniform(4, model.num_tokens, solver="jacobi", tol=1e-5)
+    plan = Plan.uniform(4, model.num_tokens, Jacobi(tol=1e-5))
     plan.save(root / "plan.json")
     return root, {"name": "tiny", "output": str(root / "out"), "model": {"checkpoint": str(ckpt)},
                   "plan": {"path": str(root / "plan.json")},
-                  "sampling": {"num_samples": 24, "batch_size": 8, "shard_size": 8, "seed": 3},
+                  "sampling": {"batch_size": 8, "seed": 3}, "samples": {"num_samples": 24, "shard_size": 8},
                   "fid": {"enabled": False},
                   "resources": {"generate": {"actors": 1, "num_cpus": 0.5}}}
 
 
-def _config(d, **sampling) -> RunConfig:
+def _config(d, **samples) -> RunConfig:
     d = json.loads(json.dumps(d))
-    d["sampling"].update(sampling)
-    return RunConfig.from_dict(d)
+    d["samples"].update(samples)
+    return _from_dict(d)
 
 
 def test_stages_skip_when_outputs_exist_and_resume_after_a_crash(tiny, ray_local, monkeypatch):
@@ -89,7 +105,7 @@ def test_stages_skip_when_outputs_exist_and_resume_after_a_crash(tiny, ray_local
     def crash(*args, **kwargs):
         raise MemoryError("simulated crash")
 
-    monkeypatch.setattr(pipeline, "_report", crash)
+    monkeypatch.setattr(pipeline_run, "_report", crash)
     with pytest.raises(pipeline.PipelineError, match="stage 'report' failed: MemoryError.*re-run the same command"):
         pipeline.run(_config(d))
     index = json.loads((root / "out" / "run.json").read_text())
@@ -119,5 +135,5 @@ def test_missing_checkpoint_fails_before_any_stage(tiny, tmp_path):
     _, d = tiny
     d = {**d, "model": {"checkpoint": str(tmp_path / "nope.safetensors")}, "output": str(tmp_path / "out")}
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        pipeline.run(RunConfig.from_dict(d))
+        pipeline.run(_from_dict(d))
     assert not (tmp_path / "out" / "run.json").exists()

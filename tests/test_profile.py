@@ -1,61 +1,85 @@
-"""Profile stage: Ray tasks on a real local Ray, the JSON schema, and invalid profiles."""
+"""Profiling: in process with torch alone and as the Ray stage (real local Ray), the JSON schema, invalid
+profiles, and a profile that certifies the whole sampling map (guidance with annealing and attn_temp)."""
 import json
 
 import pytest
 import torch
 from conftest import make_tiny_model
 
-from workflows.profile import Profile, ProfileError, block_pairs, calibration_batch, profile_model
+from tarflow import Guidance, ModelRef, SamplingSpec, save_checkpoint, solve_block
+from tarflow.profile import Profile, ProfileError, block_pairs, calibration_batch, profile_model
+from workflows.config import Resources
+from workflows.stages.profile import profile as profile_stage
 
 OUT_STD = 0.035  # large enough that blocks need several Jacobi passes, small enough not to overflow
+SETTINGS = dict(segment_lens=[15, 8], windows=[4], tols=[1e-3, 1e-5], repeats=1)
 
 
 @pytest.fixture(scope="module")
-def profiled(ray_local):
+def profiled():
     model = make_tiny_model(out_std=OUT_STD, num_blocks=2)
-    prof = profile_model(model, num_images=2, batch_size=2, segment_lens=[15, 8], windows=[4], tols=[1e-3, 1e-5],
-                         repeats=1, num_cpus=1, checkpoint="tiny")
+    prof = profile_model(model, SamplingSpec(batch_size=2), num_images=2, model_ref=ModelRef("tiny"), **SETTINGS)
     return model, prof
+
+
+def _iterated(r):
+    """(solver, segment length, init, cap) of a convergence run's block plan."""
+    p = r.plan
+    return p.solver, getattr(p, "segment_len", None) or getattr(p, "window", None) or 15, p.init, p.max_iters
 
 
 def test_profile_records_every_block(profiled):
     model, prof = profiled
     T = model.num_tokens
-    assert (prof.num_blocks, prof.num_tokens, prof.batch_size) == (2, T, 2)
-    assert prof.calibration == {"source": "samples", "num_images": 2, "seed": 0}
-    (case,) = prof.cases
-    assert [b.block for b in case.blocks] == [0, 1]
-    assert sum(b.crm_share for b in case.blocks) == pytest.approx(1.0)
-    for b in case.blocks:
+    assert (prof.num_blocks, prof.num_tokens, prof.spec.batch_size) == (2, T, 2)
+    assert (prof.calibration.source, prof.calibration.num_images, prof.calibration.seed) == ("samples", 2, 0)
+    assert [b.block for b in prof.blocks] == [0, 1]
+    assert sum(b.crm_share for b in prof.blocks) == pytest.approx(1.0)
+    for b in prof.blocks:
         assert set(b.igm) == {"z", "zeros"} and b.crm > 0
-        assert set(b.pass_seconds) == {"15", "8", "4"} and b.sequential_step_seconds > 0
+        assert set(b.pass_seconds) == {15, 8, 4} and b.sequential_step_seconds > 0
         assert b.sequential_error < 1e-5  # sequential re-solves the true pairs
         sequential = (T - 1) * b.sequential_step_seconds
         for solver, L in [("jacobi", 15), ("gs_jacobi", 8), ("sliding", 4)]:
             for init in ("z", "zeros"):
-                mine = [r for r in b.convergence if (r.solver, r.segment_len, r.init) == (solver, L, init)]
-                runs = [r for r in mine if r.cap is None]
+                mine = [r for r in b.convergence if _iterated(r)[:3] == (solver, L, init)]
+                runs = [r for r in mine if r.plan.max_iters is None]
                 # settings are skipped only where they are slower than sequential on this machine
                 if not runs:
-                    assert -(-(T - 1) // L) * b.pass_seconds[str(L)] >= sequential
+                    assert -(-(T - 1) // L) * b.pass_seconds[L] >= sequential
                 elif len(runs) < 2:
-                    assert runs[0].tol == 1e-3 and runs[0].passes * b.pass_seconds[str(L)] >= sequential
+                    assert runs[0].plan.tol == 1e-3 and runs[0].passes * b.pass_seconds[L] >= sequential
                 for r in runs:  # sliding counts all its passes as one segment's iterations
                     assert 1 <= r.max_iters <= (T - 1 if solver == "sliding" else L) and r.passes >= 1
-                    assert r.error < (1e-2 if r.tol == 1e-3 else 1e-3)
-                capped = [r for r in mine if r.cap is not None]
+                    assert r.error < (1e-2 if r.plan.tol == 1e-3 else 1e-3)
+                capped = [r for r in mine if r.plan.max_iters is not None]
                 if solver == "sliding" or not runs:
                     assert not capped
                     continue
                 # caps ascend from 1 until a run is as slow as sequential or as accurate as the tightest tol
-                assert [r.cap for r in capped] == [c for c in prof.caps if c < L][:len(capped)] and capped
+                assert [r.plan.max_iters for r in capped] == [c for c in prof.caps if c < L][:len(capped)] and capped
                 segments = -(-(T - 1) // L)
                 for r in capped:
-                    assert r.tol == 0 and r.max_iters == r.cap and r.passes == r.cap * segments
+                    assert r.plan.tol == 0 and r.max_iters == r.plan.max_iters
+                    assert r.passes == r.plan.max_iters * segments
                 last = capped[-1]
-                assert (last.passes * b.pass_seconds[str(L)] >= sequential or last.error <= min(prof.tols)
-                        or last.cap == max(c for c in prof.caps if c < L))
+                assert (last.passes * b.pass_seconds[L] >= sequential or last.error <= min(prof.tols)
+                        or last.plan.max_iters == max(c for c in prof.caps if c < L))
                 assert capped[0].error > last.error  # more iterations, closer to the true solution
+
+
+def test_ray_stage_profiles_the_same_blocks_in_tasks(ray_local, tmp_path):
+    """The stage runs the same torch code in Ray tasks: same calibration, pairs, CRM and IGM; it says where."""
+    model = make_tiny_model(out_std=OUT_STD, num_blocks=2)
+    ref = ModelRef(str(save_checkpoint(model, tmp_path / "m.safetensors")))
+    spec = SamplingSpec(batch_size=2, guidance=Guidance(1.5, annealed=True, attn_temp=0.5))
+    local = profile_model(model, spec, num_images=2, model_ref=ref, **SETTINGS)
+    staged, workers = profile_stage(model, ref, spec, None, 2, Resources(num_cpus=1), **SETTINGS)
+    assert staged.model == ref and staged.spec == spec and staged.calibration == local.calibration
+    for a, b in zip(local.blocks, staged.blocks):
+        assert a.crm == pytest.approx(b.crm, rel=1e-6) and a.igm == pytest.approx(b.igm, rel=1e-5)
+        assert a.sequential_error == pytest.approx(b.sequential_error, abs=1e-6)
+    assert len(workers) == 3 and all(w["node_id"] and w["device"] == "cpu" for w in workers)  # calibration + 2 blocks
 
 
 def test_profile_json_round_trip(profiled, tmp_path):
@@ -63,24 +87,29 @@ def test_profile_json_round_trip(profiled, tmp_path):
     path = prof.save(tmp_path / "profile.json")
     again = Profile.load(path)
     assert again == prof
-    assert json.loads(path.read_text())["cases"][0]["blocks"][0]["igm"].keys() == {"z", "zeros"}
+    assert json.loads(path.read_text())["blocks"][0]["igm"].keys() == {"z", "zeros"}
+
+
+def _sliding(d):
+    return next(r for r in d["blocks"][0]["convergence"] if r["plan"]["solver"] == "sliding")
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d.update(version=9), "profile.version=9"),
-    (lambda d: d.pop("model_hash"), r"lacks required field\(s\) \['model_hash'\]"),
-    (lambda d: d.update(colour="red"), r"unknown field\(s\) \['colour'\]"),
-    (lambda d: d.update(batch_size=0), "profile.batch_size=0"),
-    (lambda d: d["cases"][0]["blocks"].pop(), "has 1 blocks, profile.num_blocks=2"),
-    (lambda d: d["cases"][0]["blocks"][1].update(block=0), r"blocks\[1\].block=0"),
-    (lambda d: d["cases"][0]["blocks"][0]["igm"].pop("zeros"), r"igm has keys \['z'\]"),
-    (lambda d: d["cases"][0]["blocks"][0]["convergence"][0].update(solver="newton"), "solver='newton': allowed"),
-    (lambda d: d["cases"][0]["blocks"][0]["convergence"][0].update(error=float("nan")), "error=nan"),
-    (lambda d: d["cases"][0]["blocks"][0]["pass_seconds"].update({"99": 1.0}), "key '99'"),
-    (lambda d: d.update(caps=[2, 0]), r"profile.caps=\[2, 0\]"),
-    (lambda d: d["cases"][0]["blocks"][0]["convergence"][0].update(cap=2.5), "cap=2.5: must be a positive integer"),
-    (lambda d: next(r for r in d["cases"][0]["blocks"][0]["convergence"] if r["solver"] == "sliding").update(cap=3),
-     "sliding solver takes no iteration cap"),
+    (lambda d: d.update(version=9), "profile.version=9: this build reads version 2"),
+    (lambda d: d.pop("model_hash"), r"profile.model_hash: Field required"),
+    (lambda d: d.update(colour="red"), r"profile.colour: unknown field; allowed here: model_hash, model"),
+    (lambda d: d["spec"].update(batch_size=0), "profile.spec.batch_size=0: must be an integer >= 1"),
+    (lambda d: d["blocks"].pop(), "profile.blocks has 1 entries, num_blocks=2"),
+    (lambda d: d["blocks"][1].update(block=0), r"profile.blocks\[1\].block=0"),
+    (lambda d: d["blocks"][0]["igm"].pop("zeros"), r"profile.blocks\[0\].igm has keys \['z'\]"),
+    (lambda d: d["blocks"][0]["convergence"][0]["plan"].update(solver="newton"),
+     r"profile.blocks\[0\].convergence\[0\].plan.solver: Input tag 'newton'"),
+    (lambda d: d["blocks"][0]["convergence"][0].update(error="nan"),
+     r"profile.blocks\[0\].convergence\[0\].error: Input should be a finite number"),
+    (lambda d: d["blocks"][0]["pass_seconds"].update({"99": 1.0}), "pass_seconds has segment length 99"),
+    (lambda d: d.update(caps=[2, "x"]), r"profile.caps\[1\]: Input should be a valid integer"),
+    (lambda d: _sliding(d)["plan"].update(max_iters=3), r"plan.max_iters: unknown field; allowed here: solver, "
+                                                         r"window, tol, init"),
 ])
 def test_invalid_profiles_are_rejected(profiled, edit, message):
     _, prof = profiled
@@ -95,6 +124,9 @@ def test_not_json_and_missing_file(tmp_path):
         Profile.from_json("{")
     with pytest.raises(FileNotFoundError, match="profile not found"):
         Profile.load(tmp_path / "none.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ProfileError, match="list.json: profile: Input should be a dictionary"):
+        Profile.load(tmp_path / "list.json")
 
 
 def test_data_calibration_uses_encode_pairs():
@@ -107,9 +139,18 @@ def test_data_calibration_uses_encode_pairs():
         torch.nn.init.normal_(block.proj_out.weight, std=0.02)
     calib = calibration_batch(model, "digits", 3, seed=1)
     assert calib.images.shape == (3, 1, 8, 8) and calib.labels.shape == (3,)
-    pairs = block_pairs(model, calib, 0.0)
+    pairs = block_pairs(model, calib, SamplingSpec())
     assert torch.equal(pairs[0][1], model.patchify(calib.images))
     assert torch.allclose(pairs[1][0] / model.var.sqrt(), calib.noise)
-    from workflows.profile import exact_solve
-    from tarflow.solvers import Guidance
-    assert torch.allclose(exact_solve(model.blocks[0], pairs[0][0], calib.labels, Guidance()), pairs[0][1], atol=1e-5)
+    assert torch.allclose(solve_block(model.blocks[0], pairs[0][0], calib.labels).x, pairs[0][1], atol=1e-5)
+
+
+def test_guided_pairs_follow_the_whole_guidance_spec():
+    """Under guidance the true pairs come from sequential sampling with all of the spec's guidance:
+    annealing and attn_temp change them, so a profile certifies the map generation samples."""
+    model = make_tiny_model(out_std=OUT_STD, num_blocks=2)
+    calib = calibration_batch(model, None, 2, seed=0)
+    plain, annealed, tempered = (block_pairs(model, calib, SamplingSpec(guidance=g)) for g in
+                                 (Guidance(2.0), Guidance(2.0, annealed=True), Guidance(2.0, attn_temp=0.5)))
+    for other in (annealed, tempered):
+        assert (other[0][1] - plain[0][1]).abs().max() > 1e-3

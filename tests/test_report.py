@@ -7,21 +7,26 @@ import numpy as np
 import pytest
 from conftest import make_tiny_model
 
-from tarflow import Plan
-from workflows.compare import compare_plans
-from workflows.report import SECTIONS, HistoryPoint, ReportData, grid_png, render_html, write_report
+from tarflow import GSJacobi, Jacobi, Plan, SamplingSpec
+from workflows.report import SECTIONS, ReportData, grid_png, render_html, write_report
+from workflows.stages.compare import compare_plans
+from workflows.storage.history import HistoryRow
+
+
+def _history_row(day: int, speedup: float, fid: float) -> HistoryRow:
+    return HistoryRow(f"2026-11-{day:02d}T03:00:00+00:00", "tiny", "h", "auto", "p", "cpu", 4, 1.0, 1 / speedup,
+                      speedup, 60, 30, 1e-5, 4.0, fid, "mnist5k-classifier", 100)
 
 
 @pytest.fixture(scope="module")
 def data():
     model = make_tiny_model()
     T = model.num_tokens
-    plans = {"auto": Plan.uniform(4, T, solver="gs_jacobi", segment_len=8, tol=1e-5),
-             "jacobi": Plan.uniform(4, T, solver="jacobi", tol=1e-5)}
+    plans = {"auto": Plan.uniform(4, T, GSJacobi(segment_len=8, tol=1e-5)),
+             "jacobi": Plan.uniform(4, T, Jacobi(tol=1e-5))}
     metrics = [{"crm_share": s, "igm_z": 1.0 + i, "igm_zeros": 10.0 - i} for i, s in enumerate([0.1, 0.2, 0.3, 0.4])]
-    result = compare_plans(model, plans, num_images=4, name="tiny", block_metrics=metrics)
-    history = [HistoryPoint(f"2026-11-{d:02d}T03:00:00+00:00", "tiny", "auto", 2.0 + 0.1 * d, 1e-5, 5.0 - 0.1 * d, 4.0)
-               for d in range(1, 4)]
+    result = compare_plans(model, plans, SamplingSpec(batch_size=4), name="tiny", block_metrics=metrics)
+    history = [_history_row(d, 2.0 + 0.1 * d, 5.0 - 0.1 * d) for d in range(1, 4)]
     return ReportData("tiny nightly", [result], history, ["config: test"])
 
 
@@ -71,7 +76,7 @@ def test_report_cli_combines_run_data_and_history(data, tmp_path):
     from click.testing import CliRunner
 
     from workflows.cli import main
-    from workflows.history import HistoryRow, append_history
+    from workflows.storage.history import append_history
 
     (tmp_path / "a.json").write_text(data.to_json())
     history = str(tmp_path / "history.parquet")

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import make_tiny_model
-from tarflow import Plan, demo_checkpoint, load_checkpoint, save_checkpoint
+from tarflow import GSJacobi, Plan, demo_checkpoint, load_checkpoint, save_checkpoint
 from workflows.cli import main
 
 
@@ -38,7 +38,7 @@ def test_sample_writes_a_deterministic_grid(tmp_path, tiny_checkpoint):
 
 
 def test_sample_with_plan_and_guidance(tmp_path, tiny_checkpoint):
-    plan = Plan.uniform(4, 16, solver="gs_jacobi", segment_len=5)
+    plan = Plan.uniform(4, 16, GSJacobi(segment_len=5))
     plan.save(tmp_path / "plan.json")
     result = run("--checkpoint", tiny_checkpoint, "--num-samples", 4, "--plan", tmp_path / "plan.json",
                  "--guidance", 1.5, "--attn-temp", 0.8, "--annealed", "--out", tmp_path / "g.png")
@@ -48,7 +48,7 @@ def test_sample_with_plan_and_guidance(tmp_path, tiny_checkpoint):
 
 def test_sample_reports_bad_input(tmp_path, tiny_checkpoint):
     bad_label = run("--checkpoint", tiny_checkpoint, "--labels", "12", "--out", tmp_path / "x.png")
-    assert bad_label.exit_code != 0 and "label 12 out of range" in bad_label.output
+    assert bad_label.exit_code != 0 and "class 12 out of range" in bad_label.output
     missing = run("--checkpoint", tmp_path / "none.safetensors", "--out", tmp_path / "x.png")
     assert missing.exit_code != 0 and "not found" in missing.output
     wrong_plan = tmp_path / "plan.json"

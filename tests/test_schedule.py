@@ -6,31 +6,32 @@ import torch
 from click.testing import CliRunner
 from conftest import make_tiny_model
 
-from tarflow import Plan, PlanError, sample, save_checkpoint
+from tarflow import ModelRef, Plan, PlanError, SamplingSpec, Sliding, sample, save_checkpoint
 from tarflow.noise import sample_noise
+from tarflow.plan import segments
+from tarflow.profile import Profile, ProfileError, profile_model
+from tarflow.schedule import block_options, candidates, hand_plan, schedule
 from workflows.cli import main
-from workflows.profile import Profile, ProfileError, profile_model
-from workflows.schedule import block_options, candidates, hand_plan, schedule
 
 TOL = 1e-3
 
 
 @pytest.fixture(scope="module")
-def tiny(ray_local):
+def tiny():
     # 64 tokens at batch 1: long enough that parallel passes clearly beat sequential steps here
     model = make_tiny_model(out_std=0.035, num_blocks=2, img_size=16)
-    prof = profile_model(model, num_images=2, batch_size=1, segment_lens=[63, 16], windows=[16],
-                         tols=[1e-2, 1e-4, 1e-6], repeats=1, num_cpus=1)
+    prof = profile_model(model, SamplingSpec(batch_size=1), num_images=2, segment_lens=[63, 16], windows=[16],
+                         tols=[1e-2, 1e-4, 1e-6], repeats=1)
     return model, prof
 
 
 def test_auto_plan_meets_the_tolerance_on_held_out_noise(tiny, monkeypatch):
-    import workflows.schedule as scheduler
+    import tarflow.schedule as scheduler
 
     model, prof = tiny
     monkeypatch.setattr(scheduler, "MIN_GAIN", -1e9)  # about errors, not clocks: the final race may not veto
     plan = schedule(prof, model, tol=TOL)
-    assert plan.name == "auto" and plan.model_hash == prof.model_hash
+    assert plan.name == "auto" and plan.model_hash == prof.model_hash and plan.tol == TOL and plan.spec == prof.spec
     assert any(b.solver != "sequential" for b in plan.blocks) and plan.evidence["fallback"] is None
     ev = plan.evidence
     assert ev["predicted_seconds"]["plan"] <= ev["predicted_seconds"]["sequential"]
@@ -53,7 +54,7 @@ def test_auto_plan_meets_the_tolerance_on_held_out_noise(tiny, monkeypatch):
 
 def test_candidates_are_faster_than_sequential_and_trade_time_for_error(tiny):
     _, prof = tiny
-    for b in prof.cases[0].blocks:
+    for b in prof.blocks:
         seq = (prof.num_tokens - 1) * b.sequential_step_seconds
         cands = candidates(b, prof.num_tokens)
         assert cands, "the tiny model's blocks converge in a few passes: something must beat sequential"
@@ -69,8 +70,8 @@ def test_candidates_are_faster_than_sequential_and_trade_time_for_error(tiny):
 def test_a_tolerance_nothing_parallel_meets_gives_sequential(tiny):
     model, prof = tiny
     loose = Profile.from_json(prof.to_json())
-    for b in loose.cases[0].blocks:  # keep only settings that stop far from exact
-        b.convergence = [r for r in b.convergence if (r.cap or 99) <= 2 or r.tol >= 1e-2]
+    for b in loose.blocks:  # keep only settings that stop far from exact
+        b.convergence = [r for r in b.convergence if (r.plan.max_iters or 99) <= 2 or r.plan.tol >= 1e-2]
     plan = schedule(loose, model, tol=1e-6)
     assert [b.solver for b in plan.blocks] == ["sequential", "sequential"]
     rounds = plan.evidence["rounds"]
@@ -82,14 +83,14 @@ def test_hardware_aware_sequential_where_passes_cost_too_much(tiny):
     """With parallel passes made expensive, every block stays sequential."""
     model, prof = tiny
     slow = Profile.from_json(prof.to_json())
-    for b in slow.cases[0].blocks:
+    for b in slow.blocks:
         b.pass_seconds = {k: 1e3 for k in b.pass_seconds}
     plan = schedule(slow, model, tol=TOL)
     assert [b.solver for b in plan.blocks] == ["sequential", "sequential"]
 
 
 def test_a_plan_that_does_not_time_faster_falls_back_to_sequential(tiny, monkeypatch):
-    import workflows.schedule as scheduler
+    import tarflow.schedule as scheduler
 
     model, prof = tiny
     monkeypatch.setattr(scheduler, "MIN_GAIN", 0.999)  # demand a 1000x speedup: no plan times that fast
@@ -130,7 +131,7 @@ def test_paper_notation_meaning():
     assert seq.blocks[0].solver == "sequential"
     # T not divisible by GS: still GS segments, tiling tokens 1..T-1
     odd = Plan.from_paper_notation("3-8-32-10", 4, 196)
-    assert len(odd.blocks[3].segments(196)) == 8
+    assert len(segments(odd.blocks[3], 196)) == 8
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -155,10 +156,13 @@ def test_invalid_lists_are_rejected():
 
 
 def test_sliding_plans_are_validated():
-    with pytest.raises(PlanError, match="sliding needs an integer"):
-        Plan.uniform(2, 16, solver="sliding")
-    with pytest.raises(PlanError, match="sliding solver takes no iteration cap"):
-        Plan.uniform(2, 16, solver="sliding", segment_len=4, max_iters=3)
+    with pytest.raises(PlanError, match="sliding needs an integer in"):
+        Plan.uniform(2, 16, Sliding(window=16))
+    base = Plan.uniform(2, 16, Sliding(window=4)).to_dict()
+    with pytest.raises(PlanError, match=r"plan.blocks\[0\].window: Field required"):
+        Plan.from_dict({**base, "blocks": [{"solver": "sliding"}, base["blocks"][1]]})
+    with pytest.raises(PlanError, match=r"plan.blocks\[1\].max_iters: unknown field"):
+        Plan.from_dict({**base, "blocks": [base["blocks"][0], {**base["blocks"][1], "max_iters": 3}]})
 
 
 @pytest.mark.parametrize("window, tol", [(1, 0.0), (15, 0.0), (4, 1e-3)])
@@ -166,22 +170,25 @@ def test_sliding_window_matches_sequential(window, tol):
     model = make_tiny_model(out_std=0.035, num_blocks=2)
     noise = sample_noise(7, range(3), model.num_tokens, model.token_dim)
     ref = sample(model, noise, [1, 2, 3]).images
-    plan = Plan.uniform(2, model.num_tokens, solver="sliding", segment_len=window, tol=tol)
+    plan = Plan.uniform(2, model.num_tokens, Sliding(window=window, tol=tol))
     out = sample(model, noise, [1, 2, 3], plan=plan)
     assert (out.images - ref).abs().max().item() <= (1e-5 if tol == 0 else 1e-2)
     if tol > 0:
         assert out.stats.passes < 2 * (model.num_tokens - 1)  # it skips converged tokens
 
 
-def test_cli_profile_and_plan(tiny, tmp_path):
+def test_cli_profile_and_plan(tiny, tmp_path, ray_local):
     model, prof = tiny
     ckpt = save_checkpoint(model, tmp_path / "m.safetensors")
-    prof.checkpoint = str(ckpt)
+    prof.model = ModelRef(str(ckpt), in_channels=1)  # the profile says how to reload its model
     prof.save(tmp_path / "profile.json")
     runner = CliRunner()
-    r = runner.invoke(main, ["plan", "--profile", str(tmp_path / "profile.json"), "--out", str(tmp_path / "p.json")])
+    r = runner.invoke(main, ["plan", "--profile", str(tmp_path / "profile.json"), "--num-cpus", "1",
+                             "--out", str(tmp_path / "p.json")])
     assert r.exit_code == 0, r.output
-    assert Plan.load(tmp_path / "p.json").name == "auto"
+    assert "verified on cpu" in r.output
+    auto = Plan.load(tmp_path / "p.json")
+    assert auto.name == "auto" and auto.evidence["placement"]["node_id"]
     r = runner.invoke(main, ["plan", "--hand", "1-2-8-4", "--checkpoint", str(ckpt), "--out", str(tmp_path / "h.json")])
     assert r.exit_code == 0, r.output
     hand = Plan.load(tmp_path / "h.json")
@@ -195,4 +202,4 @@ def test_cli_profile_and_plan(tiny, tmp_path):
     assert r.exit_code != 0 and "Stack names blocks [5]" in r.output
     r = runner.invoke(main, ["plan", "--out", str(tmp_path / "x.json")])
     assert r.exit_code != 0 and "exactly one of --profile, --hand, --paper-lists" in r.output
-    assert json.loads((tmp_path / "p.json").read_text())["evidence"]["tol"] == 1e-3
+    assert json.loads((tmp_path / "p.json").read_text())["tol"] == 1e-3

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from workflows import shards as sh
+from workflows.storage import files, shards as sh
 
 
 def _write_set(uri, num_samples=10, shard_size=4, seed=7):
@@ -94,11 +94,11 @@ def test_corrupt_missing_and_incomplete_shards_raise_clear_errors(tmp_path):
 
 
 def test_atomic_write_replaces_whole_file_and_cleans_temporaries(tmp_path):
-    fs, base = sh.resolve(str(tmp_path))
+    fs, base = files.resolve(str(tmp_path))
     target = f"{base}/f.bin"
-    sh.write_atomic(fs, target, b"first")
-    sh.write_atomic(fs, target, b"second")
+    files.write_atomic(fs, target, b"first")
+    files.write_atomic(fs, target, b"second")
     assert (tmp_path / "f.bin").read_bytes() == b"second"
     (tmp_path / ".shard-00003.parquet.tmp-deadbeef").write_bytes(b"half a shard")
-    assert sh.remove_temporaries(fs, base) == 1
+    assert files.remove_temporaries(fs, base) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]

@@ -1,0 +1,354 @@
+"""Profiling: how each block of a model converges and what each solver costs, on this device.
+
+For each block, on its true (z, x) pairs from a calibration batch: the paper's CRM and IGM,
+the passes every candidate solver needs to reach each stopping tolerance and the error each
+fixed iteration cap leaves (both against the true solution), and the measured seconds per
+sequential step and per parallel pass at the spec's batch size. The scheduler
+(`tarflow.schedule`) turns a profile into a plan. `profile_model` runs it all in this process
+with torch alone; the Ray stage (`workflows.stages.profile`) runs the same parts, `calibrate`
+in one task and `profile_block` in one task per block, then `assemble`.
+
+Calibration: training images pushed through `encode` give every block's true input and output
+(the paper's recipe); without data, the model's own sequential samples from seeded noise do.
+Under guidance the sampling map differs from the encoder, so the true pairs then come from
+sequential sampling of the same noise under the spec's guidance (all of it: annealing,
+attention temperature, what is guided).
+"""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+
+from .checkpoint import ModelRef, model_hash
+from .data import load_dataset
+from .metrics import CRM, crm, crm_shares, igm
+from .model import Model
+from .noise import sample_noise
+from .plan import INIT_NAMES, BlockPlan, GSJacobi, Jacobi, Sequential, Sliding
+from .schema import STRICT_FIELDS, SchemaError, load, loads, save, to_json, validate
+from .solvers import solve_block
+from .spec import SamplingSpec
+
+PROFILE_VERSION = 2
+# stopping tolerances and iteration caps tried per setting: a fine ladder, because the scheduler
+# can only spend the error budget in the steps the profile measured
+DEFAULT_TOLS = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)
+DEFAULT_CAPS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 384, 512)
+DEFAULT_WINDOWS = (32, 64)
+NO_DATA = "samples"  # calibration source when no data is given: the model's own sequential samples
+PASSES_TIMED = 3
+
+
+class ProfileError(SchemaError):
+    """An invalid profile, or a profile that does not fit the model it is used with."""
+
+
+@dataclass
+class ConvergenceRun:
+    """One block plan run on the calibration rows in chunks of the batch size: per chunk, its
+    network passes (mean), the most Jacobi iterations a segment took, the error against the
+    true solution (max over all rows) and the wall seconds (mean)."""
+
+    plan: BlockPlan
+    passes: float
+    max_iters: int
+    error: float
+    seconds: float
+
+    __pydantic_config__ = STRICT_FIELDS
+
+
+@dataclass
+class BlockProfile:
+    block: int  # forward index: model.blocks[block]
+    crm: float
+    crm_share: float
+    crm_terms: CRM
+    igm: dict[Literal["z", "zeros"], float]
+    sequential_step_seconds: float
+    sequential_error: float  # exact sampling vs the true solution: the floating-point floor
+    pass_seconds: dict[int, float]  # segment length -> seconds per parallel pass over that many tokens
+    convergence: list[ConvergenceRun]
+
+    __pydantic_config__ = STRICT_FIELDS
+
+    def __post_init__(self):
+        if set(self.igm) != set(INIT_NAMES):
+            raise ProfileError(f"igm has keys {sorted(self.igm)}; expected {list(INIT_NAMES)}")
+
+
+@dataclass
+class CalibrationSource:
+    source: str  # a dataset name or folder, or "samples" (the model's own sequential samples)
+    num_images: int
+    seed: int
+
+    __pydantic_config__ = STRICT_FIELDS
+
+
+@dataclass
+class Profile:
+    model_hash: str
+    model: ModelRef | None  # what reloads the model (None: a model built in code)
+    num_blocks: int
+    num_tokens: int
+    token_dim: int
+    spec: SamplingSpec  # the sampling map profiled, at spec.batch_size
+    calibration: CalibrationSource
+    device: str
+    threads: int
+    torch_version: str
+    tols: list[float]
+    caps: list[int]
+    blocks: list[BlockProfile]  # by forward index
+    seconds: float = 0.0
+    version: int = PROFILE_VERSION
+
+    __pydantic_config__ = STRICT_FIELDS
+
+    def __post_init__(self):
+        if self.version != PROFILE_VERSION:
+            raise ProfileError(f"version={self.version!r}: this build reads version {PROFILE_VERSION} (re-run "
+                               "`tarflow-gs profile` to make one)")
+        if len(self.blocks) != self.num_blocks:
+            raise ProfileError(f"blocks has {len(self.blocks)} entries, num_blocks={self.num_blocks}")
+        for j, b in enumerate(self.blocks):
+            if b.block != j:
+                raise ProfileError(f"blocks[{j}].block={b.block}: blocks must be listed in forward order")
+            bad = [L for L in b.pass_seconds if not 1 <= L <= self.num_tokens - 1]
+            if bad:
+                raise ProfileError(f"blocks[{j}].pass_seconds has segment length {bad[0]}: must be in "
+                                   f"1..{self.num_tokens - 1}")
+            for k, r in enumerate(b.convergence):
+                if isinstance(r.plan, Sequential) or r.plan.segment_length(self.num_tokens) not in b.pass_seconds:
+                    raise ProfileError(f"blocks[{j}].convergence[{k}] has {r.plan.short()}: each must be a parallel "
+                                       "plan whose segment length has a measured cost in pass_seconds")
+
+    def check_model(self, model: Model) -> None:
+        if model_hash(model) != self.model_hash:
+            raise ProfileError(f"the profile was made for model {self.model_hash}, this model is {model_hash(model)}")
+
+    def to_json(self) -> str:
+        return to_json(self)
+
+    def save(self, path):
+        return save(self, path)
+
+    @classmethod
+    def from_dict(cls, d) -> "Profile":
+        return validate(cls, d, "profile", ProfileError)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Profile":
+        return loads(cls, text, "profile", ProfileError)
+
+    @classmethod
+    def load(cls, path) -> "Profile":
+        return load(cls, path, "profile", ProfileError)
+
+
+# ---- calibration ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Calibration:
+    """Noise (B, T, D) in the sampler's input convention (unit Gaussian scale), labels or None,
+    and, for data, the images it encodes."""
+
+    noise: torch.Tensor
+    labels: torch.Tensor | None
+    images: torch.Tensor | None
+    source: CalibrationSource
+
+
+@torch.inference_mode()
+def calibration_batch(model: Model, data: str | None, num_images: int, seed: int = 0,
+                      conditional: bool = True) -> Calibration:
+    """The calibration noise (on the CPU): encoded training images, or seeded Gaussian noise (no
+    data). `conditional=False` (a spec that samples unconditionally) gives no labels."""
+    T, D = model.num_tokens, model.token_dim
+    g = torch.Generator().manual_seed(seed)
+    num_classes = model.config.num_classes if conditional else 0
+    if data in (None, NO_DATA):
+        labels = torch.randint(num_classes, (num_images,), generator=g) if num_classes else None
+        return Calibration(sample_noise(seed, range(num_images), T, D), labels, None,
+                           CalibrationSource(NO_DATA, num_images, seed))
+    ds = load_dataset(data, image_size=model.config.img_size, channels=model.config.in_channels, split="train")
+    if len(ds.images) < num_images:
+        raise ProfileError(f"calibration wants {num_images} images but {data!r} has {len(ds.images)} (train split)")
+    rows = torch.randperm(len(ds.images), generator=g)[:num_images]
+    images = ds.images[rows]
+    labels = ds.labels[rows] if num_classes else None
+    device = model.var.device
+    z, _ = model.encode(images.to(device), None if labels is None else labels.to(device))
+    return Calibration((z / model.var.sqrt()).cpu(), labels, images, CalibrationSource(str(data), num_images, seed))
+
+
+@torch.inference_mode()
+def block_pairs(model: Model, calib: Calibration, spec: SamplingSpec) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per forward block i, its true (z_i, x_i) under the spec: the block maps x_i to z_i."""
+    pairs: list = [None] * len(model.blocks)
+    if calib.images is not None and not spec.guidance.active:
+        x = model.patchify(calib.images)
+        for i, block in enumerate(model.blocks):
+            z, _ = block(x, calib.labels)
+            pairs[i] = (z, x)
+            x = z
+        return pairs
+    z = calib.noise * model.var.sqrt()
+    with spec.autocast_context(z.device.type):
+        for i in reversed(range(len(model.blocks))):
+            x = solve_block(model.blocks[i], z, calib.labels, Sequential(), spec.guidance).x
+            if not bool(torch.isfinite(x).all()):
+                raise ProfileError(f"sequential sampling overflows in block {i} on the calibration noise "
+                                   f"({spec.summary()}): the model cannot be profiled with these settings")
+            pairs[i] = (z, x)
+            z = x
+    return pairs
+
+
+# ---- one block -----------------------------------------------------------------------------------------------
+
+def default_segment_lens(num_tokens: int) -> list[int]:
+    """Plain Jacobi (T-1) and 4 and 8 equal segments, as the paper's GS counts."""
+    lens = [-(-(num_tokens - 1) // k) for k in (1, 4, 8)]
+    return sorted({n for n in lens if n >= 2}, reverse=True)
+
+
+def _iterated(T: int, L: int, init: str, tol: float, cap: int | None = None):
+    return Jacobi(tol=tol, max_iters=cap, init=init) if L == T - 1 else \
+        GSJacobi(segment_len=L, tol=tol, max_iters=cap, init=init)
+
+
+def candidate_plans(num_tokens: int, segment_lens, windows) -> list[tuple[int, Callable]]:
+    """(segment length, make(init, tol, cap)) of every setting the profile tries."""
+    out = [(L, lambda init, tol, cap=None, L=L: _iterated(num_tokens, L, init, tol, cap)) for L in segment_lens]
+    return out + [(W, lambda init, tol, cap=None, W=W: Sliding(window=W, tol=tol, init=init))
+                  for W in windows if 2 <= W < num_tokens - 1]
+
+
+@torch.inference_mode()
+def profile_block(block, index: int, z: torch.Tensor, x: torch.Tensor, labels, spec: SamplingSpec, segment_lens,
+                  windows, tols, caps=DEFAULT_CAPS, repeats: int = 3) -> BlockProfile:
+    """Everything the scheduler needs about one block (`crm_share` is filled in by `profile_model`).
+
+    Settings that are predictably slower than sequential on this device are not run (or not run
+    at tighter tolerances): the scheduler could never choose them. z, x (N, T, D) are the block's
+    true pairs on the calibration rows; solves run in chunks of the spec's batch size, so passes
+    and seconds are what a batch of that size costs."""
+    g, B, T = spec.guidance, spec.batch_size, z.shape[1]
+    chunks = [slice(s, s + B) for s in range(0, z.shape[0], B)]
+
+    def lab(c):
+        return None if labels is None else labels[c]
+
+    def solve(c, bp):
+        with spec.autocast_context(z.device.type):
+            return solve_block(block, z[c], lab(c), bp, g)
+
+    def timed(bp) -> float:
+        """Best-of-`repeats` seconds per pass (network call) of `bp` on the first chunk."""
+        passes = solve(chunks[0], bp).stats.passes  # also the warm-up: allocator, kernels
+        return min(solve(chunks[0], bp).stats.seconds for _ in range(repeats)) / passes
+
+    seq_seconds = timed(Sequential())
+    seq_error = max((solve(c, Sequential()).x - x[c]).abs().max().item() for c in chunks)
+    options = candidate_plans(T, segment_lens, windows)
+    # a few passes per segment (tol 0 runs them all) average out timer and scheduler noise
+    pass_seconds = {L: timed(_iterated(T, L, "z", 0.0, PASSES_TIMED)) for L in sorted({L for L, _ in options})}
+    runs: list[ConvergenceRun] = []
+    sequential_block = (T - 1) * seq_seconds
+
+    def measure(bp) -> ConvergenceRun:
+        solved = [solve(c, bp) for c in chunks]
+        run = ConvergenceRun(bp, sum(s.stats.passes for s in solved) / len(solved),
+                             max(max(s.stats.iterations) for s in solved),
+                             max((s.x - x[c]).abs().max().item() for s, c in zip(solved, chunks)),
+                             sum(s.stats.seconds for s in solved) / len(solved))
+        runs.append(run)
+        return run
+
+    for L, make in options:
+        pass_cost = pass_seconds[L]
+        if -(-(T - 1) // L) * pass_cost >= sequential_block:
+            continue  # even one pass per segment is slower than sequential here: never chosen
+        for init in INIT_NAMES:
+            for tol in sorted(tols, reverse=True):  # loosest first: tighter ones only take longer
+                if measure(make(init, tol)).passes * pass_cost >= sequential_block:
+                    break
+            if isinstance(make(init, 0.0), Sliding):
+                continue
+            # fixed iteration counts: no pass is spent detecting convergence; caps >= L are exact
+            # Jacobi, which the tightest tolerance already covers for fewer passes
+            for cap in sorted(c for c in caps if c < L):
+                r = measure(make(init, 0.0, cap))
+                if r.passes * pass_cost >= sequential_block or r.error <= min(tols, default=0.0):
+                    break
+    c = crm(block, x, labels)
+    return BlockProfile(index, c.value, 0.0, c, {init: igm(block, z, x, init, labels, g) for init in INIT_NAMES},
+                        seq_seconds, seq_error, pass_seconds, runs)
+
+
+# ---- the model -----------------------------------------------------------------------------------------------
+
+def device_name(device: torch.device, threads: int) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, {threads} threads)"
+
+
+@torch.inference_mode()
+def calibrate(model: Model, spec: SamplingSpec, data: str | None, num_images: int, device="cpu"):
+    """(calibration source, labels, [(z_i, x_i) per forward block]) on the CPU: the calibration rows
+    (rounded up to whole batches of the spec's batch size) and every block's true pairs under the
+    spec, computed on `device`."""
+    B = spec.batch_size
+    if num_images < 1:
+        raise ProfileError(f"num_images={num_images}: must be >= 1")
+    num_images = -(-num_images // B) * B
+    model = model.eval().to(device)
+    calib = calibration_batch(model, data, num_images, spec.seed, conditional=spec.labels != "none")
+    on_device = Calibration(calib.noise.to(device), None if calib.labels is None else calib.labels.to(device),
+                            None if calib.images is None else calib.images.to(device), calib.source)
+    pairs = [(z.cpu(), x.cpu()) for z, x in block_pairs(model, on_device, spec)]
+    return calib.source, calib.labels, pairs
+
+
+def assemble(model: Model, spec: SamplingSpec, source: CalibrationSource, blocks: list[BlockProfile], device: str,
+             threads: int, tols, caps, seconds: float, model_ref: ModelRef | None = None) -> Profile:
+    """The profile from its per-block parts (CRM shares are relative to all blocks)."""
+    for b, share in zip(blocks, crm_shares([b.crm for b in blocks])):
+        b.crm_share = share
+    return Profile(model_hash(model), model_ref, len(model.blocks), model.num_tokens, model.token_dim, spec, source,
+                   device, threads, torch.__version__, [float(t) for t in tols], [int(c) for c in caps], blocks,
+                   seconds)
+
+
+def check_segment_lens(num_tokens: int, segment_lens) -> list[int]:
+    segment_lens = sorted(set(segment_lens or default_segment_lens(num_tokens)), reverse=True)
+    bad = [L for L in segment_lens if not 2 <= L <= num_tokens - 1]
+    if bad:
+        raise ProfileError(f"segment_lens {bad}: each must be in 2..{num_tokens - 1} (T-1 is plain Jacobi)")
+    return segment_lens
+
+
+def profile_model(model: Model, spec: SamplingSpec = SamplingSpec(), data: str | None = None, num_images: int = 8,
+                  device: str = "cpu", segment_lens: list[int] | None = None, windows=DEFAULT_WINDOWS,
+                  tols=DEFAULT_TOLS, caps=DEFAULT_CAPS, repeats: int = 3, model_ref: ModelRef | None = None) -> Profile:
+    """Profile every block of `model` under `spec` (made concrete for the model), in this process.
+
+    `num_images` calibration rows are solved in chunks of `spec.batch_size` (rounded up to whole
+    chunks) on `device`, with this process's torch threads."""
+    start = time.perf_counter()
+    segment_lens = check_segment_lens(model.num_tokens, segment_lens)
+    dev = torch.device(device)
+    source, labels, pairs = calibrate(model, spec, data, num_images, dev)
+    labels = None if labels is None else labels.to(dev)
+    blocks = [profile_block(model.blocks[i], i, z.to(dev), x.to(dev), labels, spec, segment_lens, windows, tols, caps,
+                            repeats) for i, (z, x) in enumerate(pairs)]
+    threads = torch.get_num_threads()
+    return assemble(model.cpu(), spec, source, blocks, device_name(dev, threads), threads, tols, caps,
+                    time.perf_counter() - start, model_ref)

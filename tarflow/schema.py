@@ -1,0 +1,177 @@
+"""JSON forms of the project's typed objects: one validator for every file and config that comes in.
+
+The types themselves are plain dataclasses, so the model and solvers need torch alone; their
+`__post_init__` checks values (ranges, cross-field rules). When JSON or YAML comes in, pydantic v2
+(imported here, lazily) checks the types against the annotations, refuses unknown fields, accepts
+numbers written as strings (`1e-3` from YAML), and `__post_init__` runs on what it built. Every
+error is reported with its dotted field path, one line each, as a `SchemaError`.
+
+Dataclasses opt in with `__pydantic_config__ = STRICT_FIELDS`; their `__post_init__` errors
+name fields relative to the object (`segment_len=16: ...`), and the path is put in front here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+import types
+import typing
+from pathlib import Path
+
+# unknown fields are errors; NaN and inf are never valid numbers in a config or a plan
+STRICT_FIELDS = {"extra": "forbid", "allow_inf_nan": False}
+_RELATIVE = re.compile(r"[a-z_][\w.\[\]]*( has |=)")
+
+
+class SchemaError(ValueError):
+    """Input that does not fit its schema; the message names every bad field by its dotted path."""
+
+
+@functools.cache
+def _adapter(tp):
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(tp)
+
+
+def validate(tp, data, what: str, error: type[SchemaError] = SchemaError):
+    """`data` (parsed JSON/YAML) as an instance of `tp`, or `error` listing every bad field as `what.path`."""
+    from pydantic import ValidationError
+
+    try:
+        return _adapter(tp).validate_python(data)
+    except ValidationError as e:
+        raise error(describe(e, tp, what)) from None
+
+
+def describe(e, tp, what: str) -> str:
+    """One line per pydantic error: `what.a.b[2].c: message (got value)`."""
+    lines = []
+    for err in e.errors(include_url=False):
+        loc, path = _strip_tags(tp, err["loc"])
+        where = (what + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)).lstrip(".") or what
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            where += "." + str(err.get("ctx", {}).get("discriminator", "")).strip("'")
+        if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            allowed = _field_names(tp, loc[:-1])
+            message = "unknown field" + (f"; allowed here: {', '.join(allowed)}" if allowed else "")
+        elif err["type"] == "value_error" and _RELATIVE.match(message):
+            # a __post_init__ check names its field relative to the object: `segment_len=16: ...`
+            lines.append(f"{where}.{message}" if where else message)
+            continue
+        elif err["type"] != "value_error" and "input" in err and not isinstance(err["input"], (dict, list)):
+            message += f" (got {err['input']!r})"
+        lines.append(f"{where}: {message}" if where else message)
+    return "; ".join(lines)
+
+
+def _members(tp) -> list:
+    """The alternatives of a (possibly Annotated / Optional) union, or [tp]."""
+    while typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return [m for m in typing.get_args(tp) if m is not type(None)]
+    return [tp]
+
+
+def _child(tp, key):
+    """The type found one step down `tp` at `key` (field name, list index or union tag), or None."""
+    for member in _members(tp):
+        origin = typing.get_origin(member)
+        if dataclasses.is_dataclass(member):
+            hints = typing.get_type_hints(member, include_extras=True)
+            if key in hints:
+                return hints[key]
+        elif hasattr(member, "model_fields") and key in member.model_fields:
+            return member.model_fields[key].annotation
+        elif origin in (list, tuple) and isinstance(key, int):
+            return typing.get_args(member)[0]
+        elif origin is dict:
+            return typing.get_args(member)[1]
+    return None
+
+
+def _tag_member(tp, key):
+    """The union member a discriminator tag names (pydantic puts the tag into error locations)."""
+    for member in _members(tp):
+        hints = typing.get_type_hints(member) if dataclasses.is_dataclass(member) else {}
+        tag = hints.get("solver")
+        if tag is not None and key in typing.get_args(tag):
+            return member
+    return None
+
+
+def _strip_tags(tp, loc) -> tuple[tuple, tuple]:
+    """(loc with union tags kept, loc without them) so paths read as the file does."""
+    path, current = [], tp
+    for key in loc:
+        member = _tag_member(current, key) if len(_members(current)) > 1 else None
+        if member is not None:
+            current = member
+            continue
+        path.append(key)
+        current = _child(current, key) if current is not None else None
+    return tuple(loc), tuple(path)
+
+
+def _field_names(tp, loc) -> list[str]:
+    current = tp
+    for key in loc:
+        member = _tag_member(current, key) if current is not None and len(_members(current)) > 1 else None
+        current = member if member is not None else (_child(current, key) if current is not None else None)
+    names = []
+    for member in _members(current) if current is not None else []:
+        if dataclasses.is_dataclass(member):
+            names += [f.name for f in dataclasses.fields(member)]
+        elif hasattr(member, "model_fields"):
+            names += list(member.model_fields)
+    return list(dict.fromkeys(names))
+
+
+def to_dict(obj) -> dict:
+    """The JSON-ready form of a dataclass instance (nested dataclasses as objects, tuples as lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+def to_json(obj, indent: int | None = 1) -> str:
+    return json.dumps(to_dict(obj), indent=indent, sort_keys=True)
+
+
+def json_schema(tp) -> dict:
+    """The JSON Schema of `tp`, as pydantic derives it from the annotations."""
+    return _adapter(tp).json_schema()
+
+
+def loads(tp, text: str, what: str, error: type[SchemaError] = SchemaError):
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{what} is not valid JSON ({e})") from None
+    return validate(tp, data, what, error)
+
+
+def load(tp, path, what: str, error: type[SchemaError] = SchemaError):
+    """Read and validate a JSON file; a missing file is a FileNotFoundError, a bad one `error` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot read the {what} ({e})") from None
+    try:
+        return loads(tp, text, what, error)
+    except error as e:
+        raise error(f"{path}: {e}") from None
+
+
+def save(obj, path) -> Path:
+    """Write `obj` as JSON atomically (a crash leaves the old file or none, never half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(to_json(obj) + "\n")
+    tmp.replace(path)
+    return path

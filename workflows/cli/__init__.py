@@ -1,0 +1,36 @@
+"""The `tarflow-gs` command line: argument parsing only; the work happens in workflows/ and tarflow/.
+
+Every expected error (a missing or corrupt file, a bad field, a plan for another model, Ray
+refusing) ends the command with its one-paragraph message on stderr and exit status 1; bad
+option values exit 2 naming the option. A traceback means a bug."""
+from __future__ import annotations
+
+import click
+
+from .errors import expected_errors
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except expected_errors() as e:
+            raise click.ClickException(" ".join(str(e).split()) or type(e).__name__) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tarflow-gs")
+def main():
+    """Fast, exact TarFlow sampling with GS-Jacobi plans, locally or on a Ray cluster."""
+
+
+def _register() -> None:
+    # each area keeps its commands in its own module, so this file stays a table of contents
+    from . import fid, generate, pipeline, planning, train_sample
+
+    for module in (planning, generate, fid, pipeline, train_sample):
+        for command in module.COMMANDS:
+            main.add_command(command)
+
+
+_register()

@@ -1,0 +1,19 @@
+"""The errors a command reports as a message (exit 1) rather than a traceback: every error class the
+project raises for bad input or a refusing environment, and the OS's own for files."""
+from __future__ import annotations
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    from tarflow import CheckpointError, NonFiniteSampleError, SchemaError
+    from tarflow.data import DatasetError
+
+    from ..fidelity.stats import StatsMismatchError
+    from ..pipeline import PipelineError
+    from ..runtime import ClusterError
+    from ..stages.fid import EvaluateError
+    from ..stages.generate import GenerateError
+    from ..storage.history import HistoryError
+    from ..storage.shards import ShardError
+
+    return (SchemaError, CheckpointError, DatasetError, NonFiniteSampleError, StatsMismatchError, PipelineError,
+            ClusterError, EvaluateError, GenerateError, HistoryError, ShardError, OSError)

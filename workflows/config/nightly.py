@@ -1,0 +1,65 @@
+"""The nightly config: which run configs to measure every night, and the regression thresholds.
+
+Example::
+
+    history: runs/nightly/history              # a folder of Parquet files, one per night (any pyarrow.fs URI)
+    output: runs/nightly                       # each night writes <output>/<UTC stamp>/<model>/ and report.html
+    thresholds:
+      max_speedup_drop: 0.2                    # fail when speedup < (1 - 0.2) x the last passing run's
+      max_fid_rise: 0.1                        # fail when the plan's FID > (1 + 0.1) x the last passing run's
+      max_abs_error: 1.0e-3                    # fail when the plan deviates from sequential by more
+    models:
+      - config: jobs/configs/demo.yaml         # a run config; its output is replaced by the night's folder
+        hand_plans: ["3-8-32-10"]              # optional paper-style plans, timed and FID'd beside the auto plan
+        fid_sequential: true                   # also the FID of N sequential samples
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from .errors import ConfigError, load_yaml
+from .stages import CONFIG
+
+
+class Thresholds(BaseModel):
+    model_config = CONFIG
+
+    max_speedup_drop: float = Field(0.2, ge=0, lt=1, description="allowed fractional drop of the speedup")
+    max_fid_rise: float = Field(0.1, ge=0, description="allowed fractional rise of the plan's FID")
+    max_abs_error: float = Field(1e-3, gt=0, description="allowed max abs deviation from sequential sampling")
+
+
+class NightlyModel(BaseModel):
+    model_config = CONFIG
+
+    config: str = Field(min_length=1, description="a run config (YAML) with an auto plan")
+    hand_plans: list[str] = Field(default_factory=list, description="paper-style plans such as 7-8-32-10")
+    fid_sequential: bool = True
+
+
+class NightlyConfig(BaseModel):
+    model_config = CONFIG
+
+    history: str = Field(min_length=1, description="the history table (local path or URI)")
+    output: str = Field(min_length=1, description="where each night's folder and report go")
+    models: list[NightlyModel] = Field(min_length=1)
+    thresholds: Thresholds = Thresholds()
+
+    @classmethod
+    def load(cls, path) -> "NightlyConfig":
+        """Read and check a nightly config: every model's run config must exist (beside it or above)."""
+        path = Path(path)
+        cfg = load_yaml(cls, path, "nightly config")
+        base = path.resolve().parent
+        models = []
+        for i, m in enumerate(cfg.models):
+            found = next((root / m.config for root in (base, *base.parents) if (root / m.config).is_file()), None)
+            if found is None:
+                raise ConfigError(f"{path}: models[{i}].config={m.config!r}: no such run config beside the nightly "
+                                  "config or above it")
+            models.append(m.model_copy(update={"config": str(found)}))
+        absolute = {k: v if "://" in v else str(Path(v).resolve())
+                    for k, v in (("history", cfg.history), ("output", cfg.output))}
+        return cfg.model_copy(update={"models": models, **absolute})

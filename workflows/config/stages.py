@@ -1,0 +1,60 @@
+"""What each stage takes besides the sampling spec: resources, the sample set's layout, FID settings,
+and the whole input of the generate stage."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tarflow import ModelRef, Plan, SamplingSpec
+
+EXTRACTOR_NAMES = ("mnist5k-classifier", "inception-v3-torchscript", "inception-v3-compat")
+CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class Resources(BaseModel):
+    """Ray resources of one stage: up to `actors` workers at once, each reserving `num_cpus` CPUs
+    (null: a share that leaves the cluster a CPU for other work, ray#44687) and `num_gpus` GPUs.
+    A worker samples on CUDA when Ray gives it a GPU and torch sees one, else on the CPU."""
+
+    model_config = CONFIG
+
+    actors: int = Field(1, ge=1, description="workers (actors or tasks) at once")
+    num_cpus: float | None = Field(None, gt=0, description="CPUs per worker; also its torch threads (at least 1)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per worker")
+
+
+class SampleSet(BaseModel):
+    """How many samples a run makes and how they are cut into Parquet shards."""
+
+    model_config = CONFIG
+
+    num_samples: int = Field(1000, ge=1, description="sample ids 0..num_samples-1")
+    shard_size: int = Field(1024, ge=1, description="samples per Parquet shard")
+
+
+class FidSettings(BaseModel):
+    """The feature extractor FID uses, and the images per extraction batch."""
+
+    model_config = CONFIG
+
+    extractor: Literal[EXTRACTOR_NAMES] = Field(
+        "mnist5k-classifier", description="mnist5k-classifier (demo digits), inception-v3-torchscript (the standard "
+                                          "FID network, offline) or inception-v3-compat (torch-fidelity's)")
+    weights: str | None = Field(None, description="extractor weights file (inception-v3-compat without internet)")
+    batch_size: int = Field(200, ge=1, description="images per extractor call")
+
+
+class GenerateConfig(BaseModel):
+    """One generation run: which model, how it samples, with which plan, how many samples, where to."""
+
+    model_config = CONFIG
+
+    model: ModelRef
+    out: str = Field(min_length=1, description="output directory or URI (file://, s3://, gs://)")
+    samples: SampleSet = SampleSet()
+    spec: SamplingSpec = SamplingSpec()
+    plan: Plan | None = Field(None, description="null: sequential sampling")
+    resources: Resources = Resources()
+    max_attempts: int = Field(3, ge=1, description="times a worker may die on one shard before the run stops")
+    start_timeout_s: float = Field(300.0, gt=0, description="how long the pool may wait for its first worker")

@@ -1,0 +1,219 @@
+"""The morning report: one self-contained HTML page (figures embedded as PNG) plus the same figures as JSON.
+
+Input is a `ReportData` (`report/data.py`):
+
+- per-model table: wall time, speedup, passes, max error vs sequential and FID of each sampler;
+- per-block: CRM share and IGM (z vs zeros) bars, the chosen solver and its iterations;
+- convergence: Jacobi residual per iteration for each block;
+- history: speedup and FID over time;
+- sample grids: sequential and each plan on the same noise, side by side.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from dataclasses import asdict
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+from matplotlib.dates import ConciseDateFormatter
+from matplotlib.figure import Figure
+
+from .data import ModelResult, ReportData
+
+SECTIONS = ("summary", "blocks", "convergence", "history", "samples")
+
+
+# ---- figures: each is a JSON-able spec, drawn with matplotlib, embedded as PNG --------------------------------
+
+
+def _figure_specs(data: ReportData) -> list[dict]:
+    specs = []
+    for m in data.models:
+        if m.blocks:
+            specs.append({
+                "id": f"blocks-{m.name}", "section": "blocks", "title": f"{m.name}: per-block metrics and plan",
+                "x": [b.block for b in m.blocks], "x_label": "block (forward index; the last is sampled first)",
+                "crm_share": [b.crm_share for b in m.blocks],
+                "igm_z": [b.igm_z for b in m.blocks], "igm_zeros": [b.igm_zeros for b in m.blocks],
+                "labels": [f"{b.solver}" + (f" L={b.segment_len}" if b.solver not in ("sequential", "jacobi") else "")
+                           + f"\n{b.iterations:.1f} it/seg" for b in m.blocks],
+            })
+        if m.convergence:
+            specs.append({"id": f"convergence-{m.name}", "section": "convergence",
+                          "title": f"{m.name}: Jacobi convergence per block",
+                          "x_label": "iteration", "y_label": "max |x_k - x_(k-1)| (model space)",
+                          "series": [asdict(c) for c in m.convergence]})
+    if data.history:
+        models = sorted({h.model for h in data.history})
+        series = {}
+        for name in models:
+            points = sorted((h for h in data.history if h.model == name), key=lambda h: h.timestamp)
+            for plan in sorted({p.plan for p in points}):
+                pts = [p for p in points if p.plan == plan]
+                series[f"{name} / {plan}"] = {"t": [p.timestamp for p in pts], "speedup": [p.speedup for p in pts],
+                                              "fid": [p.fid_plan for p in pts],
+                                              "fid_sequential": [p.fid_sequential for p in pts]}
+        specs.append({"id": "history", "section": "history", "title": "speedup and FID over time",
+                      "series": series})
+    return specs
+
+
+def _draw(spec: dict) -> Figure:
+    if spec["section"] == "blocks":
+        fig = Figure(figsize=(10, 3.6), layout="constrained")
+        ax1, ax2 = fig.subplots(1, 2)
+        x = np.arange(len(spec["x"]))
+        shares = [s if s is not None else 0.0 for s in spec["crm_share"]]
+        bars = ax1.bar(x, [100 * s for s in shares], color="#4c72b0")
+        for bar, label in zip(bars, spec["labels"]):
+            ax1.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                         fontsize=7, xytext=(0, 2), textcoords="offset points")
+        ax1.set(xticks=x, xticklabels=spec["x"], xlabel=spec["x_label"], ylabel="CRM share (%)",
+                title="CRM share, chosen solver, iterations per segment")
+        ax1.set_ylim(0, max(100 * max(shares, default=0) * 1.35, 1))
+        w = 0.38
+        z = [v if v is not None else np.nan for v in spec["igm_z"]]
+        zeros = [v if v is not None else np.nan for v in spec["igm_zeros"]]
+        ax2.bar(x - w / 2, z, w, label="init z", color="#55a868")
+        ax2.bar(x + w / 2, zeros, w, label="init zeros", color="#c44e52")
+        ax2.set(xticks=x, xticklabels=spec["x"], xlabel=spec["x_label"], ylabel="IGM (lower is better)",
+                title="IGM of the two initial guesses")
+        if np.nanmax(z + zeros + [0]) > 0:
+            ax2.set_yscale("log")
+        ax2.legend(fontsize=8)
+        fig.suptitle(spec["title"])
+        return fig
+    if spec["section"] == "convergence":
+        fig = Figure(figsize=(6.5, 3.6), layout="constrained")
+        ax = fig.subplots()
+        for s in spec["series"]:
+            values = [max(v, 1e-12) for v in s["values"]]
+            ax.semilogy(range(1, len(values) + 1), values, marker=".", label=s["label"])
+        ax.set(xlabel=spec["x_label"], ylabel=spec["y_label"], title=spec["title"])
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        return fig
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    for label, s in spec["series"].items():
+        t = [datetime.fromisoformat(v.replace("Z", "+00:00")) for v in s["t"]]
+        ax1.plot(t, s["speedup"], marker="o", label=label)
+        if any(v is not None for v in s["fid"]):
+            ax2.plot(t, [np.nan if v is None else v for v in s["fid"]], marker="o", label=f"{label}")
+        if any(v is not None for v in s["fid_sequential"]):
+            ax2.plot(t, [np.nan if v is None else v for v in s["fid_sequential"]], marker="x", linestyle="--",
+                     label=f"{label.split(' / ')[0]} / sequential")
+    times = [datetime.fromisoformat(v.replace("Z", "+00:00")) for s in spec["series"].values() for v in s["t"]]
+    if times and max(times) - min(times) < timedelta(days=1):  # one night: a one-day axis, not matplotlib's years
+        for ax in (ax1, ax2):
+            ax.set_xlim(min(times) - timedelta(hours=12), max(times) + timedelta(hours=12))
+    ax1.axhline(1.0, color="grey", lw=0.8)
+    ax1.set(ylabel="speedup over sequential (x)", title="speedup")
+    ax2.set(ylabel="FID (lower is better)", title="FID")
+    for ax in (ax1, ax2):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_formatter(ConciseDateFormatter(ax.xaxis.get_major_locator()))
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle(spec["title"])
+    return fig
+
+
+def _png(fig: Figure) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+# ---- HTML ------------------------------------------------------------------------------------------------------
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1100px;color:#222}
+h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:32px}
+table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.muted{color:#777}
+img{max-width:100%}.grids{display:flex;gap:16px;flex-wrap:wrap}.grids figure{margin:0}
+figcaption{text-align:center;font-size:.9em}"""
+
+
+def _fmt(value, spec: str = ".3g", empty: str = "-") -> str:
+    return empty if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _summary_table(data: ReportData) -> str:
+    rows = []
+    for m in data.models:
+        for r in m.runs:
+            rows.append(f"<tr><td>{html.escape(m.name)}</td><td>{html.escape(r.plan)}</td>"
+                        f"<td>{r.seconds:.3f}</td><td>{r.speedup:.2f}x</td><td>{r.passes}</td>"
+                        f"<td>{_fmt(r.max_abs_error, '.1e')}</td><td>{r.fallbacks}</td><td>{_fmt(r.fid, '.3f')}</td></tr>")
+    head = ("<tr><th>model</th><th>sampler</th><th>wall time (s)</th><th>speedup</th><th>network passes</th>"
+            "<th>max |error| vs sequential</th><th>fallbacks</th><th>FID</th></tr>")
+    extra = "".join(f"<li>{html.escape(m.name)}: {m.device}, batch {m.batch_size}, model {m.model_hash}; FID with "
+                    f"<code>{html.escape(m.fid_extractor or '-')}</code> on {m.fid_num_samples} samples</li>"
+                    for m in data.models)
+    return f'<table id="summary-table">{head}{"".join(rows)}</table><ul class="muted">{extra}</ul>'
+
+
+def _block_table(m: ModelResult) -> str:
+    head = ("<tr><th>block</th><th>solver</th><th>segment</th><th>init</th><th>iterations / segment</th>"
+            "<th>passes</th><th>CRM share</th><th>IGM z</th><th>IGM zeros</th></tr>")
+    rows = "".join(f"<tr><td>{b.block}</td><td>{b.solver}</td><td>{b.segment_len}</td><td>{b.init}</td>"
+                   f"<td>{b.iterations:.1f}</td><td>{b.passes}</td>"
+                   f"<td>{_fmt(None if b.crm_share is None else 100 * b.crm_share, '.1f')}%</td>"
+                   f"<td>{_fmt(b.igm_z)}</td><td>{_fmt(b.igm_zeros)}</td></tr>" for b in m.blocks)
+    return f'<table class="blocks-table"><caption>{html.escape(m.name)}</caption>{head}{rows}</table>'
+
+
+def render_html(data: ReportData) -> tuple[str, dict]:
+    """(HTML page, figures JSON) of a report; every image is inline, so the page is one file."""
+    specs = _figure_specs(data)
+    images = {s["id"]: _png(_draw(s)) for s in specs}
+
+    def figures(section: str) -> str:
+        return "".join(f'<figure id="{s["id"]}"><img alt="{html.escape(s["title"])}" '
+                       f'src="data:image/png;base64,{images[s["id"]]}"></figure>'
+                       for s in specs if s["section"] == section) or '<p class="muted">no data</p>'
+
+    grids = []
+    for m in data.models:
+        cells = "".join(f'<figure><img class="grid" alt="{html.escape(r.plan)}" src="data:image/png;base64,{r.grid_png}">'
+                        f"<figcaption>{html.escape(r.plan)}</figcaption></figure>" for r in m.runs if r.grid_png)
+        if cells:
+            grids.append(f"<h3>{html.escape(m.name)}</h3><div class=\"grids\">{cells}</div>")
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in data.notes)
+    body = [
+        f"<h1>{html.escape(data.title)}</h1><p class=\"muted\">{html.escape(data.created)}</p>",
+        f"<ul>{notes}</ul>" if notes else "",
+        '<h2 id="summary">Speedup and FID against sequential sampling</h2>', _summary_table(data),
+        '<h2 id="blocks">Per block: CRM / IGM, chosen solver, iterations</h2>',
+        "".join(_block_table(m) for m in data.models if m.blocks), figures("blocks"),
+        '<h2 id="convergence">Convergence</h2>', figures("convergence"),
+        '<h2 id="history">Speedup and FID over time</h2>', figures("history"),
+        '<h2 id="samples">Samples on the same noise: sequential vs plan</h2>',
+        "".join(grids) or '<p class="muted">no data</p>',
+    ]
+    page = (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(data.title)}</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")
+    return page, {"title": data.title, "created": data.created, "figures": specs}
+
+
+def report_files(data: ReportData) -> dict[str, str]:
+    """{file name: text} of a report: report.html, report.json (figures) and report-data.json (the input).
+    report.html comes last, so a writer that stops early never leaves a page without its data."""
+    page, figures = render_html(data)
+    return {"report-data.json": data.to_json(), "report.json": json.dumps(figures, indent=2), "report.html": page}
+
+
+def write_report(data: ReportData, out_dir) -> tuple[Path, Path]:
+    """Write the report's files into a local directory; returns (report.html, report.json)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in report_files(data).items():
+        (out_dir / name).write_text(text)
+    return out_dir / "report.html", out_dir / "report.json"

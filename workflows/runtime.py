@@ -1,0 +1,223 @@
+"""Ray, in one place: how this process connects, what a worker asks for, how many torch threads it
+uses, which device it samples on, and the pool that runs idempotent units of work on actors.
+
+Every command, job and stage goes through here; nothing else calls `ray.init` or sizes resources.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+from collections import deque
+from typing import Callable, Iterable, Iterator
+
+import ray
+import torch
+
+from .config.stages import Resources
+
+log = logging.getLogger(__name__)
+
+
+class ClusterError(RuntimeError):
+    """Ray cannot run the work as asked: a wrong address, or resources no node can give."""
+
+
+# ---- connecting ---------------------------------------------------------------------------------------------
+
+def connect(address: str | None = None) -> None:
+    """Ray for this process, once. `address` (default: RAY_ADDRESS) `auto` or a GCS address
+    (host:port, as `ray job submit` sets it for the job's driver) joins that cluster, `ray://` uses
+    Ray Client; none starts a private local Ray for this process alone, never a stray cluster.
+    A dashboard address (`http(s)://...:8265`, what `ray job submit --address` takes) is refused
+    with the command to use instead: `ray.init` would hand it to Ray Client and fail."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith(("http://", "https://")):
+        raise ClusterError(
+            f"RAY_ADDRESS={address} is a dashboard address, for submitting jobs: run this through "
+            f"`ray job submit --address {address} --working-dir . -- <command>` (the job then joins the cluster), "
+            "or unset RAY_ADDRESS to run on a private local Ray")
+    try:
+        if address:
+            log.info("joining the Ray cluster at %s", address)
+            ray.init(address=address, log_to_driver=True)
+        else:
+            log.info("starting a private local Ray (%d CPUs)", os.cpu_count() or 1)
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise ClusterError(f"cannot connect to Ray at {address or 'a new local instance'}: {e}") from None
+
+
+# ---- one worker ------------------------------------------------------------------------------------------------
+
+def worker_options(res: Resources) -> tuple[float, float, int]:
+    """(num_cpus, num_gpus, torch threads) of one worker of a stage.
+
+    With num_cpus unset a worker asks for less than its share of the cluster, (CPUs / (workers + 1))
+    and at most one: a pool that claims every CPU deadlocks a small machine as soon as anything else
+    (a pipeline task, a Ray Data read) needs one (ray#44687). The request only places workers; torch
+    threads then share the node's cores among them (a GPU worker uses one)."""
+    if res.num_cpus is not None:
+        return res.num_cpus, res.num_gpus, max(1, int(res.num_cpus))
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if total <= 0:
+        raise ClusterError("the Ray cluster has no CPUs for the workers")
+    node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=total)
+    cpus = max(math.floor(min(1.0, total / (res.actors + 1)) * 1000) / 1000, 0.001)
+    threads = 1 if res.num_gpus > 0 else max(1, int(node_cpus // res.actors))
+    return cpus, res.num_gpus, threads
+
+
+def worker_device() -> torch.device:
+    """The device of this worker: CUDA when Ray gave it a GPU and torch sees one, else the CPU."""
+    if ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def placement(device: torch.device | str | None = None) -> dict:
+    """Where this process runs: what `run.json` records for each stage's work."""
+    ctx = ray.get_runtime_context() if ray.is_initialized() else None
+    return {"node_id": ctx.get_node_id() if ctx else None, "hostname": socket.gethostname(), "pid": os.getpid(),
+            "device": str(device or worker_device()), "gpus": [str(g) for g in ray.get_gpu_ids()] if ctx else [],
+            "torch_threads": torch.get_num_threads()}
+
+
+def remote(fn: Callable, res: Resources, num_returns: int = 1):
+    """`fn` as a Ray task with the stage's resources (each call sets its torch threads first).
+    Tasks are retried if their worker dies: stage work is idempotent."""
+    num_cpus, num_gpus, threads = worker_options(res)
+
+    def task(*args, **kwargs):
+        torch.set_num_threads(threads)
+        return fn(*args, **kwargs)
+
+    task.__name__, task.__qualname__ = fn.__name__, fn.__qualname__
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, num_returns=num_returns, max_retries=2)(task)
+
+
+def get(refs):
+    """`ray.get`, raising a task's own exception as itself rather than Ray's wrapper."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        raise e.cause from None
+
+
+def _placed(fn: Callable, *args, **kwargs):
+    return fn(*args, **kwargs), placement()
+
+
+def run_task(fn: Callable, *args, res: Resources, **kwargs) -> tuple[object, dict]:
+    """One call of `fn` in a Ray task with the stage's resources: (result, where it ran). `fn` picks
+    its device with `worker_device()`."""
+    return get(remote(_placed, res).remote(fn, *args, **kwargs))
+
+
+# ---- a pool of actors --------------------------------------------------------------------------------------------
+
+class Worker:
+    """Base of pool actors. Subclasses build what they hold once (a model, an extractor) on
+    `self.device`, and expose the methods units name."""
+
+    def __init__(self, threads: int):
+        torch.set_num_threads(threads)
+        self.device = worker_device()
+
+    def ready(self) -> dict:
+        return placement(self.device)
+
+    def call(self, method: str, *args):
+        """(pid, result) of one unit: a changed pid tells the pool Ray restarted this actor."""
+        return os.getpid(), getattr(self, method)(*args)
+
+
+class ActorPool:
+    """Actors of one `Worker` class running idempotent units, on whatever the cluster can place.
+
+    Units go to actors that have answered `ready`, so a pool starts with the actors the cluster
+    can place and grows as nodes join (an autoscaler adds them); it fails only if none is ready
+    within `start_timeout_s`, naming the resources it asked for. An actor that dies is restarted
+    by Ray and its unit retried (`max_restarts` / `max_task_retries`: the work is idempotent);
+    `replacements` counts the restarts seen."""
+
+    def __init__(self, cls: type, args: tuple, res: Resources, label: str, start_timeout_s: float = 300.0,
+                 max_restarts: int = 3, num_actors: int | None = None):
+        num_cpus, num_gpus, threads = worker_options(res)
+        self.label, self.start_timeout_s = label, start_timeout_s
+        self.asked = f"{num_cpus:g} CPU + {num_gpus:g} GPU per worker"
+        remote = ray.remote(cls).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+                                         max_task_retries=max_restarts)
+        self.actors = [remote.remote(*args, threads) for _ in range(num_actors or res.actors)]
+        self._ready = {a.ready.remote(): slot for slot, a in enumerate(self.actors)}
+        self._idle: list[int] = []  # slots of started actors with no unit
+        self.placements: list[dict] = []
+        self.replacements = 0
+        self._pids: dict[int, int] = {}
+
+    def __enter__(self) -> "ActorPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+    def _take_ready(self, timeout: float) -> list[int]:
+        """Slots of the actors that answered `ready` within `timeout` seconds."""
+        if not self._ready:
+            return []
+        done, _ = ray.wait(list(self._ready), num_returns=len(self._ready), timeout=timeout)
+        slots = []
+        for ref in done:
+            slot = self._ready.pop(ref)
+            try:
+                self.placements.append(ray.get(ref))
+                self._pids[slot] = self.placements[-1]["pid"]
+            except ray.exceptions.RayActorError as e:
+                raise ClusterError(f"a {self.label} worker failed to start: {e}") from None
+            except ray.exceptions.RayTaskError as e:
+                raise e.cause from None
+            slots.append(slot)
+        return slots
+
+    def map_unordered(self, units: Iterable[tuple[str, tuple]]) -> Iterator[tuple[int, object]]:
+        """(index, result) of each unit (method name, args) as it finishes, in no set order."""
+        queue = deque(enumerate(units))
+        free = self._idle
+        free += self._take_ready(0)
+        deadline = time.monotonic() + self.start_timeout_s
+        while not free and self._ready:
+            free += self._take_ready(min(1.0, max(0.0, deadline - time.monotonic())))
+            if not free and time.monotonic() >= deadline:
+                raise ClusterError(f"no {self.label} worker started within {self.start_timeout_s:.0f}s: the cluster "
+                                   f"cannot place {self.asked} (lower the stage's num_cpus / num_gpus, or add nodes)")
+        if queue and not free:
+            raise ClusterError(f"every {self.label} worker failed to start")
+        running = {}
+        while queue or running:
+            free += self._take_ready(0)  # workers placed since: nodes joined
+            while queue and free:
+                slot = free.pop()
+                i, (method, args) = queue.popleft()
+                running[self.actors[slot].call.remote(method, *args)] = (slot, i)
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            slot, i = running.pop(ref)
+            try:
+                pid, result = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                raise e.cause from None
+            except ray.exceptions.RayActorError as e:
+                raise ClusterError(f"{self.label}: unit {i} lost its worker after Ray's restarts ({e}); "
+                                   "finished units are kept") from None
+            if self._pids.get(slot, pid) != pid:
+                self.replacements += 1
+            self._pids[slot] = pid
+            free.append(slot)
+            yield i, result

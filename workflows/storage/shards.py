@@ -1,0 +1,311 @@
+"""Sample shards: Parquet files of PNG images plus a manifest, on any `pyarrow.fs` filesystem.
+
+Layout of an output URI (a local path, `file://`, `s3://`, `gs://`, ...)::
+
+    _manifest.json         settings of the run and the completed shards
+    shard-00000.parquet    one row per sample, ids [0, shard_size)
+    shard-00001.parquet    ...
+
+A shard is written to a hidden temporary name and renamed into place, then added to
+the manifest, so a shard is either complete and listed or absent. The manifest's name
+starts with '_' (and temporaries with '.'), which Parquet readers skip by convention, so
+any reader opens the directory itself (`pyarrow.dataset.dataset(uri)`, `pandas.read_parquet`,
+Spark, DuckDB). The manifest stays the record of what a run completed: the readers here
+(`open_dataset`, `iter_shards`, `read_images`) go through it and verify checksums.
+
+Columns: `sample_id` int64, `label` int32 (-1 unconditional), `seed` int64 (the run's
+global seed; noise comes from (seed, sample_id)), `image` struct{bytes: PNG, path} (the
+Hugging Face Image feature), and solver stats of the batch that produced the sample:
+`block_passes` list<int32> (network passes per block, forward block order),
+`fallbacks` int32, `residual` float32 (largest final Jacobi update).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from PIL import Image
+
+from .files import join, read_bytes, resolve, write_atomic
+
+MANIFEST_NAME = "_manifest.json"
+MANIFEST_FORMAT = "tarflow-gs-shards"
+MANIFEST_VERSION = 2
+METADATA_KEY = b"tarflow-gs"
+
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+SCHEMA = pa.schema([
+    ("sample_id", pa.int64()),
+    ("label", pa.int32()),
+    ("seed", pa.int64()),
+    ("image", IMAGE_TYPE),
+    ("block_passes", pa.list_(pa.int32())),
+    ("fallbacks", pa.int32()),
+    ("residual", pa.float32()),
+])
+# lets Hugging Face `datasets` decode the image column as images, not raw structs
+HF_FEATURES = {"info": {"features": {
+    "sample_id": {"dtype": "int64", "_type": "Value"},
+    "label": {"dtype": "int32", "_type": "Value"},
+    "seed": {"dtype": "int64", "_type": "Value"},
+    "image": {"_type": "Image"},
+    "block_passes": {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "Sequence"},
+    "fallbacks": {"dtype": "int32", "_type": "Value"},
+    "residual": {"dtype": "float32", "_type": "Value"},
+}}}
+
+
+class ShardError(ValueError):
+    """A shard set that is missing, corrupt, or does not match what its manifest says."""
+
+
+# ---- images ------------------------------------------------------------------------------
+
+def to_uint8(images) -> np.ndarray:
+    """Model-space images (B, C, H, W) in [-1, 1] -> uint8 (B, H, W, C), rounded as torchvision's save_image."""
+    x = np.asarray(images, dtype=np.float32)
+    return np.clip(np.floor(x * 127.5 + 128.0), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 (H, W, C) with C in {1, 3} -> PNG bytes (lossless)."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise ValueError(f"encode_png takes uint8 (H, W, 1|3) arrays, got {image.dtype} {image.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> uint8 (H, W, C)."""
+    with Image.open(io.BytesIO(data)) as img:
+        array = np.asarray(img)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+# ---- shard files ---------------------------------------------------------------------------
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+@dataclass
+class ShardEntry:
+    """One completed shard as the manifest lists it."""
+
+    file: str
+    index: int
+    rows: int
+    first_id: int
+    last_id: int  # inclusive
+    sha256: str
+    size_bytes: int
+    stats: dict = field(default_factory=dict)
+
+
+def shard_table(sample_ids, labels, seed: int, pngs: list[bytes], block_passes, fallbacks, residual) -> pa.Table:
+    n = len(sample_ids)
+    image = pa.StructArray.from_arrays(
+        [pa.array(pngs, pa.binary()), pa.array([f"{int(i):08d}.png" for i in sample_ids], pa.string())],
+        fields=list(IMAGE_TYPE))
+    return pa.Table.from_arrays([
+        pa.array(np.asarray(sample_ids, np.int64)),
+        pa.array(np.asarray(labels, np.int32)),
+        pa.array(np.full(n, seed, np.int64)),
+        image,
+        pa.array([list(map(int, p)) for p in block_passes], pa.list_(pa.int32())),
+        pa.array(np.asarray(fallbacks, np.int32)),
+        pa.array(np.asarray(residual, np.float32)),
+    ], schema=SCHEMA)
+
+
+def write_shard(uri: str, index: int, table: pa.Table, metadata: dict, stats: dict | None = None) -> ShardEntry:
+    """Write one shard atomically; returns its manifest entry (the checksum is of the file's bytes)."""
+    fs, base = resolve(uri)
+    meta = {METADATA_KEY: json.dumps(metadata, sort_keys=True).encode(),
+            b"huggingface": json.dumps(HF_FEATURES).encode()}
+    table = table.replace_schema_metadata(meta)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    data = sink.getvalue().to_pybytes()
+    name = shard_name(index)
+    write_atomic(fs, join(base, name), data)
+    ids = table.column("sample_id")
+    return ShardEntry(name, index, table.num_rows, int(ids[0].as_py()), int(ids[-1].as_py()),
+                      hashlib.sha256(data).hexdigest(), len(data), stats or {})
+
+
+# ---- manifest ----------------------------------------------------------------------------
+
+@dataclass
+class Manifest:
+    """Settings of a generation run and its completed shards, kept in `_manifest.json`."""
+
+    settings: dict
+    num_samples: int
+    shard_size: int
+    shards: list[ShardEntry] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+    format: str = MANIFEST_FORMAT
+    version: int = MANIFEST_VERSION
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_samples // self.shard_size)
+
+    @property
+    def complete(self) -> bool:
+        return sorted(e.index for e in self.shards) == list(range(self.num_shards))
+
+    @property
+    def rows(self) -> int:
+        return sum(e.rows for e in self.shards)
+
+    def shard_ids(self, index: int) -> range:
+        return range(index * self.shard_size, min((index + 1) * self.shard_size, self.num_samples))
+
+    def add(self, entry: ShardEntry) -> None:
+        self.shards = sorted([e for e in self.shards if e.index != entry.index] + [entry], key=lambda e: e.index)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["complete"] = self.complete
+        d["rows"] = self.rows
+        return json.dumps(d, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = MANIFEST_NAME) -> "Manifest":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ShardError(f"{where} is not valid JSON ({e}): the manifest is corrupt") from e
+        if not isinstance(d, dict) or d.get("format") != MANIFEST_FORMAT:
+            raise ShardError(f"{where} is not a tarflow-gs shard manifest (format != {MANIFEST_FORMAT!r})")
+        if d.get("version") != MANIFEST_VERSION:
+            raise ShardError(f"{where}: manifest version {d.get('version')!r}, this build reads {MANIFEST_VERSION}")
+        try:
+            d.pop("complete", None)
+            d.pop("rows", None)
+            d["shards"] = [ShardEntry(**e) for e in d["shards"]]
+            return cls(**d)
+        except (KeyError, TypeError) as e:
+            raise ShardError(f"{where}: malformed manifest ({e})") from e
+
+
+def read_manifest(uri: str) -> Manifest:
+    fs, base = resolve(uri)
+    path = join(base, MANIFEST_NAME)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise ShardError(f"no {MANIFEST_NAME} under {uri}: not a generated shard set (or generation never started)")
+    where = f"{uri}/{MANIFEST_NAME}"
+    try:
+        text = read_bytes(fs, path).decode()
+    except UnicodeDecodeError as e:
+        raise ShardError(f"{where} is corrupt (not UTF-8 text: {e})") from None
+    return Manifest.from_json(text, where)
+
+
+def write_manifest(uri: str, manifest: Manifest) -> None:
+    fs, base = resolve(uri)
+    write_atomic(fs, join(base, MANIFEST_NAME), manifest.to_json().encode())
+
+
+# ---- readers -----------------------------------------------------------------------------
+
+def _check_entry(uri: str, entry: ShardEntry, data: bytes | None, size: int | None) -> None:
+    where = f"{uri}/{entry.file}"
+    if size is not None and size != entry.size_bytes:
+        raise ShardError(f"shard {where} has {size} bytes, the manifest says {entry.size_bytes}: it is corrupt "
+                         "or was replaced (re-run generate to redo it)")
+    if data is not None and hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise ShardError(f"shard {where} fails its sha256 check: it is corrupt (re-run generate to redo it)")
+
+
+def _require_complete(uri: str, manifest: Manifest, allow_partial: bool) -> None:
+    if not allow_partial and not manifest.complete:
+        raise ShardError(f"{uri} is incomplete: {len(manifest.shards)} of {manifest.num_shards} shards "
+                         f"({manifest.rows} of {manifest.num_samples} samples); resume generate to finish it")
+
+
+def shard_paths(uri: str, allow_partial: bool = False) -> tuple[pafs.FileSystem, list[str]]:
+    """The filesystem and the paths of the manifest's shards, each checked to exist with the listed size."""
+    manifest = read_manifest(uri)
+    _require_complete(uri, manifest, allow_partial)
+    fs, base = resolve(uri)
+    paths = [join(base, e.file) for e in manifest.shards]
+    for entry, info in zip(manifest.shards, fs.get_file_info(paths)):
+        if info.type != pafs.FileType.File:
+            raise ShardError(f"shard {uri}/{entry.file} is listed in the manifest but missing")
+        _check_entry(uri, entry, None, info.size)
+    return fs, paths
+
+
+def open_dataset(uri: str, allow_partial: bool = False) -> ds.Dataset:
+    """A `pyarrow.dataset` over the manifest's shards (sizes checked; `verify_shards` checks contents)."""
+    fs, paths = shard_paths(uri, allow_partial)
+    return ds.dataset(paths, filesystem=fs, format="parquet", schema=SCHEMA)
+
+
+def iter_shards(uri: str, columns: list[str] | None = None, allow_partial: bool = False,
+                verify: bool = True) -> Iterator[pa.Table]:
+    """Yield each shard as a table, one at a time (memory bounded by one shard), checksum-verified."""
+    manifest = read_manifest(uri)
+    _require_complete(uri, manifest, allow_partial)
+    fs, base = resolve(uri)
+    for entry in manifest.shards:
+        path = join(base, entry.file)
+        try:
+            data = read_bytes(fs, path)
+        except FileNotFoundError as e:
+            raise ShardError(f"shard {uri}/{entry.file} is listed in the manifest but missing") from e
+        _check_entry(uri, entry, data if verify else None, len(data))
+        try:
+            table = pq.read_table(pa.BufferReader(data), columns=columns)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ShardError(f"shard {uri}/{entry.file} is not readable Parquet ({e})") from e
+        if table.num_rows != entry.rows:
+            raise ShardError(f"shard {uri}/{entry.file} has {table.num_rows} rows, the manifest says {entry.rows}")
+        yield table
+
+
+def verify_shards(uri: str, allow_partial: bool = False) -> Manifest:
+    """Check every listed shard's checksum, row count and id range; every id exactly once."""
+    manifest = read_manifest(uri)
+    for entry, table in zip(manifest.shards, iter_shards(uri, ["sample_id"], allow_partial)):
+        ids = table.column("sample_id").to_numpy()
+        want = np.asarray(manifest.shard_ids(entry.index))
+        if not np.array_equal(ids, want):
+            raise ShardError(f"shard {uri}/{entry.file} holds ids {ids[:3].tolist()}..., expected "
+                             f"{want[0]}..{want[-1]} in order")
+    return manifest
+
+
+def iter_images(uri: str, allow_partial: bool = False, verify: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per shard: (sample_ids int64 (B,), labels int32 (B,), images uint8 (B, H, W, C))."""
+    for table in iter_shards(uri, ["sample_id", "label", "image"], allow_partial, verify):
+        pngs = table.column("image").combine_chunks().field("bytes").to_pylist()
+        images = np.stack([decode_png(b) for b in pngs]) if pngs else np.zeros((0, 0, 0, 0), np.uint8)
+        yield table.column("sample_id").to_numpy(), table.column("label").to_numpy(), images
+
+
+def read_images(uri: str, allow_partial: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every sample at once: (sample_ids, labels, uint8 images (N, H, W, C)); use `iter_images` for large sets."""
+    parts = list(iter_images(uri, allow_partial))
+    if not parts:
+        raise ShardError(f"{uri} has no completed shards")
+    return tuple(np.concatenate(p) for p in zip(*parts))
+
+
+def read_metadata(uri: str, entry: ShardEntry) -> dict:
+    """The `tarflow-gs` key of one shard's Parquet schema metadata (model/plan hashes, settings, versions)."""
+    fs, base = resolve(uri)
+    schema = pq.read_schema(join(base, entry.file), filesystem=fs)
+    return json.loads((schema.metadata or {}).get(METADATA_KEY, b"{}"))
