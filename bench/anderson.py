@@ -16,10 +16,9 @@ import argparse
 
 import torch
 
-from tarflow import load_checkpoint
-from tarflow.demo import demo_checkpoint
-from tarflow.solvers import BlockRun, Guidance
-from workflows.profile import block_pairs, calibration_batch
+from tarflow import Guidance, SamplingSpec, load_checkpoint
+from tarflow.calibration import block_pairs, calibration_batch
+from tarflow.solvers import BlockRun
 
 
 @torch.inference_mode()
@@ -55,10 +54,10 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--memory", type=int, nargs="+", default=[0, 1, 2, 3, 5])
     args = ap.parse_args(argv)
-    path = str(demo_checkpoint()) if args.checkpoint == "demo" else args.checkpoint
+    path = args.checkpoint
     model = load_checkpoint(path).eval()
     calib = calibration_batch(model, args.data, args.images, seed=0)
-    pairs = block_pairs(model, calib, 0.0)
+    pairs = block_pairs(model, calib, SamplingSpec())
     print(f"model {path}, {args.images} {args.data} images; max abs error after iteration 1..{args.iters}")
     for i in reversed(range(len(model.blocks))):  # sampling order
         z, x = pairs[i]

@@ -13,14 +13,14 @@ import time
 import click
 import torch
 
-from tarflow import demo_checkpoint, load_checkpoint
+from tarflow import Guidance, SamplingSpec, load_checkpoint, sample_ids
 from tarflow.classifier import load_classifier
 from tarflow.denoise import denoise
-from workflows.sample_grid import sample_images, save_grid
+from workflows.report.grid import save_grid
 
 
 @click.command()
-@click.option("--checkpoint", default=None, help="Default: the shipped demo checkpoint.")
+@click.option("--checkpoint", default="demo", show_default=True, help="A checkpoint path, or the shipped demo.")
 @click.option("--per-class", type=int, default=100, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--denoise", "denoise_lrs", type=float, multiple=True, default=[0.0, 1.0], show_default=True,
@@ -29,16 +29,17 @@ from workflows.sample_grid import sample_images, save_grid
 @click.option("--batch-size", type=int, default=100, show_default=True)
 @click.option("--grid", default=None, help="Write a 10x10 grid (10 samples per class) here.")
 def main(checkpoint, per_class, seed, denoise_lrs, guidance, batch_size, grid):
-    checkpoint = checkpoint or demo_checkpoint()
     classifier = load_classifier("mnist5k")
-    model = load_checkpoint(checkpoint)
+    model, provenance = load_checkpoint(checkpoint, with_metadata=True)
     n = 10 * per_class
+    spec = SamplingSpec(seed, tuple(range(10)), Guidance(guidance), batch_size=batch_size)
     t0 = time.perf_counter()
-    result = sample_images(checkpoint, n, seed, list(range(10)), guidance=guidance, batch_size=batch_size)
+    sampled = torch.cat([sample_ids(model, spec, range(s, min(s + batch_size, n))).images
+                         for s in range(0, n, batch_size)])
     click.echo(f"sampled {n} images in {time.perf_counter() - t0:.0f}s")
-    labels = torch.tensor(result.labels)
+    labels = spec.labels_for(range(n), 10)
     for lr in denoise_lrs:
-        images = denoise(model, result.images, labels, result.noise_std, lr) if lr > 0 else result.images
+        images = denoise(model, sampled, labels, provenance["noise_std"], lr) if lr > 0 else sampled.clamp(-1, 1)
         with torch.no_grad():
             pred = torch.cat([classifier(x).argmax(1) for x in images.split(500)])
         correct = pred == labels

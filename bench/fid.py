@@ -33,13 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
-from workflows import shards as sh  # noqa: E402
-from workflows.evaluate import ExtractConfig, FeaturePool, evaluate_fid  # noqa: E402
+from workflows.config import FidSettings, Resources  # noqa: E402
+from workflows.stages.fid import FeaturePool, evaluate_fid  # noqa: E402
+from workflows.storage import shards as sh  # noqa: E402
 
 GPU_COMMAND = ("RAY_ADDRESS=http://HEAD:8265 ray job submit --working-dir . -- tarflow-gs fid "
                "--samples s3://BUCKET/RUN/shards --reference imagenet-256-inception.npz "
                "--extractor inception-v3-compat --extractor-weights /weights/inception-compat.pth "
-               "--actors 8 --gpus-per-actor 1 --batch-size 500 --no-progress")
+               "--actors 8 --num-gpus 1 --batch-size 500 --no-progress")
 
 
 def _write_digits(uri: str, num_images: int, shard_size: int) -> None:
@@ -63,10 +64,10 @@ def throughput(args) -> dict:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     rows = []
     for actors in args.actors:
-        cfg = ExtractConfig(extractor=args.extractor, actors=actors, batch_size=args.batch_size)
+        settings = FidSettings(extractor=args.extractor, batch_size=args.batch_size)
         start = time.perf_counter()
-        with FeaturePool(cfg) as pool:
-            ray.get([actor.__ray_ready__.remote() for actor in pool.actors])
+        with FeaturePool(settings, Resources(actors=actors)) as pool:
+            ray.get([actor.__ray_ready__.remote() for actor in pool.pool.actors])
             started = time.perf_counter()
             stats = pool.stats(uri)
             seconds = time.perf_counter() - started
@@ -99,8 +100,9 @@ def scale(args) -> dict:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    cfg = ExtractConfig(extractor=args.extractor, actors=args.actors, batch_size=args.batch_size)
-    result = evaluate_fid(args.samples, args.reference, cfg, cache_dir=args.cache_dir)
+    settings = FidSettings(extractor=args.extractor, batch_size=args.batch_size)
+    result = evaluate_fid(args.samples, args.reference, settings, Resources(actors=args.actors),
+                          cache_dir=args.cache_dir)
     done.set()
     watcher.join()
     ray.shutdown()

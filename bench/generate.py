@@ -37,8 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from tarflow import Model, load_checkpoint, sample, save_checkpoint  # noqa: E402
-from tarflow.noise import sample_noise  # noqa: E402
+from tarflow import Model, ModelRef, SamplingSpec, load_checkpoint, sample_ids, save_checkpoint  # noqa: E402
 
 
 def _demo_or_stand_in(workdir: Path) -> tuple[str, str]:
@@ -57,21 +56,28 @@ def _demo_or_stand_in(workdir: Path) -> tuple[str, str]:
 def _direct_rate(checkpoint: str, num_samples: int, batch_size: int, seed: int, threads: int) -> float:
     torch.set_num_threads(threads)
     model = load_checkpoint(checkpoint)
-    classes = max(model.config.num_classes, 1)
+    spec = SamplingSpec(seed=seed, batch_size=batch_size)
     start = time.perf_counter()
     for s in range(0, num_samples, batch_size):
-        ids = range(s, min(s + batch_size, num_samples))
-        noise = sample_noise(seed, ids, model.num_tokens, model.token_dim)
-        labels = torch.tensor([i % classes for i in ids]) if model.config.num_classes else None
-        sample(model, noise, labels)
+        sample_ids(model, spec, range(s, min(s + batch_size, num_samples)))
     return num_samples / (time.perf_counter() - start)
+
+
+def _config(checkpoint: str, out: str, num_samples: int, seed: int, batch_size: int, shard_size: int, actors: int,
+            num_cpus: float | None = None):
+    from workflows.config import GenerateConfig, Resources, SampleSet
+
+    return GenerateConfig(model=ModelRef(checkpoint), out=out,
+                          samples=SampleSet(num_samples=num_samples, shard_size=shard_size),
+                          spec=SamplingSpec(seed=seed, batch_size=batch_size),
+                          resources=Resources(actors=actors, num_cpus=num_cpus))
 
 
 def throughput(args) -> dict:
     import ray
 
-    from workflows import shards as sh
-    from workflows.generate import GenerateConfig, generate
+    from workflows.stages.generate import generate
+    from workflows.storage import shards as sh
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-generate-"))
     checkpoint, what = (args.checkpoint, args.checkpoint) if args.checkpoint else _demo_or_stand_in(workdir)
@@ -83,8 +89,8 @@ def throughput(args) -> dict:
         rates.setdefault("direct", []).append(
             _direct_rate(checkpoint, args.num_samples, args.batch_size, args.seed, args.threads))
         out = workdir / f"actors-{actors}"
-        cfg = GenerateConfig(checkpoint, str(out), args.num_samples, seed=args.seed, batch_size=args.batch_size,
-                             shard_size=args.shard_size, actors=actors, cpus_per_actor=float(args.threads))
+        cfg = _config(checkpoint, str(out), args.num_samples, args.seed, args.batch_size, args.shard_size, actors,
+                      float(args.threads))
         summary = generate(cfg, progress=False)
         shard_seconds = sum(e.stats["seconds"] for e in sh.read_manifest(str(out)).shards)
         rates[f"pipeline_{actors}_actor"] = [summary.images_per_s]
@@ -108,18 +114,18 @@ def _train_tiny(workdir: Path) -> str:
         cfg = TrainConfig(dataset="digits", out=str(out), patch_size=2, width=64, num_blocks=4, layers_per_block=2,
                           head_dim=32, epochs=15, batch_size=64, lr=2e-3, warmup_steps=20, precision="fp32")
         start = time.perf_counter()
-        train(cfg.validate(), progress=False, log=lambda *a: None)
+        train(cfg, progress=False, log=lambda *a: None)
         print(f"trained {out} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
     return str(out)
 
 
 def scale_run(args) -> dict:
     """One generate run in this (fresh) process; reports the driver's peak RSS."""
-    from workflows import shards as sh
-    from workflows.generate import GenerateConfig, generate
+    from workflows.stages.generate import generate
+    from workflows.storage import shards as sh
 
-    cfg = GenerateConfig(args.checkpoint, args.out, args.num_samples, seed=args.seed,
-                         batch_size=args.batch_size, shard_size=args.shard_size, actors=args.actors)
+    cfg = _config(args.checkpoint, args.out, args.num_samples, args.seed, args.batch_size, args.shard_size,
+                  args.actors)
     summary = generate(cfg, progress=False)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     manifest = sh.verify_shards(args.out)

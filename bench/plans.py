@@ -1,7 +1,7 @@
 """Benchmark: sequential vs the auto plan vs paper-style hand plans, measured in one run.
 
-For each batch size: profile the model (Ray tasks, calibration on training images),
-compute the auto plan at --tol, then sample held-out noise with every plan and print
+For each batch size: profile the model in this process (torch alone, calibration on
+training images), compute the auto plan at --tol, then sample held-out noise with every plan and print
 wall time, speedup over sequential, parallel passes (network calls) vs sequential
 steps, max abs error vs sequential (model space) and the share of 8-bit pixels that
 differ from sequential.
@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
 
-from tarflow import Plan, load_checkpoint
+from tarflow import Plan, SamplingSpec, load_checkpoint, time_in_turns
 from tarflow.noise import sample_noise
-from workflows.compare import time_in_turns
-from workflows.profile import profile_model
-from workflows.schedule import hand_plan, schedule
+from tarflow.profile import profile_model
+from tarflow.schedule import hand_plan, schedule
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -42,24 +40,12 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--profile-cpus", type=int, default=None, help="CPUs per profile task (default: --threads)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
-    import ray
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # Ray nices its workers to 15 by default: on a busy box the profile tasks' timings then
-    # measure everyone else's load instead of this model's passes
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     path = args.checkpoint
-    if path == "demo":
-        from tarflow import demo_checkpoint
-
-        path = str(demo_checkpoint())
     device = torch.device(args.device)
     model = load_checkpoint(path).eval()
     T, D = model.num_tokens, model.token_dim
@@ -68,13 +54,13 @@ def main(argv=None):
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     results = []
     for B in args.batch_sizes:
+        spec = SamplingSpec(batch_size=B)
         t0 = time.perf_counter()
-        prof = profile_model(model, data=args.data, num_images=max(args.calib_images, B), batch_size=B,
-                             device=args.device, num_cpus=args.profile_cpus, checkpoint=path)
+        prof = profile_model(model, spec, data=args.data, num_images=max(args.calib_images, B), device=args.device)
         t1 = time.perf_counter()
-        auto = schedule(prof, model, tol=args.tol)
+        auto = schedule(prof, model, tol=args.tol, device=device)
         t2 = time.perf_counter()
-        shares = [b.crm_share for b in prof.cases[0].blocks]
+        shares = [b.crm_share for b in prof.blocks]
         tough = max(range(len(shares)), key=shares.__getitem__)
         specs = args.hand if args.hand is not None else [f"{tough}-8-32-10", f"{tough}-4-64-10",
                                                           f"{tough}-{T}-1-10"]
@@ -91,7 +77,7 @@ def main(argv=None):
               + (f" (fell back: {auto.evidence['fallback']})" if auto.evidence["fallback"] else ""))
         print(f"{'plan':<22}{'seconds':>9}{'speedup':>9}{'passes':>9}{'steps':>7}{'max err':>10}{'8bit diff':>11}")
         # sample() waits for the device after every block, so wall times are complete on CUDA too
-        timed = time_in_turns(m, noise, labels, plans, args.repeats, B)
+        timed = time_in_turns(m, noise, labels, plans, args.repeats, spec)
         ref = torch.cat([o.images for o in timed["sequential"][0]])
         ref_s = timed["sequential"][1]
         ref8 = to_uint8(ref)
@@ -109,7 +95,6 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
-    ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -14,10 +14,9 @@ import time
 
 import torch
 
-from tarflow import Plan, load_checkpoint, sample
-from tarflow.demo import demo_checkpoint
+from tarflow import Guidance, Plan, SamplingSpec, load_checkpoint, sample
 from tarflow.noise import sample_noise
-from tarflow.solvers import BlockRun, Guidance
+from tarflow.solvers import BlockRun
 
 
 def _timed(fn, device, repeats):
@@ -54,7 +53,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
-    model = load_checkpoint(args.checkpoint or demo_checkpoint(), in_channels=args.in_channels).to(device)
+    model = load_checkpoint(args.checkpoint or "demo", in_channels=args.in_channels).to(device)
     T, D, N = model.num_tokens, model.token_dim, len(model.blocks)
     classes = model.config.num_classes
     print(f"model: {N} blocks x {T} tokens (D={D}), width {model.config.channels}; device {device}, "
@@ -66,8 +65,8 @@ def main(argv=None):
         labels = torch.arange(B, device=device) % classes if classes else None
         for g in (0.0, args.guidance):
             cfg = Guidance(scale=g, annealed=True)
-            seq = _timed(lambda: sample(model, noise, labels, Plan.sequential(N, T), guidance=g,
-                                        annealed_guidance=True), device, args.repeats)
+            seq = _timed(lambda: sample(model, noise, labels, Plan.sequential(N, T), SamplingSpec(guidance=cfg)),
+                         device, args.repeats)
             one = _timed(lambda: one_pass_per_block(model, noise, labels, cfg), device, args.repeats)
             # one pass over T-1 tokens costs as much as this many sequential steps
             steps_per_pass = one / (seq / (T - 1))

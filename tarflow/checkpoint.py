@@ -60,13 +60,14 @@ def infer_config(state_dict: dict, in_channels: int = 3, head_dim: int = 64) -> 
     if out_rows not in (D, 2 * D):
         raise CheckpointError(f"'blocks.0.proj_out.weight' has {out_rows} rows; expected 2*D={2 * D} (nvp) or D={D}")
     if D % in_channels:
-        raise CheckpointError(f"token dim D={D} (from 'var') is not divisible by in_channels={in_channels}")
+        raise CheckpointError(f"token dim D={D} (from 'var') is not divisible by in_channels={in_channels}: give the "
+                              "image channels of this raw checkpoint (--in-channels, model.in_channels)")
     patch = math.isqrt(D // in_channels)
     side = math.isqrt(T)
     if patch * patch * in_channels != D or side * side != T:
         raise CheckpointError(
-            f"'var' has shape ({T}, {D}): with in_channels={in_channels} this is not a square image of square patches"
-        )
+            f"'var' has shape ({T}, {D}): with in_channels={in_channels} this is not a square image of square patches; "
+            "give the image channels of this raw checkpoint (--in-channels, model.in_channels)")
     return ModelConfig(in_channels, side * patch, patch, channels, len(block_ids), len(layer_ids),
                        num_classes, out_rows == 2 * D, head_dim).validate()
 

@@ -37,7 +37,8 @@ from .checkpoint import model_hash
 from .model import Model
 from .noise import sample_noise
 from .plan import BlockPlan, Plan, Sequential
-from .profile import BlockProfile, Profile, ProfileError, calibration_batch
+from .calibration import NO_DATA, calibration_batch
+from .profile import BlockProfile, Profile, ProfileError
 from .sampling import sample, time_in_turns
 
 TIE_FRACTION = 0.03  # candidates within 3% of sequential's predicted time are not worth any error
@@ -116,7 +117,7 @@ def schedule(profile: Profile, model: Model, tol: float = 1e-3, holdout_seed: in
     model = model.to(device)
     cal = profile.calibration
     conditional = spec.labels != "none"
-    calib = calibration_batch(model, None if cal.source == "samples" else cal.source, cal.num_images, cal.seed,
+    calib = calibration_batch(model, None if cal.source == NO_DATA else cal.source, cal.num_images, cal.seed,
                               conditional)
     held_seed = cal.seed + 1 if holdout_seed is None else holdout_seed
     n_held = max(cal.num_images, MIN_HOLDOUT) if holdout_images is None else holdout_images

@@ -175,3 +175,32 @@ def save(obj, path) -> Path:
     tmp.write_text(to_json(obj) + "\n")
     tmp.replace(path)
     return path
+
+
+class JSONForm:
+    """The JSON form of a dataclass: `from_dict` / `from_json` / `load` validate (errors are the class's
+    `json_error`, paths start at `json_name`), `to_dict` / `to_json` / `save` write it."""
+
+    json_name = "object"
+    json_error: type[SchemaError] = SchemaError
+
+    @classmethod
+    def from_dict(cls, d):
+        return validate(cls, d, cls.json_name, cls.json_error)
+
+    @classmethod
+    def from_json(cls, text: str):
+        return loads(cls, text, cls.json_name, cls.json_error)
+
+    @classmethod
+    def load(cls, path):
+        return load(cls, path, cls.json_name, cls.json_error)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    def to_json(self) -> str:
+        return to_json(self)
+
+    def save(self, path) -> Path:
+        return save(self, path)

@@ -19,7 +19,7 @@ import math
 import subprocess
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .checkpoint import save_checkpoint
 from .data import ImageDataset, load_dataset
 from .model import Model
-from .schema import STRICT_FIELDS, SchemaError, validate
+from .schema import STRICT_FIELDS, JSONForm, SchemaError
 
 STATE_SUFFIX = ".state.pt"
 STATE_VERSION = 1
@@ -40,7 +40,7 @@ class TrainConfigError(SchemaError):
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(JSONForm):
     dataset: str = "mnist5k"
     out: str = "runs/train/model.safetensors"
     image_size: int | None = None  # None: the dataset's own size
@@ -63,6 +63,7 @@ class TrainConfig:
     precision: str = "bf16"  # autocast dtype of the network, as the reference trains; "fp32" turns it off
 
     __pydantic_config__ = STRICT_FIELDS
+    json_name, json_error = "TrainConfig", TrainConfigError
 
     def __post_init__(self):
         def fail(name, rule):
@@ -92,16 +93,8 @@ class TrainConfig:
             fail("precision", f"allowed values are {', '.join(PRECISIONS)}")
         if self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
             fail("device", "allowed values are cpu, cuda[:N], mps")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        return validate(cls, d, "TrainConfig", TrainConfigError)
+        if self.width % self.head_dim:
+            fail("width", f"must be a multiple of head_dim={self.head_dim}")
 
     @property
     def state_path(self) -> Path:
@@ -127,8 +120,12 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def build_model(cfg: TrainConfig, data: ImageDataset) -> Model:
-    return Model(data.channels, data.image_size, cfg.patch_size, cfg.width, cfg.num_blocks, cfg.layers_per_block,
-                 num_classes=data.num_classes if cfg.conditional else 0, head_dim=cfg.head_dim)
+    try:
+        return Model(data.channels, data.image_size, cfg.patch_size, cfg.width, cfg.num_blocks, cfg.layers_per_block,
+                     num_classes=data.num_classes if cfg.conditional else 0, head_dim=cfg.head_dim)
+    except ValueError as e:  # e.g. a patch size that does not divide the images
+        raise TrainConfigError(f"{data.name} ({data.image_size}x{data.image_size} images) cannot train this model: "
+                               f"{e}") from None
 
 
 def _autocast(device: torch.device, precision: str):

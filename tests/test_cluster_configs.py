@@ -62,8 +62,8 @@ def test_rayjob_manifest_structure():
     job = _load("rayjob-fid-set.yaml")
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     spec = job["spec"]
-    assert "jobs/fid_set.py" in spec["entrypoint"] and "--config" in spec["entrypoint"]
-    config = spec["entrypoint"].split("--config")[1].split()[0].replace("/home/ray/tarflow-gs/", "")
+    assert "jobs/fid_set.py" in spec["entrypoint"]
+    config = spec["entrypoint"].split("jobs/fid_set.py")[1].split()[0].replace("/home/ray/tarflow-gs/", "")
     assert (CLUSTER.parent / config).is_file(), f"the RayJob runs {config}, which is not in the repository"
     assert spec["shutdownAfterJobFinishes"] is True
     cluster = spec["rayClusterSpec"]

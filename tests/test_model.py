@@ -128,3 +128,25 @@ def test_model_rejects_inconsistent_config():
         Model(1, 8, 2, 96, 2, 1)
     with pytest.raises(ValueError, match="img_size=9 is not a multiple of patch_size=2"):
         Model(1, 9, 2, 64, 2, 1)
+
+
+def test_checkpoint_references_demo_paths_and_uris(tmp_path, monkeypatch):
+    """`load_checkpoint` resolves every reference a command takes: demo, a path, file:// and fsspec URIs."""
+    import fsspec
+
+    import tarflow.checkpoint as checkpoint
+    from tarflow import ModelRef, demo_checkpoint, model_hash, resolve_checkpoint
+
+    monkeypatch.setattr(checkpoint, "CACHE_DIR", tmp_path / "cache")
+    model = make_tiny_model()
+    path = save_checkpoint(model, tmp_path / "m.safetensors")
+    assert resolve_checkpoint("demo") == demo_checkpoint()
+    assert model_hash(load_checkpoint(f"file://{path}")) == model_hash(model)
+    with fsspec.open("memory://bucket/m.safetensors", "wb") as f:  # a remote store, in memory
+        f.write(path.read_bytes())
+    assert model_hash(ModelRef("memory://bucket/m.safetensors").load()) == model_hash(model)
+    assert len(list((tmp_path / "cache").rglob("m.safetensors"))) == 1  # copied once, then read locally
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: memory://bucket/none.safetensors"):
+        load_checkpoint("memory://bucket/none.safetensors")
+    with pytest.raises(CheckpointError, match="in_channels=0"):
+        ModelRef(str(path), in_channels=0)

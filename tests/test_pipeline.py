@@ -3,7 +3,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import make_tiny_model
 
 from tarflow import Jacobi, Plan, save_checkpoint
@@ -137,3 +136,22 @@ def test_missing_checkpoint_fails_before_any_stage(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         pipeline.run(_from_dict(d))
     assert not (tmp_path / "out" / "run.json").exists()
+
+
+def test_every_guidance_setting_keys_the_profile(tiny, ray_local, tmp_path):
+    """The profile's key hashes the whole sampling spec: annealing or attn_temp alone make a new profile,
+    and the profile records the spec it measured."""
+    from tarflow.profile import Profile
+
+    _, d = tiny
+    base = {**d, "output": str(tmp_path / "out"), "plan": {"tol": 1e-3}, "calibration": {"num_images": 1},
+            "sampling": {"batch_size": 1, "seed": 3, "guidance": {"scale": 1.0}}}
+    keys = []
+    for guidance in ({"scale": 1.0}, {"scale": 1.0, "annealed": True}, {"scale": 1.0, "attn_temp": 0.5}):
+        cfg = _from_dict({**base, "sampling": {**base["sampling"], "guidance": guidance}})
+        result = pipeline.run(cfg, stop_after="profile")
+        (stage,) = result.stages
+        assert not stage.skipped and stage.workers
+        keys.append(stage.key)
+        assert Profile.from_json(Path(stage.output).read_text()).spec.guidance == cfg.sampling.guidance
+    assert len(set(keys)) == 3

@@ -7,7 +7,8 @@ import torch
 from conftest import make_tiny_model
 
 from tarflow import Guidance, ModelRef, SamplingSpec, save_checkpoint, solve_block
-from tarflow.profile import Profile, ProfileError, block_pairs, calibration_batch, profile_model
+from tarflow.calibration import block_pairs, calibration_batch
+from tarflow.profile import Profile, ProfileError, profile_model
 from workflows.config import Resources
 from workflows.stages.profile import profile as profile_stage
 

@@ -62,6 +62,13 @@ def test_sample_reports_bad_input(tmp_path, tiny_checkpoint):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_sample_takes_the_demo_alias(tmp_path):
+    result = run("--checkpoint", "demo", "--num-samples", 2, "--batch-size", 2, "--labels", "3,8",
+                 "--out", tmp_path / "demo.png")
+    assert result.exit_code == 0, result.output
+    assert "labels: 3,8" in result.output and (tmp_path / "demo.png").is_file()
+
+
 def test_demo_checkpoint_loads_and_samples():
     path = demo_checkpoint()
     assert path.stat().st_size < 15 * 2**20

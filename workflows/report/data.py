@@ -3,11 +3,10 @@ sequential) or by the nightly job (every configured model, hand plans, the histo
 written beside the page as `report-data.json`, from which `tarflow-gs report` can render it again."""
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from tarflow.schema import loads, validate
+from tarflow.schema import JSONForm
 
 from ..storage.history import HistoryRow
 
@@ -64,23 +63,11 @@ class ModelResult:
 
 
 @dataclass
-class ReportData:
+class ReportData(JSONForm):
     title: str
     models: list[ModelResult] = field(default_factory=list)
     history: list[HistoryRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ReportData":
-        return validate(cls, d, "report data")
-
-    @classmethod
-    def from_json(cls, text: str) -> "ReportData":
-        return loads(cls, text, "report data")
+    json_name = "report data"

@@ -1,0 +1,163 @@
+"""Every command, given bad input, ends with a one-paragraph message and a non-zero exit, never a traceback."""
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from conftest import make_tiny_model
+
+from tarflow import GSJacobi, ModelRef, Plan, SamplingSpec, save_checkpoint
+from tarflow.profile import profile_model
+from workflows.cli import main
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-errors")
+    model = make_tiny_model()
+    ckpt = save_checkpoint(model, root / "tiny.safetensors", {"noise_std": 0.1})
+    raw = root / "raw.pth"
+    torch.save(make_tiny_model().state_dict(), raw)
+    plan = Plan.uniform(4, 16, GSJacobi(segment_len=5)).save(root / "plan.json")
+    other_plan = Plan.sequential(2, 16).save(root / "other-plan.json")
+    prof = profile_model(make_tiny_model(num_blocks=2), SamplingSpec(batch_size=1), num_images=1, segment_lens=[15],
+                         windows=[], tols=[1e-2], caps=[1], repeats=1, model_ref=ModelRef(str(ckpt)))
+    profile = prof.save(root / "profile.json")
+    (root / "corrupt.json").write_text('{"version": 2, "num_blocks": ')
+    (root / "binary.json").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    unknown = json.loads(profile.read_text())
+    unknown["colour"] = "red"
+    (root / "unknown.json").write_text(json.dumps(unknown))
+    (root / "corrupt.yaml").write_text("output: [unclosed\n")
+    (root / "unknown.yaml").write_text(yaml.safe_dump({"output": str(root / "o"), "samplng": {}}))
+    (root / "range.yaml").write_text(yaml.safe_dump({"output": str(root / "o"), "samples": {"num_samples": -3}}))
+    (root / "nan.yaml").write_text(yaml.safe_dump({"output": str(root / "o"), "sampling": {"guidance": {"scale": "nan"}}}))
+    (root / "nockpt.yaml").write_text(yaml.safe_dump({"output": str(root / "o"),
+                                                      "model": {"checkpoint": str(root / "none.pth")}}))
+    (root / "nightly.yaml").write_text(yaml.safe_dump({"history": "h", "output": "o", "models": []}))
+    (root / "a_file").write_text("not a directory")
+    shards = root / "shards"
+    shards.mkdir()
+    (shards / "_manifest.json").write_bytes(b"\xff\xfe garbage")
+    (root / "bad.npz").write_bytes(b"PK\x03\x04 not a zip")
+    return {k: str(v) for k, v in {"root": root, "ckpt": ckpt, "raw": raw, "plan": plan, "other_plan": other_plan,
+                                    "profile": profile, "shards": shards}.items()}
+
+
+def _cases(f):
+    r = f["root"]
+    missing = f"{r}/missing.safetensors"
+    return [
+        # profile
+        (["profile", "--checkpoint", missing, "--out", f"{r}/p.json"], "checkpoint not found"),
+        (["profile", "--checkpoint", f["raw"], "--in-channels", "3", "--out", f"{r}/p.json"],
+         "in_channels=3: give the image channels of this raw checkpoint (--in-channels"),
+        (["profile", "--checkpoint", f["ckpt"], "--num-images", "0", "--out", f"{r}/p.json"],
+         "Invalid value for '--num-images'"),
+        (["profile", "--checkpoint", f["ckpt"], "--guidance", "nan", "--out", f"{r}/p.json"], "scale=nan"),
+        (["profile", "--checkpoint", f["ckpt"], "--labels", "3,x", "--out", f"{r}/p.json"],
+         "Invalid value for '--labels'"),
+        # plan
+        (["plan", "--profile", f"{r}/corrupt.json", "--out", f"{r}/x.json"], "profile is not valid JSON"),
+        (["plan", "--profile", f"{r}/binary.json", "--out", f"{r}/x.json"], "cannot read the profile"),
+        (["plan", "--profile", f"{r}/unknown.json", "--out", f"{r}/x.json"], "profile.colour: unknown field"),
+        (["plan", "--profile", f"{r}/none.json", "--out", f"{r}/x.json"], "profile not found"),
+        (["plan", "--profile", f["profile"], "--tol", "-1", "--out", f"{r}/x.json"], "Invalid value for '--tol'"),
+        (["plan", "--hand", "9-2-8-4", "--checkpoint", f["ckpt"], "--out", f"{r}/x.json"], "Stack names blocks [9]"),
+        (["plan", "--hand", "1-2-8-4", "--checkpoint", missing, "--out", f"{r}/x.json"], "checkpoint not found"),
+        # generate
+        (["generate", "--checkpoint", missing, "--num-samples", "4", "--batch-size", "2", "--out", f"{r}/g"],
+         "checkpoint not found"),
+        (["generate", "--checkpoint", f["ckpt"], "--plan", f"{r}/corrupt.json", "--num-samples", "4",
+          "--batch-size", "2", "--out", f"{r}/g"], "plan is not valid JSON"),
+        (["generate", "--checkpoint", f["ckpt"], "--plan", f["other_plan"], "--num-samples", "4", "--batch-size", "2",
+          "--out", f"{r}/g"], "plan is for 2 blocks x 16 tokens"),
+        (["generate", "--checkpoint", f["ckpt"], "--num-samples", "0", "--batch-size", "2", "--out", f"{r}/g"],
+         "Invalid value for '--num-samples'"),
+        (["generate", "--checkpoint", f["ckpt"], "--labels", "3,99", "--num-samples", "4", "--batch-size", "2",
+          "--out", f"{r}/g"], "class 99 out of range"),
+        (["generate", "--checkpoint", f["ckpt"], "--num-samples", "4", "--batch-size", "2", "--out",
+          f"{r}/a_file"], "is a file"),
+        (["generate", "--checkpoint", f["ckpt"], "--denoise", "inf", "--num-samples", "4", "--batch-size", "2",
+          "--out", f"{r}/g"], "multiplier=inf"),
+        # sample
+        (["sample", "--checkpoint", f["ckpt"], "--plan", f["other_plan"], "--out", f"{r}/s.png"],
+         "plan is for 2 blocks"),
+        (["sample", "--checkpoint", f["raw"], "--in-channels", "1", "--denoise", "1", "--out", f"{r}/s.png"],
+         "does not record the training noise_std"),
+        (["sample", "--checkpoint", f["ckpt"], "--batch-size", "0", "--out", f"{r}/s.png"],
+         "Invalid value for '--batch-size'"),
+        (["sample", "--checkpoint", f["ckpt"], "--autocast", "fp8", "--out", f"{r}/s.png"],
+         "Invalid value for '--autocast'"),
+        # fid
+        (["fid", "--samples", f"{r}/nothing", "--reference", "mnist5k"], "neither a shard set"),
+        (["fid", "--samples", f["shards"], "--reference", "mnist5k"], "_manifest.json is corrupt"),
+        (["fid", "--samples", f["root"], "--reference", f"{r}/bad.npz"], "bad.npz is not a readable statistics"),
+        (["fid", "--samples", f["root"], "--reference", "mnist5k", "--extractor", "inception"],
+         "Invalid value for '--extractor'"),
+        (["fid-export-inception", f["root"]], "Invalid value for 'OUT'"),
+        # run
+        (["run", f"{r}/none.yaml"], "run config not found"),
+        (["run", f"{r}/corrupt.yaml"], "run config is not valid YAML"),
+        (["run", f"{r}/unknown.yaml"], "samplng: unknown field; allowed here: output, name"),
+        (["run", f"{r}/range.yaml"], "samples.num_samples: Input should be greater than or equal to 1"),
+        (["run", f"{r}/nan.yaml"], "sampling.guidance.scale: Input should be a finite number"),
+        (["run", f"{r}/nockpt.yaml"], "checkpoint not found"),
+        # report, nightly
+        (["report", "--data", f"{r}/corrupt.json", "--out", f"{r}/rep"], "report data is not valid JSON"),
+        (["report", "--history", f["plan"], "--out", f"{r}/rep"], "is a file: a history is a folder"),
+        (["report", "--out", f"{r}/rep"], "give at least one --data file or a --history table"),
+        (["nightly", f"{r}/nightly.yaml"], "models: List should have at least 1 item"),
+        (["nightly", f"{r}/none.yaml"], "nightly config not found"),
+        # train
+        (["train", "--dataset", f"{r}/no-such-folder", "--out", f"{r}/t.safetensors"], "no-such-folder"),
+        (["train", "--lr", "0", "--out", f"{r}/t.safetensors"], "Invalid value for '--lr'"),
+        (["train", "--width", "100", "--head-dim", "64", "--epochs", "1", "--out", f"{r}/t.safetensors"],
+         "width=100: must be a multiple of head_dim=64"),
+        (["train", "--dataset", "digits", "--patch-size", "3", "--epochs", "1", "--out", f"{r}/t.safetensors"],
+         "cannot train this model: ModelConfig.img_size=8 is not a multiple of patch_size=3"),
+        (["train", "--resume", f"{r}/none.safetensors"], "resume state not found"),
+    ]
+
+
+def test_every_command_reports_bad_input_as_a_message(files):
+    runner = CliRunner()
+    commands = set()
+    for args, message in _cases(files):
+        result = runner.invoke(main, args)
+        commands.add(args[0])
+        where = f"{' '.join(args)}\n{result.output}"
+        assert result.exit_code != 0, where
+        # a handled error leaves through SystemExit; anything else is a traceback waiting to happen
+        assert isinstance(result.exception, SystemExit), f"{where}\n{result.exception!r}"
+        assert "Traceback" not in result.output, where
+        assert message in " ".join(result.output.split()), where
+    assert commands == set(main.commands), f"commands without a bad-input case: {set(main.commands) - commands}"
+
+
+def test_installed_command_prints_one_paragraph_and_no_traceback(files, tmp_path):
+    """The real entry point: the message on stderr, exit status 1, and a dashboard RAY_ADDRESS refused."""
+    env = {**os.environ, "RAY_ADDRESS": "http://127.0.0.1:8265"}
+    tarflow_gs = shutil.which("tarflow-gs")
+    assert tarflow_gs, "the package's console script is installed (pip install -e .)"
+    bad = subprocess.run([tarflow_gs, "generate", "--checkpoint", files["ckpt"],
+                          "--plan", f"{files['root']}/corrupt.json", "--num-samples", "4", "--batch-size", "2",
+                          "--out", str(tmp_path / "g")], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.startswith("Error: ") and bad.stderr.count("\n") == 1, bad.stderr
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"output": str(tmp_path / "out"), "model": {"checkpoint": files["ckpt"]},
+                                      "plan": {"path": files["plan"]}, "fid": {"enabled": False}}))
+    refused = subprocess.run([tarflow_gs, "run", str(config)], capture_output=True,
+                             text=True, env=env, timeout=120)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "is a dashboard address" in refused.stderr and "ray job submit" in refused.stderr, refused.stderr
+
+
+def test_version():
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and "version" in result.output
