@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,13 +40,23 @@ def files(tmp_path_factory):
     (root / "nockpt.yaml").write_text(yaml.safe_dump({"output": str(root / "o"),
                                                       "model": {"checkpoint": str(root / "none.pth")}}))
     (root / "nightly.yaml").write_text(yaml.safe_dump({"history": "h", "output": "o", "models": []}))
+    run = {"output": str(root / "never"), "model": {"checkpoint": str(ckpt)}, "plan": {"path": str(plan)},
+           "fid": {"reference": "mnist5k"}}
+    for name, patch in {"labels99": {"sampling": {"labels": [3, 99]}},
+                        "noref": {"fid": {"reference": str(root / "no-such-reference")}},
+                        "noweights": {"fid": {"extractor": "inception-v3-compat", "weights": str(root / "no.pth")}},
+                        "badckpt": {"model": {"checkpoint": str(root / "junk.safetensors")}},
+                        "otherplan": {"plan": {"path": str(other_plan)}}}.items():
+        (root / f"{name}.yaml").write_text(yaml.safe_dump({**run, **patch}))
+    (root / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken header")
+    overflow = save_checkpoint(make_tiny_model(out_std=0.5), root / "overflow.safetensors")
     (root / "a_file").write_text("not a directory")
     shards = root / "shards"
     shards.mkdir()
     (shards / "_manifest.json").write_bytes(b"\xff\xfe garbage")
     (root / "bad.npz").write_bytes(b"PK\x03\x04 not a zip")
     return {k: str(v) for k, v in {"root": root, "ckpt": ckpt, "raw": raw, "plan": plan, "other_plan": other_plan,
-                                    "profile": profile, "shards": shards}.items()}
+                                    "profile": profile, "shards": shards, "overflow": overflow}.items()}
 
 
 def _cases(f):
@@ -93,6 +104,10 @@ def _cases(f):
          "Invalid value for '--batch-size'"),
         (["sample", "--checkpoint", f["ckpt"], "--autocast", "fp8", "--out", f"{r}/s.png"],
          "Invalid value for '--autocast'"),
+        (["sample", "--checkpoint", f["overflow"], "--num-samples", "2", "--out", f"{r}/s.png"],
+         "produced NaN/inf for batch rows"),
+        (["generate", "--checkpoint", f["ckpt"], "--guidance", "nan", "--num-samples", "4", "--batch-size", "2",
+          "--out", f"{r}/g"], "scale=nan: must be a finite number"),
         # fid
         (["fid", "--samples", f"{r}/nothing", "--reference", "mnist5k"], "neither a shard set"),
         (["fid", "--samples", f["shards"], "--reference", "mnist5k"], "_manifest.json is corrupt"),
@@ -107,6 +122,11 @@ def _cases(f):
         (["run", f"{r}/range.yaml"], "samples.num_samples: Input should be greater than or equal to 1"),
         (["run", f"{r}/nan.yaml"], "sampling.guidance.scale: Input should be a finite number"),
         (["run", f"{r}/nockpt.yaml"], "checkpoint not found"),
+        (["run", f"{r}/labels99.yaml"], "class 99 out of range, the model has 10 classes"),
+        (["run", f"{r}/noref.yaml"], "no-such-reference' is neither a shard set"),
+        (["run", f"{r}/noweights.yaml"], "extractor weights"),
+        (["run", f"{r}/badckpt.yaml"], "junk.safetensors: corrupt safetensors file"),
+        (["run", f"{r}/otherplan.yaml"], "plan is for 2 blocks x 16 tokens"),
         # report, nightly
         (["report", "--data", f"{r}/corrupt.json", "--out", f"{r}/rep"], "report data is not valid JSON"),
         (["report", "--history", f["plan"], "--out", f"{r}/rep"], "is a file: a history is a folder"),
@@ -137,6 +157,9 @@ def test_every_command_reports_bad_input_as_a_message(files):
         assert "Traceback" not in result.output, where
         assert message in " ".join(result.output.split()), where
     assert commands == set(main.commands), f"commands without a bad-input case: {set(main.commands) - commands}"
+    # the run's inputs were refused before any stage: nothing was written where it would have gone
+    assert not (Path(files["root"]) / "never").exists()
+    assert not (Path(files["root"]) / "g").exists() and not (Path(files["root"]) / "s.png").exists()
 
 
 def test_installed_command_prints_one_paragraph_and_no_traceback(files, tmp_path):

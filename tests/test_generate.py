@@ -1,7 +1,11 @@
 """The generate stage on a real local Ray: determinism over actors, resume, killed actors, bad input."""
 import json
 import os
+import shutil
 import signal
+import socket
+import subprocess
+import time
 
 import numpy as np
 import pyarrow.dataset as ds
@@ -18,6 +22,7 @@ from workflows.cli import main as cli
 from workflows.config import GenerateConfig, Resources, SampleSet
 from workflows.stages.generate import GenerateError, generate, prepare
 from workflows.storage import shards as sh
+from workflows.storage.lease import LeaseError
 
 SEED = 11
 
@@ -31,58 +36,85 @@ def assets(tmp_path_factory):
     return {"ckpt": str(ckpt), "plan": str(plan), "other": str(other)}
 
 
-def _cfg(assets, out, num_samples=40, shard_size=16, actors=1, plan="default", checkpoint=None, **spec):
+def _cfg(assets, out, num_samples=40, shard_size=16, actors=1, plan="default", checkpoint=None, num_cpus=None,
+         **spec):
     return GenerateConfig(model=ModelRef(checkpoint or assets["ckpt"], 1), out=str(out),
                           samples=SampleSet(num_samples=num_samples, shard_size=shard_size),
                           spec=SamplingSpec(**{"seed": SEED, "batch_size": 8, **spec}),
                           plan=Plan.load(assets["plan"]) if plan == "default" else plan,
-                          resources=Resources(actors=actors, num_cpus=0.5))
+                          resources=Resources(actors=actors, num_cpus=num_cpus))
 
 
-def _direct(assets, ids, batch_size=8, classes=10, denoise_lr=0.0, noise_std=0.1):
-    """uint8 images of `ids` from tarflow.sample (and tarflow.denoise) called directly, batch by batch."""
+def _direct(assets, ids, batch_size=8, classes=10, denoise_lr=0.0, noise_std=0.1, threads=1):
+    """uint8 images and solver stats of `ids` from tarflow.sample (and tarflow.denoise) called directly."""
     model, plan = load_checkpoint(assets["ckpt"]), Plan.load(assets["plan"])
-    out, threads = [], torch.get_num_threads()
-    torch.set_num_threads(1)  # as the actors run (num_cpus=0.5); a tiny model gains nothing from more
+    out, passes, before = [], [], torch.get_num_threads()
+    torch.set_num_threads(threads)  # the workers' torch threads (1: one whole CPU or less)
     try:
         for s in range(0, len(ids), batch_size):
             chunk = ids[s : s + batch_size]
             noise = sample_noise(SEED, chunk, model.num_tokens, model.token_dim)
             labels = torch.as_tensor(np.arange(classes) if isinstance(classes, int) else classes)
             y = labels[torch.as_tensor(chunk) % len(labels)]
-            images = sample(model, noise, y, plan=plan).images
+            result = sample(model, noise, y, plan=plan)
+            images = result.images
             if denoise_lr:
                 images = denoise(model, images, y, noise_std=noise_std, lr_multiplier=denoise_lr)
             out.append(sh.to_uint8(images))
+            by_block = {b.block: b.passes for b in result.stats.blocks}
+            passes += [[by_block[i] for i in range(len(model.blocks))]] * len(chunk)
     finally:
-        torch.set_num_threads(threads)
-    return np.concatenate(out)
+        torch.set_num_threads(before)
+    return np.concatenate(out), passes
 
 
-def test_one_vs_two_actors_identical_and_equal_to_direct_sampling(ray_local, assets, tmp_path):
-    one = generate(_cfg(assets, tmp_path / "one", actors=1), progress=False)
-    two = generate(_cfg(assets, tmp_path / "two", actors=2), progress=False)
-    assert one.samples_written == two.samples_written == 40 and one.shards_written == 3
-    ids1, labels1, images1 = sh.read_images(str(tmp_path / "one"))
-    ids2, labels2, images2 = sh.read_images(str(tmp_path / "two"))
-    assert ids1.tolist() == ids2.tolist() == list(range(40))
-    assert np.array_equal(labels1, ids1 % 10) and np.array_equal(labels1, labels2)
-    assert np.array_equal(images1, images2)  # bitwise, whichever actor took which shard
-    assert np.array_equal(images1, _direct(assets, list(range(40))))
+def test_actor_count_never_changes_an_image(ray_local, assets, tmp_path):
+    """1, 2 and 3 actors with the default resources: the same bytes, and those of direct sampling at the
+    workers' thread count; the shards' solver stats are those of the batch that made each row."""
+    runs = [generate(_cfg(assets, tmp_path / f"a{n}", actors=n), progress=False) for n in (1, 2, 3)]
+    assert all(r.samples_written == 40 and r.shards_written == 3 for r in runs)
+    sets = [sh.read_images(str(tmp_path / f"a{n}")) for n in (1, 2, 3)]
+    ids, labels, images = sets[0]
+    assert ids.tolist() == list(range(40)) and np.array_equal(labels, ids % 10)
+    for other in sets[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(sets[0], other))  # bitwise, whichever actor took a shard
+    direct, passes = _direct(assets, list(range(40)))
+    assert np.array_equal(images, direct)
+    table = ds.dataset(str(tmp_path / "a3"), format="parquet").to_table().sort_by("sample_id")
+    assert table.column("block_passes").to_pylist() == passes
+    assert table.column("seed").to_pylist() == [SEED] * 40
     # another batch size: same images up to one 8-bit level where reduction order flips a rounding
-    assert np.abs(images1[:12].astype(int) - _direct(assets, list(range(12)), batch_size=3)).max() <= 1
+    assert np.abs(images[:12].astype(int) - _direct(assets, list(range(12)), batch_size=3)[0]).max() <= 1
 
-    files = sorted(str(p) for p in (tmp_path / "one").glob("shard-*.parquet"))
-    table = ds.dataset(files, format="parquet").to_table()
-    assert table.num_rows == 40 and table.column("block_passes")[0].as_py() and table.column("seed")[0].as_py() == SEED
-    manifest = sh.read_manifest(str(tmp_path / "one"))
-    meta = sh.read_metadata(str(tmp_path / "one"), manifest.shards[0])
+    manifest = sh.read_manifest(str(tmp_path / "a1"))
+    assert manifest.settings["numerics"] == {"threads": 1, "device": "cpu"}
+    meta = sh.read_metadata(str(tmp_path / "a1"), manifest.shards[0])
+    assert meta["settings"] == manifest.settings and meta["provenance"]["software"]["torch"]
     assert meta["settings"]["plan_hash"] == Plan.load(assets["plan"]).fingerprint()
-    assert meta["settings"]["model_hash"] == manifest.settings["model_hash"]
-    assert meta["provenance"]["software"]["torch"] and meta["settings"]["spec"]["labels"] == "uniform"
-    assert SamplingSpec(**{k: v for k, v in meta["settings"]["spec"].items() if k in ("seed", "batch_size")}) == \
-        SamplingSpec(seed=SEED, batch_size=8)
-    assert {p["device"] for p in one.placements} == {"cpu"} and 1 <= len(two.placements) <= 2
+    assert {p["device"] for r in runs for p in r.placements} == {"cpu"} and 1 <= len(runs[2].placements) <= 3
+
+
+def test_resume_refuses_other_numerics(complete_set, assets, tmp_path):
+    """Threads decide pixels on a CPU: a resume (or a second run) with another thread count is refused."""
+    out, _ = _copy(complete_set, tmp_path)
+    with pytest.raises(GenerateError, match=r"numerics.threads=1 there vs 2 now"):
+        generate(_cfg(assets, out, num_samples=32, shard_size=8, num_cpus=2), progress=False)
+    assert generate(_cfg(assets, out, num_samples=32, shard_size=8), progress=False).shards_written == 0
+
+
+def _damage(path, how):
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[:100])
+    elif how == "flipped":  # same size: only a checksum can tell. The byte is inside the images' data pages
+        import pyarrow.parquet as pq
+
+        column = next(c for c in (pq.ParquetFile(path).metadata.row_group(0).column(i) for i in range(8))
+                      if c.path_in_schema == "image.bytes")
+        data = bytearray(path.read_bytes())
+        data[column.data_page_offset + column.total_compressed_size // 2] ^= 0x40
+        path.write_bytes(bytes(data))
+    else:
+        path.unlink()
 
 
 def test_resume_after_interrupted_run_has_no_gaps_or_duplicates(ray_local, assets, tmp_path):
@@ -106,13 +138,113 @@ def test_resume_after_interrupted_run_has_no_gaps_or_duplicates(ray_local, asset
     assert manifest.complete and {e.file: e.sha256 for e in manifest.shards if e.file in kept} == kept
     ids, _, images = sh.read_images(cfg.out)
     assert ids.tolist() == list(range(56))
-    assert np.array_equal(images[-8:], _direct(assets, list(range(48, 56))))
+    assert np.array_equal(images, _direct(assets, list(range(56)))[0])
 
-    # a shard damaged after the run is found on resume and made again; nothing else is redone
-    (tmp_path / "out" / "shard-00002.parquet").write_bytes(b"truncated")
-    assert prepare(cfg).pending == [2]
+
+@pytest.fixture(scope="module")
+def complete_set(ray_local, assets, tmp_path_factory):
+    """A finished 4-shard set, copied by each test that damages one: (its path, {file: sha256})."""
+    out = tmp_path_factory.mktemp("complete") / "set"
+    generate(_cfg(assets, out, num_samples=32, shard_size=8), progress=False)
+    return out, {e.file: e.sha256 for e in sh.read_manifest(str(out)).shards}
+
+
+def _copy(complete_set, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(complete_set[0], out)
+    return out, complete_set[1]
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped", "deleted"])
+def test_damaged_shards_are_redone_and_nothing_else(complete_set, assets, tmp_path, how):
+    out, before = _copy(complete_set, tmp_path)
+    cfg = _cfg(assets, out, num_samples=32, shard_size=8)
+    _damage(out / "shard-00002.parquet", how)
+    with pytest.raises(sh.ShardError, match="re-run generate to redo it|missing"):
+        sh.verify_shards(cfg.out)  # the readers refuse it and say what to do; doing it repairs the set
+    job = prepare(cfg)
+    assert job.pending == [2] and any("shard-00002.parquet" in n for n in job.notes)
+    summary = generate(cfg, progress=False)
+    assert summary.shards_written == 1 and any("shard-00002.parquet" in n for n in summary.notes)
+    after = {e.file: e.sha256 for e in sh.verify_shards(cfg.out).shards}
+    assert after == before  # the redone shard is byte for byte the original, and nothing else was touched
+    assert generate(cfg, progress=False).shards_written == 0
+
+
+def test_large_sets_are_verified_in_the_actors(complete_set, assets, tmp_path, monkeypatch):
+    import workflows.stages.generate as stage
+
+    out, before = _copy(complete_set, tmp_path)
+    cfg = _cfg(assets, out, num_samples=32, shard_size=8, actors=2)
+    _damage(out / "shard-00001.parquet", "flipped")
+    monkeypatch.setattr(stage, "LOCAL_VERIFY_BYTES", 0)  # every shard counts as a large set's
+    job = prepare(cfg)
+    assert len(job.unverified) == 4 and job.pending == []  # the driver hashed nothing
     assert generate(cfg, progress=False).shards_written == 1
-    assert sh.verify_shards(cfg.out).complete and generate(cfg, progress=False).shards_written == 0
+    assert {e.file: e.sha256 for e in sh.verify_shards(cfg.out).shards} == before
+
+
+def test_a_corrupt_manifest_is_named_and_its_shards_recovered(complete_set, assets, tmp_path):
+    out, before = _copy(complete_set, tmp_path)
+    cfg = _cfg(assets, out, num_samples=32, shard_size=8)
+    (out / "_manifest.json").write_bytes(b"\xff\xfe\x00 torn")
+    _damage(out / "shard-00003.parquet", "flipped")
+    with pytest.raises(sh.ShardError, match="out/_manifest.json is corrupt"):
+        sh.read_manifest(cfg.out)
+    job = prepare(cfg)
+    assert job.pending == [3] and "recovered 3 shard(s)" in job.notes[0]
+    assert generate(cfg, progress=False).shards_written == 1
+    assert {e.file: e.sha256 for e in sh.verify_shards(cfg.out).shards} == before
+
+
+def test_one_writer_per_output(ray_local, assets, tmp_path):
+    """A live run's lease refuses a second writer, naming it; a dead run's lease and temporaries are taken over."""
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(["sleep", "60"])  # a live process on this host holds the lease
+    try:
+        lease = {"run_id": "r-live", "host": socket.gethostname(), "pid": holder.pid, "heartbeat": time.time()}
+        (out / "_lease.json").write_text(json.dumps(lease))
+        with pytest.raises(LeaseError, match=f"being written by run r-live on host .* \\(pid {holder.pid}"):
+            generate(_cfg(assets, out, num_samples=16, shard_size=8), progress=False)
+        assert sorted(p.name for p in out.iterdir()) == ["_lease.json"]  # nothing else was touched
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died: its lease is taken over at once (same host), its leftover temporary removed
+    (out / ".shard-00000.parquet.tmp-r-live-abc123").write_bytes(b"half a shard")
+    summary = generate(_cfg(assets, out, num_samples=16, shard_size=8), progress=False)
+    assert summary.shards_written == 2
+    assert sorted(p.name for p in out.iterdir()) == ["_manifest.json", "shard-00000.parquet", "shard-00001.parquet"]
+
+
+def test_a_full_disk_is_a_message_and_the_run_resumes(ray_local, assets, tmp_path, monkeypatch):
+    import errno
+
+    import workflows.storage.manifest as manifest_mod
+
+    out = tmp_path / "out"
+    real, calls = manifest_mod.commit_shard, []
+
+    def full_after_one(uri, entry):
+        calls.append(entry.index)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(uri, entry)
+
+    monkeypatch.setattr(sh, "commit_shard", full_after_one)
+    args = ["generate", "--checkpoint", assets["ckpt"], "--in-channels", "1", "--plan", assets["plan"],
+            "--num-samples", "24", "--seed", str(SEED), "--batch-size", "8", "--shard-size", "8", "--out", str(out),
+            "--no-progress"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "cannot write the record of shard-0000" in result.output and "No space left" in result.output
+    assert "finished shards are kept" in result.output
+    monkeypatch.undo()
+    assert len(sh.read_manifest(str(out)).shards) == 1
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0 and "1 already done" in again.output, again.output
+    assert sh.verify_shards(str(out)).complete
 
 
 def _our_shard_workers():
@@ -134,6 +266,7 @@ def test_killed_actor_is_replaced_and_every_id_written_once(ray_local, assets, t
     cfg = _cfg(assets, tmp_path / "out", num_samples=96, shard_size=8, actors=2)
     killed = []
 
+
     def kill_one(entry):
         if not killed:
             pid = _our_shard_workers()[0]
@@ -146,7 +279,7 @@ def test_killed_actor_is_replaced_and_every_id_written_once(ray_local, assets, t
     assert manifest.complete and manifest.rows == 96
     ids, _, images = sh.read_images(cfg.out)
     assert ids.tolist() == list(range(96))
-    assert np.array_equal(images[:16], _direct(assets, list(range(16))))
+    assert np.array_equal(images[:16], _direct(assets, list(range(16)))[0])
 
 
 def test_bad_inputs_fail_before_any_work(assets, tmp_path):
@@ -169,17 +302,18 @@ def test_bad_inputs_fail_before_any_work(assets, tmp_path):
     with pytest.raises(PlanError, match="certified for another sampling map"):
         prepare(_cfg(assets, out, plan=certified))
     (tmp_path / "a_file").write_text("x")
-    with pytest.raises(GenerateError, match="cannot create output|is a file"):
+    with pytest.raises(GenerateError, match="cannot create output .*a_file is a file"):
         prepare(_cfg(assets, tmp_path / "a_file" / "out"))
-    assert not out.exists()
+    with pytest.raises(GenerateError, match="is a file; give a directory"):
+        prepare(_cfg(assets, tmp_path / "a_file"))
+    assert not out.exists()  # prepare checks; it writes nothing
 
-    prepare(_cfg(assets, out))  # creates the output and its manifest, samples nothing
+    generate(_cfg(assets, out, num_samples=8, shard_size=8), progress=False)
     with pytest.raises(GenerateError, match=r"different settings \(spec.seed=11 there vs 12 now\)"):
-        prepare(_cfg(assets, out, seed=12))
+        prepare(_cfg(assets, out, num_samples=8, shard_size=8, seed=12))
     with pytest.raises(GenerateError, match="plan_hash="):
-        prepare(_cfg(assets, out, plan=None))
+        prepare(_cfg(assets, out, num_samples=8, shard_size=8, plan=None))
     assert sh.read_manifest(str(out)).settings["spec"]["seed"] == SEED
-    assert sorted(p.name for p in out.iterdir()) == ["_manifest.json"]
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -199,8 +333,8 @@ def test_cli_generates_with_denoising_and_reports(ray_local, assets, tmp_path):
     assert "12 samples complete" in result.output and "images/s" in result.output
     _, labels, images = sh.read_images(str(out))
     assert labels.tolist() == [3, 4] * 6
-    assert np.array_equal(images, _direct(assets, list(range(12)), classes=[3, 4], denoise_lr=1.0))
-    assert not np.array_equal(images, _direct(assets, list(range(12)), classes=[3, 4]))
+    assert np.array_equal(images, _direct(assets, list(range(12)), classes=[3, 4], denoise_lr=1.0)[0])
+    assert not np.array_equal(images, _direct(assets, list(range(12)), classes=[3, 4])[0])
     again = CliRunner().invoke(cli, [*args, "--seed", "1"])  # the last --seed wins
     assert again.exit_code != 0 and "different settings" in again.output
     missing = CliRunner().invoke(cli, ["generate", "--checkpoint", str(tmp_path / "nope"), "--num-samples", "1",

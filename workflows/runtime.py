@@ -9,6 +9,8 @@ import logging
 import math
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections import deque
 from typing import Callable, Iterable, Iterator
@@ -33,14 +35,14 @@ def connect(address: str | None = None) -> None:
     Ray Client; none starts a private local Ray for this process alone, never a stray cluster.
     A dashboard address (`http(s)://...:8265`, what `ray job submit --address` takes) is refused
     with the command to use instead: `ray.init` would hand it to Ray Client and fail."""
-    if ray.is_initialized():
-        return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address.startswith(("http://", "https://")):
         raise ClusterError(
             f"RAY_ADDRESS={address} is a dashboard address, for submitting jobs: run this through "
             f"`ray job submit --address {address} --working-dir . -- <command>` (the job then joins the cluster), "
             "or unset RAY_ADDRESS to run on a private local Ray")
+    if ray.is_initialized():
+        return
     try:
         if address:
             log.info("joining the Ray cluster at %s", address)
@@ -48,28 +50,45 @@ def connect(address: str | None = None) -> None:
         else:
             log.info("starting a private local Ray (%d CPUs)", os.cpu_count() or 1)
             ray.init(address="local", include_dashboard=False, log_to_driver=False)
+            _start_reaper()
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise ClusterError(f"cannot connect to Ray at {address or 'a new local instance'}: {e}") from None
 
 
+_reaper: subprocess.Popen | None = None
+
+
+def _start_reaper() -> None:
+    """A watchdog that ends this private Ray if the driver dies without shutting it down (`reaper.py`)."""
+    global _reaper
+    if _reaper is None and os.path.isdir("/proc"):
+        # the pipe's write end stays with the driver: its death, by any signal, is the watchdog's EOF
+        _reaper = subprocess.Popen([sys.executable, "-m", "workflows.reaper", str(os.getpid())],
+                                   stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
+
+
 # ---- one worker ------------------------------------------------------------------------------------------------
+
+def worker_threads(res: Resources) -> int:
+    """Torch threads of one worker: its whole CPUs, at least one. Never derived from the worker count
+    or the node size: threads change the reduction order, so on a CPU they are part of what decides
+    a sample's pixels, and a run's images must not depend on how it was split."""
+    return max(1, int(res.num_cpus)) if res.num_cpus is not None else 1
+
 
 def worker_options(res: Resources) -> tuple[float, float, int]:
     """(num_cpus, num_gpus, torch threads) of one worker of a stage.
 
     With num_cpus unset a worker asks for less than its share of the cluster, (CPUs / (workers + 1))
     and at most one: a pool that claims every CPU deadlocks a small machine as soon as anything else
-    (a pipeline task, a Ray Data read) needs one (ray#44687). The request only places workers; torch
-    threads then share the node's cores among them (a GPU worker uses one)."""
+    (a pipeline task, a Ray Data read) needs one (ray#44687)."""
     if res.num_cpus is not None:
-        return res.num_cpus, res.num_gpus, max(1, int(res.num_cpus))
+        return res.num_cpus, res.num_gpus, worker_threads(res)
     total = ray.cluster_resources().get("CPU", 0.0)
     if total <= 0:
         raise ClusterError("the Ray cluster has no CPUs for the workers")
-    node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=total)
     cpus = max(math.floor(min(1.0, total / (res.actors + 1)) * 1000) / 1000, 0.001)
-    threads = 1 if res.num_gpus > 0 else max(1, int(node_cpus // res.actors))
-    return cpus, res.num_gpus, threads
+    return cpus, res.num_gpus, worker_threads(res)
 
 
 def worker_device() -> torch.device:
@@ -187,9 +206,8 @@ class ActorPool:
             slots.append(slot)
         return slots
 
-    def map_unordered(self, units: Iterable[tuple[str, tuple]]) -> Iterator[tuple[int, object]]:
-        """(index, result) of each unit (method name, args) as it finishes, in no set order."""
-        queue = deque(enumerate(units))
+    def start(self) -> dict:
+        """Wait until at least one worker runs (at most `start_timeout_s`); returns where the first runs."""
         free = self._idle
         free += self._take_ready(0)
         deadline = time.monotonic() + self.start_timeout_s
@@ -198,8 +216,16 @@ class ActorPool:
             if not free and time.monotonic() >= deadline:
                 raise ClusterError(f"no {self.label} worker started within {self.start_timeout_s:.0f}s: the cluster "
                                    f"cannot place {self.asked} (lower the stage's num_cpus / num_gpus, or add nodes)")
-        if queue and not free:
+        if not free:
             raise ClusterError(f"every {self.label} worker failed to start")
+        return self.placements[0]
+
+    def map_unordered(self, units: Iterable[tuple[str, tuple]]) -> Iterator[tuple[int, object]]:
+        """(index, result) of each unit (method name, args) as it finishes, in no set order."""
+        queue = deque(enumerate(units))
+        if queue:
+            self.start()
+        free = self._idle
         running = {}
         while queue or running:
             free += self._take_ready(0)  # workers placed since: nodes joined

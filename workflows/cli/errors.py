@@ -15,7 +15,8 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from ..stages.fid import EvaluateError
     from ..stages.generate import GenerateError
     from ..storage.history import HistoryError
+    from ..storage.lease import LeaseError
     from ..storage.shards import ShardError
 
     return (SchemaError, CheckpointError, DatasetError, FloatingPointError, StatsError, PipelineError,
-            ClusterError, EvaluateError, GenerateError, HistoryError, ShardError, ValidationError, OSError)
+            ClusterError, EvaluateError, GenerateError, HistoryError, LeaseError, ShardError, ValidationError, OSError)

@@ -116,11 +116,22 @@ def run(cfg: RunConfig, stop_after: str | None = None) -> RunResult:
     """Run (or resume) every stage of `cfg`; `stop_after` ends early after that stage (for tests and debugging)."""
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"stop_after={stop_after!r}: allowed values are {', '.join(STAGES)}")
+    # every input is checked here, before any stage: a bad one must not surface after hours of sampling
     model, provenance = cfg.model.load(with_metadata=True)  # for its hash and shape: nothing samples here
     spec = cfg.sampling.for_model(model.config.num_classes, provenance)
-    given_plan = Plan.load(cfg.plan.path) if cfg.plan.source == "path" else None
-    store = Store(cfg.output)
     mhash = model_hash(model)
+    given_plan = None
+    if cfg.plan.source == "path":
+        given_plan = Plan.load(cfg.plan.path)
+    elif cfg.plan.source == "hand":
+        given_plan = hand_plan(cfg.plan.hand, model)
+    if given_plan is not None:
+        given_plan.check_model(len(model.blocks), model.num_tokens, mhash)
+        given_plan.check_spec(spec)
+    if cfg.fid.enabled:
+        fid.check_reference(cfg.fid.reference, cfg.fid)
+    store = Store(cfg.output)
+    store.check_writable()
     result = RunResult(cfg, spec)
 
     def stage(name: str, key: str, output: str, done, work) -> bool:
@@ -165,8 +176,6 @@ def run(cfg: RunConfig, stop_after: str | None = None) -> RunResult:
         workers = []
         if given_plan is not None:
             new = given_plan
-        elif cfg.plan.source == "hand":
-            new = hand_plan(cfg.plan.hand, model)
         else:
             new, where = plan_stage.auto_plan(profile, cfg.model, cfg.plan.tol, cfg.resources.generate)
             workers = [where]

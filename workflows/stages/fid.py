@@ -228,6 +228,18 @@ def reference_stats(reference: str, settings: FidSettings, image_size: tuple[int
     return stats, None if path is None else str(stats.save(path))
 
 
+def check_reference(reference: str, settings: FidSettings) -> None:
+    """Raise now, before hours of generation, where the FID stage would fail on its inputs: extractor
+    weights missing, a reference that is no source, statistics unreadable or from another extractor,
+    a shard set that is incomplete."""
+    check_extractor(settings.extractor, settings.weights)
+    source = ImageSource.parse(reference)
+    if source.kind == "stats":
+        FIDStats.load(source.location).check_extractor(settings.extractor, f"reference statistics {reference}")
+    elif source.kind == "shards" and not sh.read_manifest(source.location).complete:
+        raise sh.ShardError(f"FID reference {reference} is an incomplete shard set: finish its generation first")
+
+
 @dataclass
 class FIDResult:
     fid: float

@@ -31,7 +31,8 @@ from tarflow import Model, ModelConfig, Plan, SamplingSpec, model_hash, sample_i
 from .. import runtime
 from ..config import GenerateConfig
 from ..storage import shards as sh
-from ..storage.files import remove_temporaries, resolve
+from ..storage.files import check_creatable, remove_temporaries, resolve
+from ..storage.lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,12 @@ def software_versions() -> dict:
     return versions
 
 
+LOCAL_VERIFY_BYTES = 1 << 30  # a resume hashes up to this much in the driver; larger sets, in the actors
+
+
 @dataclass
 class Job:
-    """What the driver resolved before any work: the concrete spec, plan, identity, weights, pending shards."""
+    """What the driver resolved before any work: the concrete spec, plan, identity, weights, shards to do."""
 
     config: GenerateConfig
     spec: SamplingSpec
@@ -62,31 +66,31 @@ class Job:
     state_dict: dict
     manifest: sh.Manifest
     pending: list[int]
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def describe_difference(old: dict, new: dict) -> str:
-    """`spec.seed=11 there vs 12 now; ...` for every field where two identities differ."""
-    a, b = _flatten(old), _flatten(new)
-    return "; ".join(f"{k}={a.get(k)!r} there vs {b.get(k)!r} now" for k in sorted(set(a) | set(b))
-                     if a.get(k) != b.get(k))
+    unverified: list[sh.ShardEntry] = field(default_factory=list)  # listed; the actors check them first
+    notes: list[str] = field(default_factory=list)  # what the resume found and will redo
 
 
 def prepare(cfg: GenerateConfig) -> Job:
-    """Check every input and the output before any sampling; returns what the actors need.
+    """Check every input and the output before any sampling, writing nothing; returns what the actors need.
 
-    Fails fast on a missing/corrupt checkpoint, a plan for another model or sampling map, labels
-    or guidance the model cannot take, an unwritable output, or an output holding a run with other
-    settings."""
+    Fails fast on a missing/corrupt checkpoint, a plan for another model or sampling map, labels or
+    guidance the model cannot take, an output that is a file or holds a run with other settings.
+    Resuming, it finds every listed shard that is missing or fails its checksum (hashing in the driver
+    up to LOCAL_VERIFY_BYTES, the rest is left to the actors) and a lost manifest's shards that
+    verify on their own."""
+    job = _inputs(cfg)
+    _read_output(job)
+    return _with_pending(job)
+
+
+def _with_pending(job: Job) -> Job:
+    done = {e.index for e in job.manifest.shards}
+    job.pending = [i for i in range(job.manifest.num_shards) if i not in done]
+    return job
+
+
+def _inputs(cfg: GenerateConfig) -> Job:
+    """The job as the inputs define it (model, concrete spec, plan, identity), before the output is read."""
     model, provenance = cfg.model.load(with_metadata=True)
     spec = cfg.spec.for_model(model.config.num_classes, provenance)
     mhash = model_hash(model)
@@ -96,67 +100,77 @@ def prepare(cfg: GenerateConfig) -> Job:
     c = model.config
     identity = {"model_hash": mhash, "plan_hash": plan.fingerprint(), "spec": spec.to_dict(),
                 "num_samples": cfg.samples.num_samples, "shard_size": cfg.samples.shard_size,
-                "image_shape": [c.in_channels, c.img_size, c.img_size], "num_classes": c.num_classes}
-    manifest = _open_output(cfg, identity, plan)
-    done = {e.index for e in manifest.shards}
-    pending = [i for i in range(manifest.num_shards) if i not in done]
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return Job(cfg, spec, plan, identity, c.to_dict(), state, manifest, pending)
+                "image_shape": [c.in_channels, c.img_size, c.img_size], "num_classes": c.num_classes,
+                # what else decides pixels: the workers' torch threads and the device they sample on
+                "numerics": {"threads": runtime.worker_threads(cfg.resources), "device": None}}
+    return Job(cfg, spec, plan, identity, c.to_dict(), {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               sh.Manifest(identity, cfg.samples.num_samples, cfg.samples.shard_size), [])
 
 
-def _open_output(cfg: GenerateConfig, identity: dict, plan: Plan) -> sh.Manifest:
-    """Create the output with a fresh manifest, or check an existing one matches and drop lost shards."""
+def _read_output(job: Job) -> None:
+    """Fill `job.manifest` from an existing output, checking it holds this run, and find what to redo."""
+    cfg, identity = job.config, job.identity
     fs, base = resolve(cfg.out)
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.File:
         raise GenerateError(f"output {cfg.out} is a file; give a directory (or URI prefix) for the shards")
+    if info.type == pafs.FileType.NotFound:
+        try:
+            check_creatable(cfg.out)
+        except OSError as e:
+            raise GenerateError(f"cannot create output {cfg.out}: {e}") from None
+        return
+    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(base))]
+    if sh.MANIFEST_NAME not in names:
+        if any(n.endswith(".parquet") for n in names):
+            raise GenerateError(f"output {cfg.out} holds Parquet files but no {sh.MANIFEST_NAME}: it is not a "
+                                "tarflow-gs shard set; choose an empty or new output")
+        return
     try:
-        fs.create_dir(base, recursive=True)
-    except OSError as e:
-        raise GenerateError(f"cannot create output {cfg.out}: {e}") from e
-    if fs.get_file_info(f"{base.rstrip('/')}/{sh.MANIFEST_NAME}").type != pafs.FileType.File:
-        existing = [i.base_name for i in fs.get_file_info(pafs.FileSelector(base)) if i.base_name.endswith(".parquet")]
-        if existing:
-            raise GenerateError(f"output {cfg.out} holds Parquet files ({existing[0]}, ...) but no _manifest.json: "
-                                "it is not a tarflow-gs shard set; choose an empty or new output")
-        manifest = sh.Manifest(identity, cfg.samples.num_samples, cfg.samples.shard_size)
-    else:
-        manifest = sh.read_manifest(cfg.out)
-        diff = describe_difference(manifest.settings, identity)
-        if diff:
-            raise GenerateError(f"output {cfg.out} already holds a run with different settings ({diff}); "
-                                "re-run with the original settings to resume, or choose another output")
-        lost = _lost_shards(cfg.out, manifest)
-        if lost:
-            log.warning("%s: %d listed shard(s) are missing or changed (%s); they will be generated again",
-                        cfg.out, len(lost), ", ".join(e.file for e in lost[:5]))
-            manifest.shards = [e for e in manifest.shards if e not in lost]
-    manifest.provenance = {"checkpoint": cfg.model.checkpoint, "plan": plan.to_dict(), "software": software_versions()}
-    try:
-        sh.write_manifest(cfg.out, manifest)
-        remove_temporaries(fs, base)
-    except OSError as e:
-        raise GenerateError(f"output {cfg.out} is not writable: {e}") from e
-    return manifest
-
-
-def _lost_shards(uri: str, manifest: sh.Manifest) -> list[sh.ShardEntry]:
-    fs, base = resolve(uri)
-    infos = fs.get_file_info([f"{base.rstrip('/')}/{e.file}" for e in manifest.shards])
-    return [e for e, i in zip(manifest.shards, infos) if i.type != pafs.FileType.File or i.size != e.size_bytes]
+        existing = sh.read_manifest(cfg.out)
+    except sh.ShardError as e:
+        # a lost manifest: keep the shards that prove on their own they belong to this run
+        recovered = sh.recover_entries(cfg.out, identity, job.manifest)
+        job.notes.append(f"{e}; recovered {len(recovered)} shard(s) that verify on their own")
+        for entry in recovered:
+            job.manifest.add(entry)
+        return
+    diff = sh.identity_difference(existing.settings, identity)
+    if diff:
+        raise GenerateError(f"output {cfg.out} already holds a run with different settings ({diff}); "
+                            "re-run with the original settings to resume, or choose another output")
+    identity["numerics"]["device"] = existing.settings.get("numerics", {}).get("device")
+    budget = LOCAL_VERIFY_BYTES
+    for entry in existing.shards:
+        if budget < entry.size_bytes:  # listed until an actor says otherwise: a crash before then loses nothing
+            job.unverified.append(entry)
+            job.manifest.add(entry)
+            continue
+        budget -= entry.size_bytes
+        problem = sh.check_entry(cfg.out, entry)
+        if problem:
+            job.notes.append(f"{entry.file} {problem}: it will be generated again")
+        else:
+            job.manifest.add(entry)
 
 
 class ShardWorker(runtime.Worker):
     """Ray actor: holds the model once and writes whole shards (Ray's batch-inference pattern)."""
 
     def __init__(self, model_config: dict, state_dict: dict, spec: SamplingSpec, plan: Plan, identity: dict,
-                 provenance: dict, out: str, threads: int):
+                 provenance: dict, out: str, run_id: str, threads: int):
         super().__init__(threads)
         model = Model.from_config(ModelConfig(**model_config))
         model.load_state_dict(state_dict)
         self.model = model.eval().to(self.device)
-        self.spec, self.plan, self.identity, self.provenance, self.out = spec, plan, identity, provenance, out
+        self.spec, self.plan, self.provenance, self.out, self.run_id = spec, plan, provenance, out, run_id
+        # the shard's metadata names the numerics it was made with: this actor's device
+        self.identity = {**identity, "numerics": {**identity["numerics"], "device": self.device.type}}
         self.layout = sh.Manifest(identity, identity["num_samples"], identity["shard_size"])
+
+    def verify(self, entry: dict) -> str | None:
+        """Why a listed shard fails its checks (streaming sha256), or None."""
+        return sh.check_entry(self.out, sh.ShardEntry(**entry))
 
     def write_shard(self, index: int) -> dict:
         ids_all = np.asarray(self.layout.shard_ids(index), np.int64)
@@ -180,11 +194,11 @@ class ShardWorker(runtime.Worker):
             total_fallbacks += out.stats.fallbacks
             residual += [max((b.residual for b in out.stats.blocks), default=0.0)] * len(ids)
         table = sh.shard_table(ids_all, np.concatenate(labels), self.spec.seed, pngs, passes, fallbacks, residual)
-        meta = {"settings": self.identity, "provenance": self.provenance, "shard": index, "device": str(self.device),
-                "first_id": int(ids_all[0]), "last_id": int(ids_all[-1])}
         stats = {"batches": -(-len(ids_all) // B), "block_passes": block_passes, "fallbacks": total_fallbacks,
-                 "device": str(self.device)}
-        entry = sh.write_shard(self.out, index, table, meta, stats)
+                 "device": self.device.type}
+        meta = {"settings": self.identity, "provenance": self.provenance, "shard": index, "stats": stats,
+                "first_id": int(ids_all[0]), "last_id": int(ids_all[-1])}
+        entry = sh.write_shard(self.out, index, table, meta, stats, owner=self.run_id)
         entry.stats["seconds"] = time.perf_counter() - start  # sampling, encoding and the write
         return asdict(entry)
 
@@ -201,6 +215,7 @@ class GenerateSummary:
     fallbacks: int = 0
     actor_replacements: int = 0
     placements: list[dict] = field(default_factory=list)  # where each actor ran
+    notes: list[str] = field(default_factory=list)  # what a resume found damaged and redid
 
     @property
     def images_per_s(self) -> float:
@@ -212,7 +227,8 @@ class GenerateSummary:
                 f"{self.shards_written} shard(s) ({self.shards_skipped} already done) in {self.seconds:.1f}s = "
                 f"{self.images_per_s:.1f} images/s\n"
                 f"  network passes per batch by block (forward order): [{blocks}]; fallbacks: {self.fallbacks}; "
-                f"actors replaced: {self.actor_replacements}")
+                f"actors replaced: {self.actor_replacements}"
+                + "".join(f"\n  resume: {note}" for note in self.notes))
 
 
 def _summarize(job: Job, written: int, samples: int, seconds: float, pool: runtime.ActorPool | None) -> GenerateSummary:
@@ -223,31 +239,89 @@ def _summarize(job: Job, written: int, samples: int, seconds: float, pool: runti
     return GenerateSummary(job.config.out, job.manifest.num_samples, written, len(entries) - written, samples,
                            seconds, [t / batches if batches else 0.0 for t in totals],
                            sum(e.stats.get("fallbacks", 0) for e in entries),
-                           pool.replacements if pool else 0, pool.placements if pool else [])
+                           pool.replacements if pool else 0, pool.placements if pool else [], job.notes)
+
+
+def _check_device(job: Job, device: str, where: str) -> None:
+    """Every shard of a run is made on one device type: the first worker's, recorded in the manifest."""
+    numerics = job.identity["numerics"]
+    if numerics["device"] is None:
+        numerics["device"] = device
+        sh.write_manifest(job.config.out, job.manifest)
+    elif numerics["device"] != device:
+        raise GenerateError(f"{where} samples on {device}, but {job.config.out} is made on {numerics['device']} "
+                            f"(numerics.device={numerics['device']!r} there vs {device!r} now): images would depend "
+                            "on where each shard ran; give every worker the same kind of device")
 
 
 def generate(cfg: GenerateConfig, progress: bool = True,
              on_shard: Callable[[sh.ShardEntry], None] | None = None) -> GenerateSummary:
-    """Run (or resume) a generation; returns the summary. Raises before any work on bad input.
+    """Run (or resume) a generation; returns the summary. Raises before any sampling on bad input.
 
-    `on_shard` is called in the driver after each shard is in the manifest (progress for callers)."""
-    job = prepare(cfg)
-    if not job.pending:
+    The run holds the output's lease throughout (a second writer is refused); `on_shard` is called in
+    the driver after each shard is committed (progress for callers)."""
+    job = _inputs(cfg)  # every input checked before the output is touched
+    fs, base = resolve(cfg.out)
+    if fs.get_file_info(base).type == pafs.FileType.File:
+        raise GenerateError(f"output {cfg.out} is a file; give a directory (or URI prefix) for the shards")
+    try:
+        lease = Lease(cfg.out).acquire()
+    except OSError as e:
+        raise GenerateError(f"output {cfg.out} is not writable: {e}") from e
+    try:
+        _read_output(job)  # under the lease: nobody else changes the output from here on
+        return _generate(_with_pending(job), lease, progress, on_shard)
+    finally:
+        lease.release()
+
+
+def _write(what: str, cfg: GenerateConfig, write, *args):
+    try:
+        return write(*args)
+    except OSError as e:
+        raise GenerateError(f"cannot write {what} under {cfg.out}: {e}; finished shards are kept, re-run the same "
+                            "command to resume") from e
+
+
+def _generate(job: Job, lease: Lease, progress: bool, on_shard) -> GenerateSummary:
+    cfg = job.config
+    for note in job.notes:
+        log.warning("%s: %s", cfg.out, note)
+    provenance = {"checkpoint": cfg.model.checkpoint, "plan": job.plan.to_dict(), "software": software_versions()}
+    job.manifest.provenance = {**provenance, "writer": lease.me}  # shards stay free of per-run ids: a redo is the same bytes
+    fs, base = resolve(cfg.out)
+    _write("the manifest", cfg, sh.write_manifest, cfg.out, job.manifest)
+    # this run holds the lease: any temporary left here belongs to a run that died
+    _write("(removing) stale temporaries", cfg, remove_temporaries, fs, base)
+    if not job.pending and not job.unverified:
         return _summarize(job, 0, 0, 0.0, None)
     runtime.connect()
     start = time.perf_counter()  # from here: actor start, model loads, sampling, writes
-    args = (ray.put(job.model_config), ray.put(job.state_dict), job.spec, job.plan, job.identity,
-            job.manifest.provenance, cfg.out)
+    args = (ray.put(job.model_config), ray.put(job.state_dict), job.spec, job.plan, job.identity, provenance,
+            cfg.out, lease.run_id)
     bar = tqdm(total=job.manifest.num_samples, initial=job.manifest.rows, unit="img", smoothing=0.1,
                disable=not progress, desc="generate")
     written = samples = 0
     with runtime.ActorPool(ShardWorker, args, cfg.resources, "generate", cfg.start_timeout_s, cfg.max_attempts,
-                           num_actors=min(cfg.resources.actors, len(job.pending))) as pool:
+                           num_actors=min(cfg.resources.actors, len(job.pending) + len(job.unverified))) as pool:
+        _check_device(job, pool.start()["device"], "the first generate worker")
+        if job.unverified:  # a large set: its listed shards are hashed in the actors, in parallel
+            units = [("verify", (asdict(e),)) for e in job.unverified]
+            for i, problem in pool.map_unordered(units):
+                entry = job.unverified[i]
+                if problem:
+                    log.warning("%s: %s %s: it will be generated again", cfg.out, entry.file, problem)
+                    job.manifest.shards.remove(entry)
+                    job.pending.append(entry.index)
+                    bar.update(-entry.rows)
+            job.pending.sort()
         try:
             for _, result in pool.map_unordered(("write_shard", (index,)) for index in job.pending):
+                lease.check()
                 entry = sh.ShardEntry(**result)
+                _check_device(job, entry.stats["device"], f"the worker that wrote {entry.file}")
+                _write(f"the record of {entry.file}", cfg, sh.commit_shard, cfg.out, entry)
                 job.manifest.add(entry)
-                sh.write_manifest(cfg.out, job.manifest)
                 written += 1
                 samples += entry.rows
                 bar.update(entry.rows)
@@ -255,4 +329,5 @@ def generate(cfg: GenerateConfig, progress: bool = True,
                     on_shard(entry)
         finally:
             bar.close()
+        _write("the manifest", cfg, sh.write_manifest, cfg.out, job.manifest)  # fold the records in
         return _summarize(job, written, samples, time.perf_counter() - start, pool)

@@ -48,7 +48,7 @@ def profile(model: Model, model_ref: ModelRef, spec: SamplingSpec, data: str | N
     block_task = runtime.remote(_profile_block, resources)
     results = runtime.get([block_task.remote(model_ref, i, pairs[i], labels, spec, segment_lens, list(windows),
                                              list(tols), list(caps), repeats) for i in range(n)])
-    threads = runtime.worker_options(resources)[2]
+    threads = runtime.worker_threads(resources)
     prof = assemble(model, spec, runtime.get(source), [r[0] for r in results], results[0][2], threads, tols, caps,
                     time.perf_counter() - start, model_ref)
     return prof, [runtime.get(where), *(r[1] for r in results)]

@@ -1,17 +1,21 @@
-"""Sample shards: Parquet files of PNG images plus a manifest, on any `pyarrow.fs` filesystem.
+"""Sample shards: Parquet files of PNG images, listed by a manifest (`manifest.py`), on any `pyarrow.fs`
+filesystem.
 
 Layout of an output URI (a local path, `file://`, `s3://`, `gs://`, ...)::
 
-    _manifest.json         settings of the run and the completed shards
+    _manifest.json         the run's identity and, once complete, every shard's entry
+    _shards/               one record per shard finished since the manifest was last written
+    _lease.json            who is writing the set now (`lease.py`)
     shard-00000.parquet    one row per sample, ids [0, shard_size)
     shard-00001.parquet    ...
 
-A shard is written to a hidden temporary name and renamed into place, then added to
-the manifest, so a shard is either complete and listed or absent. The manifest's name
-starts with '_' (and temporaries with '.'), which Parquet readers skip by convention, so
-any reader opens the directory itself (`pyarrow.dataset.dataset(uri)`, `pandas.read_parquet`,
-Spark, DuckDB). The manifest stays the record of what a run completed: the readers here
-(`open_dataset`, `iter_shards`, `read_images`) go through it and verify checksums.
+A shard is written to a hidden temporary name and renamed into place, then recorded, so a
+shard is either complete and listed or absent. Names starting with '_' or '.' are skipped by
+Parquet readers by convention, so any reader opens the directory itself
+(`pyarrow.dataset.dataset(uri)`, `pandas.read_parquet`, Spark, DuckDB). The manifest stays the
+record of what a run completed: the readers here (`open_dataset`, `iter_shards`, `read_images`)
+go through it and verify checksums. Every data page also carries a CRC (Parquet page checksums),
+so a shard can be verified on its own when the manifest is lost (`recover_entries`).
 
 Columns: `sample_id` int64, `label` int32 (-1 unconditional), `seed` int64 (the run's
 global seed; noise comes from (seed, sample_id)), `image` struct{bytes: PNG, path} (the
@@ -24,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -35,10 +38,14 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from .files import join, read_bytes, resolve, write_atomic
+from .manifest import MANIFEST_NAME, Manifest, ShardEntry, ShardError, check_entry, commit_shard, \
+    identity_difference, read_manifest, shard_name, write_manifest
 
-MANIFEST_NAME = "_manifest.json"
-MANIFEST_FORMAT = "tarflow-gs-shards"
-MANIFEST_VERSION = 2
+__all__ = ["MANIFEST_NAME", "Manifest", "SCHEMA", "ShardEntry", "ShardError", "check_entry", "commit_shard",
+           "decode_png", "encode_png", "identity_difference", "iter_images", "iter_shards", "open_dataset",
+           "read_images", "read_manifest", "read_metadata", "recover_entries", "shard_name", "shard_paths",
+           "shard_table", "to_uint8", "verify_shards", "write_manifest", "write_shard"]
+
 METADATA_KEY = b"tarflow-gs"
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -61,10 +68,6 @@ HF_FEATURES = {"info": {"features": {
     "fallbacks": {"dtype": "int32", "_type": "Value"},
     "residual": {"dtype": "float32", "_type": "Value"},
 }}}
-
-
-class ShardError(ValueError):
-    """A shard set that is missing, corrupt, or does not match what its manifest says."""
 
 
 # ---- images ------------------------------------------------------------------------------
@@ -93,24 +96,6 @@ def decode_png(data: bytes) -> np.ndarray:
 
 # ---- shard files ---------------------------------------------------------------------------
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.parquet"
-
-
-@dataclass
-class ShardEntry:
-    """One completed shard as the manifest lists it."""
-
-    file: str
-    index: int
-    rows: int
-    first_id: int
-    last_id: int  # inclusive
-    sha256: str
-    size_bytes: int
-    stats: dict = field(default_factory=dict)
-
-
 def shard_table(sample_ids, labels, seed: int, pngs: list[bytes], block_passes, fallbacks, residual) -> pa.Table:
     n = len(sample_ids)
     image = pa.StructArray.from_arrays(
@@ -127,95 +112,52 @@ def shard_table(sample_ids, labels, seed: int, pngs: list[bytes], block_passes, 
     ], schema=SCHEMA)
 
 
-def write_shard(uri: str, index: int, table: pa.Table, metadata: dict, stats: dict | None = None) -> ShardEntry:
-    """Write one shard atomically; returns its manifest entry (the checksum is of the file's bytes)."""
+def write_shard(uri: str, index: int, table: pa.Table, metadata: dict, stats: dict | None = None,
+                owner: str = "") -> ShardEntry:
+    """Write one shard atomically (temporary tagged `owner`); returns its entry (the checksum is of the
+    file's bytes)."""
     fs, base = resolve(uri)
     meta = {METADATA_KEY: json.dumps(metadata, sort_keys=True).encode(),
             b"huggingface": json.dumps(HF_FEATURES).encode()}
     table = table.replace_schema_metadata(meta)
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
     data = sink.getvalue().to_pybytes()
     name = shard_name(index)
-    write_atomic(fs, join(base, name), data)
+    write_atomic(fs, join(base, name), data, owner)
     ids = table.column("sample_id")
     return ShardEntry(name, index, table.num_rows, int(ids[0].as_py()), int(ids[-1].as_py()),
                       hashlib.sha256(data).hexdigest(), len(data), stats or {})
 
 
-# ---- manifest ----------------------------------------------------------------------------
-
-@dataclass
-class Manifest:
-    """Settings of a generation run and its completed shards, kept in `_manifest.json`."""
-
-    settings: dict
-    num_samples: int
-    shard_size: int
-    shards: list[ShardEntry] = field(default_factory=list)
-    provenance: dict = field(default_factory=dict)
-    format: str = MANIFEST_FORMAT
-    version: int = MANIFEST_VERSION
-
-    @property
-    def num_shards(self) -> int:
-        return -(-self.num_samples // self.shard_size)
-
-    @property
-    def complete(self) -> bool:
-        return sorted(e.index for e in self.shards) == list(range(self.num_shards))
-
-    @property
-    def rows(self) -> int:
-        return sum(e.rows for e in self.shards)
-
-    def shard_ids(self, index: int) -> range:
-        return range(index * self.shard_size, min((index + 1) * self.shard_size, self.num_samples))
-
-    def add(self, entry: ShardEntry) -> None:
-        self.shards = sorted([e for e in self.shards if e.index != entry.index] + [entry], key=lambda e: e.index)
-
-    def to_json(self) -> str:
-        d = asdict(self)
-        d["complete"] = self.complete
-        d["rows"] = self.rows
-        return json.dumps(d, indent=1, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str, where: str = MANIFEST_NAME) -> "Manifest":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ShardError(f"{where} is not valid JSON ({e}): the manifest is corrupt") from e
-        if not isinstance(d, dict) or d.get("format") != MANIFEST_FORMAT:
-            raise ShardError(f"{where} is not a tarflow-gs shard manifest (format != {MANIFEST_FORMAT!r})")
-        if d.get("version") != MANIFEST_VERSION:
-            raise ShardError(f"{where}: manifest version {d.get('version')!r}, this build reads {MANIFEST_VERSION}")
-        try:
-            d.pop("complete", None)
-            d.pop("rows", None)
-            d["shards"] = [ShardEntry(**e) for e in d["shards"]]
-            return cls(**d)
-        except (KeyError, TypeError) as e:
-            raise ShardError(f"{where}: malformed manifest ({e})") from e
-
-
-def read_manifest(uri: str) -> Manifest:
+def recover_entries(uri: str, identity: dict, layout: Manifest) -> list[ShardEntry]:
+    """Entries for the shard files under `uri` that verify on their own, for when the manifest is lost:
+    every page's CRC holds, the file's metadata names this run's identity (its device, if not yet
+    known, becomes the run's) and its shard index, and it holds exactly that shard's ids. Files that
+    fail any check are left out (and redone)."""
     fs, base = resolve(uri)
-    path = join(base, MANIFEST_NAME)
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        raise ShardError(f"no {MANIFEST_NAME} under {uri}: not a generated shard set (or generation never started)")
-    where = f"{uri}/{MANIFEST_NAME}"
-    try:
-        text = read_bytes(fs, path).decode()
-    except UnicodeDecodeError as e:
-        raise ShardError(f"{where} is corrupt (not UTF-8 text: {e})") from None
-    return Manifest.from_json(text, where)
-
-
-def write_manifest(uri: str, manifest: Manifest) -> None:
-    fs, base = resolve(uri)
-    write_atomic(fs, join(base, MANIFEST_NAME), manifest.to_json().encode())
+    entries = []
+    for info in sorted(fs.get_file_info(pafs.FileSelector(base)), key=lambda i: i.base_name):
+        name = info.base_name
+        if not (name.startswith("shard-") and name.endswith(".parquet")):
+            continue
+        data = read_bytes(fs, info.path)
+        try:
+            table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
+            meta = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
+        except (pa.ArrowException, OSError, ValueError):
+            continue
+        index, settings = meta.get("shard"), meta.get("settings", {})
+        if (not isinstance(settings, dict) or identity_difference(settings, identity) or not isinstance(index, int)
+                or name != shard_name(index)):
+            continue
+        ids = table.column("sample_id").to_numpy()
+        if not np.array_equal(ids, np.asarray(layout.shard_ids(index))):
+            continue
+        identity["numerics"]["device"] = settings["numerics"]["device"]
+        entries.append(ShardEntry(name, index, table.num_rows, int(ids[0]), int(ids[-1]),
+                                  hashlib.sha256(data).hexdigest(), len(data), meta.get("stats", {})))
+    return entries
 
 
 # ---- readers -----------------------------------------------------------------------------
