@@ -90,3 +90,77 @@ def test_cluster_guide_covers_each_file_and_lifecycle(name):
     for step in ("ray up", "ray job submit", "ray dashboard", "ray down", "kubectl apply", "port-forward",
                  "kubectl delete"):
         assert step in guide
+
+
+def test_launcher_config_validates_against_rays_own_schema():
+    import json
+    import os
+
+    import jsonschema
+    import ray
+
+    schema = json.loads(Path(os.path.dirname(ray.__file__), "autoscaler", "ray-schema.json").read_text())
+    jsonschema.validate(_load("gpu-cluster.yaml"), schema)
+
+
+def _capacity(name):
+    """(head CPUs, head GPUs, [(max nodes, CPUs, GPUs) per worker type]) of a cluster file."""
+    cfg = _load(name)
+    if name == "gpu-cluster.yaml":
+        types = cfg["available_node_types"]
+        head = types[cfg["head_node_type"]]["resources"]
+        workers = [(t["max_workers"], t["resources"].get("CPU", 0), t["resources"].get("GPU", 0))
+                   for n, t in types.items() if n != cfg["head_node_type"]]
+        return head.get("CPU", 0), head.get("GPU", 0), workers
+    cluster = cfg["spec"]["rayClusterSpec"]
+    head = cluster["headGroupSpec"]["rayStartParams"]
+    workers = []
+    for group in cluster["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        workers.append((group["maxReplicas"], float(limits["cpu"]), limits["nvidia.com/gpu"]))
+    return float(head["num-cpus"]), float(head["num-gpus"]), workers
+
+
+def _rayjob_config():
+    entry = _load("rayjob-fid-set.yaml")["spec"]["entrypoint"]
+    return entry.split("jobs/fid_set.py")[1].split()[0].replace("/home/ray/tarflow-gs/", "")
+
+
+@pytest.mark.parametrize("cluster, config", [
+    ("rayjob-fid-set.yaml", "rayjob"), ("gpu-cluster.yaml", "jobs/configs/afhq256.yaml"),
+    ("gpu-cluster.yaml", "jobs/configs/imagenet256.yaml"),
+])
+def test_cluster_files_cover_the_job_configs_they_ship_with(cluster, config):
+    """The head schedules nothing (it runs the driver); the workers the cluster can grow to place every
+    worker each stage asks for; the KubeRay job retries (a retry resumes) and grows by itself."""
+    from workflows.config import RunConfig
+
+    cfg = RunConfig.load(CLUSTER.parent / (_rayjob_config() if config == "rayjob" else config))
+    head_cpus, head_gpus, workers = _capacity(cluster)
+    assert head_cpus == 0 and head_gpus == 0
+    for stage in ("profile", "generate", "fid"):
+        res = getattr(cfg.resources, stage)
+        fits = [(n, cpus, gpus) for n, cpus, gpus in workers if gpus >= res.num_gpus and cpus >= (res.num_cpus or 0)]
+        assert fits, f"{stage}: no worker type gives {res.num_cpus} CPU + {res.num_gpus} GPU"
+        per_node = max(min(int(cpus // (res.num_cpus or 1)), int(gpus // res.num_gpus) if res.num_gpus else 99)
+                       for _, cpus, gpus in fits)
+        assert sum(n for n, _, _ in fits) * per_node >= res.actors, f"{stage}: {res.actors} workers do not fit"
+    if cluster == "rayjob-fid-set.yaml":
+        spec = _load(cluster)["spec"]
+        assert spec["backoffLimit"] >= 1 and spec["rayClusterSpec"]["enableInTreeAutoscaling"] is True
+
+
+def test_every_pod_has_a_memory_backed_shm_and_the_image_bakes_offline_fid():
+    cluster = _load("rayjob-fid-set.yaml")["spec"]["rayClusterSpec"]
+    for pod in [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"]
+                                                                 for g in cluster["workerGroupSpecs"]]:
+        mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        shm = next(name for name, path in mounts.items() if path == "/dev/shm")
+        assert volumes[shm]["emptyDir"]["medium"] == "Memory" and volumes[shm]["emptyDir"]["sizeLimit"]
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert "pip install --no-cache-dir torch==" in dockerfile and "download.pytorch.org/whl/cu" in dockerfile
+    assert "fid-export-inception /home/ray/tarflow-gs/weights/inception-v3-compat.pth" in dockerfile
+    for config in ("afhq256", "imagenet256"):
+        text = (CLUSTER.parent / "jobs" / "configs" / f"{config}.yaml").read_text()
+        assert "weights: /home/ray/tarflow-gs/weights/inception-v3-compat.pth" in text

@@ -151,32 +151,32 @@ class Worker:
         return placement(self.device)
 
     def call(self, method: str, *args):
-        """(pid, result) of one unit: a changed pid tells the pool Ray restarted this actor."""
+        """(this process, result) of one unit."""
         return os.getpid(), getattr(self, method)(*args)
 
 
 class ActorPool:
     """Actors of one `Worker` class running idempotent units, on whatever the cluster can place.
 
-    Units go to actors that have answered `ready`, so a pool starts with the actors the cluster
-    can place and grows as nodes join (an autoscaler adds them); it fails only if none is ready
-    within `start_timeout_s`, naming the resources it asked for. An actor that dies is restarted
-    by Ray and its unit retried (`max_restarts` / `max_task_retries`: the work is idempotent);
-    `replacements` counts the restarts seen."""
+    Units go only to actors that have answered `ready`, so a pool starts with the actors the
+    cluster can place and grows as nodes join (an autoscaler adds them); it fails only if no
+    actor is ready within `start_timeout_s`, naming the resources it asked for. An actor that dies
+    (killed, out of memory, its node gone) is restarted by Ray (`max_restarts`); its unit goes back
+    to the queue for whichever actor is ready first, rather than waiting on the restart, which may
+    never be placed once a node is gone. A unit that loses its actor `max_attempts` times stops the
+    pool. `replacements` counts the deaths."""
 
     def __init__(self, cls: type, args: tuple, res: Resources, label: str, start_timeout_s: float = 300.0,
-                 max_restarts: int = 3, num_actors: int | None = None):
+                 max_attempts: int = 3, num_actors: int | None = None):
         num_cpus, num_gpus, threads = worker_options(res)
-        self.label, self.start_timeout_s = label, start_timeout_s
+        self.label, self.start_timeout_s, self.max_attempts = label, start_timeout_s, max_attempts
         self.asked = f"{num_cpus:g} CPU + {num_gpus:g} GPU per worker"
-        remote = ray.remote(cls).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
-                                         max_task_retries=max_restarts)
+        remote = ray.remote(cls).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0)
         self.actors = [remote.remote(*args, threads) for _ in range(num_actors or res.actors)]
         self._ready = {a.ready.remote(): slot for slot, a in enumerate(self.actors)}
         self._idle: list[int] = []  # slots of started actors with no unit
         self.placements: list[dict] = []
         self.replacements = 0
-        self._pids: dict[int, int] = {}
 
     def __enter__(self) -> "ActorPool":
         return self
@@ -198,26 +198,27 @@ class ActorPool:
             slot = self._ready.pop(ref)
             try:
                 self.placements.append(ray.get(ref))
-                self._pids[slot] = self.placements[-1]["pid"]
-            except ray.exceptions.RayActorError as e:
-                raise ClusterError(f"a {self.label} worker failed to start: {e}") from None
+            except ray.exceptions.RayActorError:
+                self._ready[self.actors[slot].ready.remote()] = slot  # died while starting: Ray restarts it
+                continue
             except ray.exceptions.RayTaskError as e:
                 raise e.cause from None
             slots.append(slot)
         return slots
 
+    def _wait_for_one(self, since: float) -> None:
+        """Block until an actor is ready, or raise once none has been for `start_timeout_s`."""
+        while not self._idle:
+            left = since + self.start_timeout_s - time.monotonic()
+            if left <= 0:
+                raise ClusterError(f"no {self.label} worker running for {self.start_timeout_s:.0f}s: the cluster "
+                                   f"cannot place {self.asked} (lower the stage's num_cpus / num_gpus, or add nodes)")
+            self._idle += self._take_ready(min(1.0, left))
+
     def start(self) -> dict:
         """Wait until at least one worker runs (at most `start_timeout_s`); returns where the first runs."""
-        free = self._idle
-        free += self._take_ready(0)
-        deadline = time.monotonic() + self.start_timeout_s
-        while not free and self._ready:
-            free += self._take_ready(min(1.0, max(0.0, deadline - time.monotonic())))
-            if not free and time.monotonic() >= deadline:
-                raise ClusterError(f"no {self.label} worker started within {self.start_timeout_s:.0f}s: the cluster "
-                                   f"cannot place {self.asked} (lower the stage's num_cpus / num_gpus, or add nodes)")
-        if not free:
-            raise ClusterError(f"every {self.label} worker failed to start")
+        self._idle += self._take_ready(0)
+        self._wait_for_one(time.monotonic())
         return self.placements[0]
 
     def map_unordered(self, units: Iterable[tuple[str, tuple]]) -> Iterator[tuple[int, object]]:
@@ -225,25 +226,35 @@ class ActorPool:
         queue = deque(enumerate(units))
         if queue:
             self.start()
-        free = self._idle
-        running = {}
+        free, running, attempts = self._idle, {}, {}
+        idle_since = time.monotonic()
         while queue or running:
-            free += self._take_ready(0)  # workers placed since: nodes joined
+            free += self._take_ready(0)  # actors placed since: nodes joined, restarts done
             while queue and free:
                 slot = free.pop()
                 i, (method, args) = queue.popleft()
-                running[self.actors[slot].call.remote(method, *args)] = (slot, i)
+                running[self.actors[slot].call.remote(method, *args)] = (slot, i, method, args)
+            if not running:  # units wait, no actor is up: the first to come back takes them
+                self._wait_for_one(idle_since)
+                continue
             [ref], _ = ray.wait(list(running), num_returns=1)
-            slot, i = running.pop(ref)
+            slot, i, method, args = running.pop(ref)
             try:
-                pid, result = ray.get(ref)
+                _, result = ray.get(ref)
             except ray.exceptions.RayTaskError as e:
                 raise e.cause from None
             except ray.exceptions.RayActorError as e:
-                raise ClusterError(f"{self.label}: unit {i} lost its worker after Ray's restarts ({e}); "
-                                   "finished units are kept") from None
-            if self._pids.get(slot, pid) != pid:
+                attempts[i] = attempts.get(i, 0) + 1
+                if attempts[i] >= self.max_attempts:
+                    raise ClusterError(f"{self.label}: unit {i} lost its worker {attempts[i]} times (last: "
+                                       f"{type(e).__name__}); finished units are kept") from None
+                log.warning("%s: a worker died on unit %d (%s); the unit goes to the next free worker",
+                            self.label, i, type(e).__name__)
                 self.replacements += 1
-            self._pids[slot] = pid
+                queue.appendleft((i, (method, args)))
+                self._ready[self.actors[slot].ready.remote()] = slot  # back in the pool once Ray restarted it
+                idle_since = time.monotonic()
+                continue
             free.append(slot)
+            idle_since = time.monotonic()
             yield i, result

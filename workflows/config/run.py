@@ -3,7 +3,6 @@
 Example (only `output` is required; the values shown for sections left out are their defaults)::
 
     name: demo
-    device: cpu                   # cpu | cuda
     model:
       checkpoint: demo            # a .safetensors / .pth path, a URI, or "demo" for the shipped demo model
       in_channels: 3              # only read for raw apple .pth files
@@ -31,7 +30,7 @@ Example (only `output` is required; the values shown for sections left out are t
       batch_size: 200
       enabled: true
     output: runs/demo             # local path or any pyarrow.fs URI (s3://, gs://)
-    resources:                    # Ray resources per stage, per worker
+    resources:                    # Ray resources per stage, per worker; a worker given a GPU samples on CUDA
       profile:  {actors: 1, num_cpus: 1, num_gpus: 0}   # one task per block
       generate: {actors: 1, num_cpus: 1, num_gpus: 0}   # also runs the plan's verification and the report's timings
       fid:      {actors: 1, num_cpus: 1, num_gpus: 0}
@@ -41,17 +40,12 @@ Relative input paths are found beside the config or in a parent directory (`reso
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
-
 from pydantic import BaseModel, Field, model_validator
 
 from tarflow import ModelRef, SamplingSpec
 
 from .errors import load_yaml
 from .stages import CONFIG, FidSettings, Resources, SampleSet
-
-STAGES_WITH_RESOURCES = ("profile", "generate", "fid")
-
 
 class CalibrationSection(BaseModel):
     model_config = CONFIG
@@ -103,7 +97,6 @@ class RunConfig(BaseModel):
 
     output: str = Field(min_length=1, description="local path or any pyarrow.fs URI (s3://, gs://)")
     name: str = Field("run", min_length=1)
-    device: Literal["cpu", "cuda"] = "cpu"
     model: ModelRef = ModelRef()
     calibration: CalibrationSection = CalibrationSection()
     plan: PlanSection = PlanSection()
@@ -111,13 +104,6 @@ class RunConfig(BaseModel):
     samples: SampleSet = SampleSet()
     fid: FidSection = FidSection()
     resources: ResourcesSection = ResourcesSection()
-
-    @model_validator(mode="after")
-    def _gpus_need_cuda(self):
-        if self.device != "cuda" and any(getattr(self.resources, s).num_gpus > 0 for s in STAGES_WITH_RESOURCES):
-            raise ValueError("resources request num_gpus > 0 but device='cpu': set device: cuda, or num_gpus: 0 "
-                             "for every stage")
-        return self
 
     @classmethod
     def load(cls, path) -> "RunConfig":

@@ -32,6 +32,7 @@ from tarflow.schedule import hand_plan
 
 from ..config import GenerateConfig, RunConfig
 from ..report import ModelResult, ReportData, report_files
+from ..runtime import worker_threads as runtime_threads
 from ..stages import compare, fid, generate, plan as plan_stage, profile as profile_stage
 from ..storage import shards as sh
 from ..storage.files import Store
@@ -154,7 +155,7 @@ def run(cfg: RunConfig, stop_after: str | None = None) -> RunResult:
 
     # profile: only the auto plan needs one
     profile = None
-    profile_key = _hash("profile", mhash, cfg.calibration.model_dump(), cfg.device, spec.to_dict(),
+    profile_key = _hash("profile", mhash, cfg.calibration.model_dump(), spec.to_dict(),
                         cfg.resources.profile.model_dump())
     profile_name = f"stages/profile-{profile_key}.json"
     if cfg.plan.source == "auto":
@@ -189,7 +190,8 @@ def run(cfg: RunConfig, stop_after: str | None = None) -> RunResult:
     plan = result.plan = Plan.from_json(store.read_text(plan_name))
     result.plan_path = store.path(plan_name)
 
-    gen_key = _hash("generate", mhash, plan.fingerprint(), spec.to_dict(), cfg.samples.model_dump(), cfg.device)
+    gen_key = _hash("generate", mhash, plan.fingerprint(), spec.to_dict(), cfg.samples.model_dump(),
+                    cfg.resources.generate.num_gpus > 0, runtime_threads(cfg.resources.generate))
     samples = result.samples = store.path(f"samples-{gen_key}")
 
     def samples_complete() -> bool:
