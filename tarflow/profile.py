@@ -140,15 +140,24 @@ def candidate_plans(num_tokens: int, segment_lens, windows) -> list[tuple[int, C
                   for W in windows if 2 <= W < num_tokens - 1]
 
 
+@dataclass
+class Costs:
+    """Seconds per sequential step and per parallel pass (by segment length) that decide what is worth
+    profiling: measured on the device by default, or given (to profile as if on other hardware)."""
+
+    sequential_step_seconds: float
+    pass_seconds: dict[int, float]
+
+
 @torch.inference_mode()
 def profile_block(block, index: int, z: torch.Tensor, x: torch.Tensor, labels, spec: SamplingSpec, segment_lens,
-                  windows, tols, caps=DEFAULT_CAPS, repeats: int = 3) -> BlockProfile:
+                  windows, tols, caps=DEFAULT_CAPS, repeats: int = 3, costs: Costs | None = None) -> BlockProfile:
     """Everything the scheduler needs about one block (`crm_share` is filled in by `profile_model`).
 
     Settings that are predictably slower than sequential on this device are not run (or not run
     at tighter tolerances): the scheduler could never choose them. z, x (N, T, D) are the block's
     true pairs on the calibration rows; solves run in chunks of the spec's batch size, so passes
-    and seconds are what a batch of that size costs."""
+    and seconds are what a batch of that size costs. `costs` replaces the timing of steps and passes."""
     g, B, T = spec.guidance, spec.batch_size, z.shape[1]
     chunks = [slice(s, s + B) for s in range(0, z.shape[0], B)]
 
@@ -164,11 +173,14 @@ def profile_block(block, index: int, z: torch.Tensor, x: torch.Tensor, labels, s
         passes = solve(chunks[0], bp).stats.passes  # also the warm-up: allocator, kernels
         return min(solve(chunks[0], bp).stats.seconds for _ in range(repeats)) / passes
 
-    seq_seconds = timed(Sequential())
-    seq_error = max((solve(c, Sequential()).x - x[c]).abs().max().item() for c in chunks)
     options = candidate_plans(T, segment_lens, windows)
-    # a few passes per segment (tol 0 runs them all) average out timer and scheduler noise
-    pass_seconds = {L: timed(_iterated(T, L, "z", 0.0, PASSES_TIMED)) for L in sorted({L for L, _ in options})}
+    if costs is None:
+        seq_seconds = timed(Sequential())
+        # a few passes per segment (tol 0 runs them all) average out timer and scheduler noise
+        pass_seconds = {L: timed(_iterated(T, L, "z", 0.0, PASSES_TIMED)) for L in sorted({L for L, _ in options})}
+    else:
+        seq_seconds, pass_seconds = costs.sequential_step_seconds, dict(costs.pass_seconds)
+    seq_error = max((solve(c, Sequential()).x - x[c]).abs().max().item() for c in chunks)
     runs: list[ConvergenceRun] = []
     sequential_block = (T - 1) * seq_seconds
 
@@ -230,18 +242,19 @@ def check_segment_lens(num_tokens: int, segment_lens) -> list[int]:
 
 def profile_model(model: Model, spec: SamplingSpec = SamplingSpec(), data: str | None = None, num_images: int = 8,
                   device: str = "cpu", segment_lens: list[int] | None = None, windows=DEFAULT_WINDOWS,
-                  tols=DEFAULT_TOLS, caps=DEFAULT_CAPS, repeats: int = 3, model_ref: ModelRef | None = None) -> Profile:
+                  tols=DEFAULT_TOLS, caps=DEFAULT_CAPS, repeats: int = 3, model_ref: ModelRef | None = None,
+                  costs: Costs | None = None) -> Profile:
     """Profile every block of `model` under `spec` (made concrete for the model), in this process.
 
     `num_images` calibration rows are solved in chunks of `spec.batch_size` (rounded up to whole
-    chunks) on `device`, with this process's torch threads."""
+    chunks) on `device`, with this process's torch threads; `costs`, if given, instead of timing."""
     start = time.perf_counter()
     segment_lens = check_segment_lens(model.num_tokens, segment_lens)
     dev = torch.device(device)
     source, labels, pairs = calibrate(model, spec, data, num_images, dev)
     labels = None if labels is None else labels.to(dev)
     blocks = [profile_block(model.blocks[i], i, z.to(dev), x.to(dev), labels, spec, segment_lens, windows, tols, caps,
-                            repeats) for i, (z, x) in enumerate(pairs)]
+                            repeats, costs) for i, (z, x) in enumerate(pairs)]
     threads = torch.get_num_threads()
     return assemble(model.cpu(), spec, source, blocks, device_name(dev, threads), threads, tols, caps,
                     time.perf_counter() - start, model_ref)

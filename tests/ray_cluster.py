@@ -36,21 +36,32 @@ def _children(pid: int) -> list[int]:
 
 
 class LocalCluster:
-    def __init__(self, head_cpus: int, head_gpus: int, workers: list[tuple[int, int]]):
+    def __init__(self, head_cpus: int, head_gpus: int, workers: list[tuple[int, int]], attempts: int = 2):
         self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
         self.env.pop("RAY_ADDRESS", None)
+        for attempt in range(attempts):  # a port taken between choosing and binding it: start afresh
+            try:
+                self._up(head_cpus, head_gpus, workers)
+                return
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
+
+    def _up(self, head_cpus: int, head_gpus: int, workers: list[tuple[int, int]]) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="rayc-", dir="/tmp"))  # short: Ray's socket paths are limited
         self.gcs, self.dash, client = free_ports(3)
         self.address = f"http://127.0.0.1:{self.dash}"
         self.nodes: list[subprocess.Popen] = []
         head = [f"--port={self.gcs}", "--head", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={self.dash}", f"--ray-client-server-port={client}"]
-        self._start("head", head, head_cpus, head_gpus)
+        self._start("head", head, head_cpus, head_gpus, 27000)
         for i, (cpus, gpus) in enumerate(workers):
-            self._start(f"worker{i}", [f"--address=127.0.0.1:{self.gcs}"], cpus, gpus, 20000 + 1000 * i)
+            self._start(f"worker{i}", [f"--address=127.0.0.1:{self.gcs}"], cpus, gpus, 28000 + 1000 * i)
         self.wait_for_nodes(1 + len(workers))
 
-    def _start(self, name: str, args: list[str], cpus: int, gpus: int, worker_ports: int = 12000) -> None:
+    def _start(self, name: str, args: list[str], cpus: int, gpus: int, worker_ports: int) -> None:
+        # worker ports below the ephemeral range (where free_ports draws) and above Ray's default range
+        # (10002-19999, which another Ray of this test session may be using)
         agent, agent_grpc, metrics, runtime_env, manager, objects = free_ports(6)
         temp = self.root / name
         temp.mkdir()
@@ -77,7 +88,7 @@ class LocalCluster:
         return self.query("print(json.dumps([{'id': n['NodeID'], 'resources': n['Resources']} "
                           "for n in ray.nodes() if n['Alive']]))")
 
-    def wait_for_nodes(self, count: int, timeout: float = 180) -> None:
+    def wait_for_nodes(self, count: int, timeout: float = 240) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if any(n.poll() is not None for n in self.nodes):

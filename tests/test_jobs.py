@@ -74,3 +74,20 @@ def test_nightly_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="models: List should have at least 1 item"):
         NightlyConfig.load(f)
     assert NightlyConfig.load(REPO / "jobs" / "configs" / "nightly.yaml").models
+
+
+def test_two_processes_appending_at_once_keep_both_rows(tmp_path):
+    """The history is append-only, one file per append: writers never rewrite each other's rows."""
+    import subprocess
+    import sys
+
+    history = tmp_path / "history.parquet"
+    script = ("import sys\nfrom datetime import datetime, timezone\n"
+              "from workflows.storage.history import HistoryRow, append_history\n"
+              "for k in range(20):\n"
+              "    append_history(sys.argv[1], [HistoryRow(datetime.now(timezone.utc).isoformat(), sys.argv[2], 'h',"
+              " 'auto plan', 'p', 'cpu', 1, 1.0, 0.5, 2.0, 10, 5, 0.0)])\n")
+    writers = [subprocess.Popen([sys.executable, "-c", script, str(history), name]) for name in ("a", "b")]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    rows = read_history(str(history))
+    assert sorted(r.model for r in rows) == ["a"] * 20 + ["b"] * 20

@@ -8,7 +8,7 @@ from conftest import make_tiny_model
 
 from tarflow import Guidance, ModelRef, SamplingSpec, save_checkpoint, solve_block
 from tarflow.calibration import block_pairs, calibration_batch
-from tarflow.profile import Profile, ProfileError, profile_model
+from tarflow.profile import Costs, Profile, ProfileError, profile_model
 from workflows.config import Resources
 from workflows.stages.profile import profile as profile_stage
 
@@ -16,57 +16,76 @@ OUT_STD = 0.035  # large enough that blocks need several Jacobi passes, small en
 SETTINGS = dict(segment_lens=[15, 8], windows=[4], tols=[1e-3, 1e-5], repeats=1)
 
 
+# one sequential step costs 1; a 15-token pass 2.5, an 8-token pass 1.5, a 4-token window 100: the
+# sequential block (15 steps) is 15, so sliding W=4 (4 windows x 100) is never worth running
+COSTS = Costs(1.0, {15: 2.5, 8: 1.5, 4: 100.0})
+
+
 @pytest.fixture(scope="module")
 def profiled():
     model = make_tiny_model(out_std=OUT_STD, num_blocks=2)
-    prof = profile_model(model, SamplingSpec(batch_size=2), num_images=2, model_ref=ModelRef("tiny"), **SETTINGS)
+    prof = profile_model(model, SamplingSpec(batch_size=2), num_images=2, model_ref=ModelRef("tiny"), costs=COSTS,
+                         **SETTINGS)
     return model, prof
 
 
-def _iterated(r):
-    """(solver, segment length, init, cap) of a convergence run's block plan."""
+def _key(r):
+    """(solver, segment length or window, init) of a convergence run's block plan."""
     p = r.plan
-    return p.solver, getattr(p, "segment_len", None) or getattr(p, "window", None) or 15, p.init, p.max_iters
+    return p.solver, getattr(p, "segment_len", None) or getattr(p, "window", None) or 15, p.init
 
 
 def test_profile_records_every_block(profiled):
+    """With the costs given, what is run follows from them: every setting whose predicted time can beat
+    sequential, tighter tolerances until one cannot, caps from 1 until too slow or as accurate as the
+    tightest tolerance; settings that can never win are not run."""
     model, prof = profiled
     T = model.num_tokens
     assert (prof.num_blocks, prof.num_tokens, prof.spec.batch_size) == (2, T, 2)
     assert (prof.calibration.source, prof.calibration.num_images, prof.calibration.seed) == ("samples", 2, 0)
     assert [b.block for b in prof.blocks] == [0, 1]
     assert sum(b.crm_share for b in prof.blocks) == pytest.approx(1.0)
+    sequential = (T - 1) * COSTS.sequential_step_seconds
     for b in prof.blocks:
         assert set(b.igm) == {"z", "zeros"} and b.crm > 0
-        assert set(b.pass_seconds) == {15, 8, 4} and b.sequential_step_seconds > 0
+        assert b.pass_seconds == COSTS.pass_seconds and b.sequential_step_seconds == COSTS.sequential_step_seconds
         assert b.sequential_error < 1e-5  # sequential re-solves the true pairs
-        sequential = (T - 1) * b.sequential_step_seconds
-        for solver, L in [("jacobi", 15), ("gs_jacobi", 8), ("sliding", 4)]:
+        assert not [r for r in b.convergence if r.plan.solver == "sliding"], "4 windows x 100 > 15: never run"
+        for solver, L in [("jacobi", 15), ("gs_jacobi", 8)]:
+            cost = COSTS.pass_seconds[L]
             for init in ("z", "zeros"):
-                mine = [r for r in b.convergence if _iterated(r)[:3] == (solver, L, init)]
+                mine = [r for r in b.convergence if _key(r) == (solver, L, init)]
                 runs = [r for r in mine if r.plan.max_iters is None]
-                # settings are skipped only where they are slower than sequential on this machine
-                if not runs:
-                    assert -(-(T - 1) // L) * b.pass_seconds[L] >= sequential
-                elif len(runs) < 2:
-                    assert runs[0].plan.tol == 1e-3 and runs[0].passes * b.pass_seconds[L] >= sequential
-                for r in runs:  # sliding counts all its passes as one segment's iterations
-                    assert 1 <= r.max_iters <= (T - 1 if solver == "sliding" else L) and r.passes >= 1
+                assert [r.plan.tol for r in runs] == [1e-3, 1e-5][:len(runs)] and runs
+                # the next tolerance is run exactly when this one was still predicted faster than sequential
+                assert (len(runs) == 2) == (runs[0].passes * cost < sequential)
+                for r in runs:
+                    assert 1 <= r.max_iters <= L and r.passes >= 1
                     assert r.error < (1e-2 if r.plan.tol == 1e-3 else 1e-3)
                 capped = [r for r in mine if r.plan.max_iters is not None]
-                if solver == "sliding" or not runs:
-                    assert not capped
-                    continue
-                # caps ascend from 1 until a run is as slow as sequential or as accurate as the tightest tol
                 assert [r.plan.max_iters for r in capped] == [c for c in prof.caps if c < L][:len(capped)] and capped
                 segments = -(-(T - 1) // L)
                 for r in capped:
                     assert r.plan.tol == 0 and r.max_iters == r.plan.max_iters
                     assert r.passes == r.plan.max_iters * segments
                 last = capped[-1]
-                assert (last.passes * b.pass_seconds[L] >= sequential or last.error <= min(prof.tols)
-                        or last.plan.max_iters == max(c for c in prof.caps if c < L))
+                stop = last.passes * cost >= sequential or last.error <= min(prof.tols)
+                assert stop or last.plan.max_iters == max(c for c in prof.caps if c < L)
+                assert all(r.passes * cost < sequential and r.error > min(prof.tols) for r in capped[:-1])
                 assert capped[0].error > last.error  # more iterations, closer to the true solution
+
+
+def test_measured_costs_are_positive_and_decide_the_same_way(tmp_path):
+    """Without injected costs the profile times steps and passes on this device; whatever they are,
+    a setting is skipped only where its one pass per segment is predicted as slow as sequential."""
+    model = make_tiny_model(out_std=OUT_STD, num_blocks=1)
+    prof = profile_model(model, SamplingSpec(batch_size=2), num_images=2, **SETTINGS)
+    (b,) = prof.blocks
+    assert b.sequential_step_seconds > 0 and set(b.pass_seconds) == {15, 8, 4} and min(b.pass_seconds.values()) > 0
+    sequential = 15 * b.sequential_step_seconds
+    for L in (15, 8, 4):
+        ran = any(_key(r)[1] == L for r in b.convergence)
+        assert ran == (-(-15 // L) * b.pass_seconds[L] < sequential)
 
 
 def test_ray_stage_profiles_the_same_blocks_in_tasks(ray_local, tmp_path):
@@ -91,10 +110,6 @@ def test_profile_json_round_trip(profiled, tmp_path):
     assert json.loads(path.read_text())["blocks"][0]["igm"].keys() == {"z", "zeros"}
 
 
-def _sliding(d):
-    return next(r for r in d["blocks"][0]["convergence"] if r["plan"]["solver"] == "sliding")
-
-
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.update(version=9), "profile.version=9: this build reads version 2"),
     (lambda d: d.pop("model_hash"), r"profile.model_hash: Field required"),
@@ -109,8 +124,8 @@ def _sliding(d):
      r"profile.blocks\[0\].convergence\[0\].error: Input should be a finite number"),
     (lambda d: d["blocks"][0]["pass_seconds"].update({"99": 1.0}), "pass_seconds has segment length 99"),
     (lambda d: d.update(caps=[2, "x"]), r"profile.caps\[1\]: Input should be a valid integer"),
-    (lambda d: _sliding(d)["plan"].update(max_iters=3), r"plan.max_iters: unknown field; allowed here: solver, "
-                                                         r"window, tol, init"),
+    (lambda d: d["blocks"][0]["convergence"][0]["plan"].update(solver="sliding", window=4),
+     r"convergence\[0\].plan.max_iters: unknown field; allowed here: solver, window, tol, init"),
 ])
 def test_invalid_profiles_are_rejected(profiled, edit, message):
     _, prof = profiled

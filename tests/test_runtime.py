@@ -54,3 +54,13 @@ def test_threads_never_depend_on_the_worker_count():
     assert {runtime.worker_threads(Resources(actors=n)) for n in (1, 2, 8)} == {1}
     assert runtime.worker_threads(Resources(actors=3, num_cpus=4)) == 4
     assert runtime.worker_threads(Resources(num_cpus=0.5)) == 1
+
+
+def test_a_pool_never_claims_every_cpu(ray_local):
+    """ray#44687: an actor pool that takes every CPU deadlocks a small machine as soon as anything else
+    needs one. Unsized workers ask for a share below the whole cluster (here 2 CPUs), at most one each."""
+    total = runtime.ray.cluster_resources()["CPU"]
+    for actors in (1, 2, 3, 8):
+        cpus, gpus, threads = runtime.worker_options(Resources(actors=actors))
+        assert cpus * actors < total and cpus <= 1.0 and (gpus, threads) == (0.0, 1)
+    assert runtime.worker_options(Resources(actors=2, num_cpus=0.25, num_gpus=1)) == (0.25, 1, 1)

@@ -6,9 +6,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+import numpy as np
 from conftest import make_tiny_model
-from tarflow import GSJacobi, Plan, demo_checkpoint, load_checkpoint, save_checkpoint
+from tarflow import GSJacobi, Guidance, Plan, SamplingSpec, demo_checkpoint, load_checkpoint, sample_ids, \
+    save_checkpoint
 from workflows.cli import main
+from workflows.report.grid import save_grid
 
 
 @pytest.fixture
@@ -37,13 +40,35 @@ def test_sample_writes_a_deterministic_grid(tmp_path, tiny_checkpoint):
         assert img.size == (3 * 8 + 4 * 2, 2 * 8 + 3 * 2)  # 3x2 grid of 8x8 images, 2px padding
 
 
+def _grid(path):
+    with Image.open(path) as img:
+        return np.asarray(img)
+
+
 def test_sample_with_plan_and_guidance(tmp_path, tiny_checkpoint):
-    plan = Plan.uniform(4, 16, GSJacobi(segment_len=5))
+    """Every guidance option reaches the sampler: each changes the images, and the grid is exactly what
+    `sample_ids` draws under the same spec and plan."""
+    plan = Plan.uniform(4, 16, GSJacobi(segment_len=5, tol=0.0))
     plan.save(tmp_path / "plan.json")
-    result = run("--checkpoint", tiny_checkpoint, "--num-samples", 4, "--plan", tmp_path / "plan.json",
-                 "--guidance", 1.5, "--attn-temp", 0.8, "--annealed", "--out", tmp_path / "g.png")
-    assert result.exit_code == 0, result.output
-    assert "gs_jacobi  L=5" in result.output and (tmp_path / "g.png").is_file()
+    common = ["--checkpoint", tiny_checkpoint, "--num-samples", 4, "--plan", tmp_path / "plan.json", "--nrow", 4]
+    variants = {"plain": [], "guided": ["--guidance", 1.5], "annealed": ["--guidance", 1.5, "--annealed"],
+                "tempered": ["--guidance", 1.5, "--annealed", "--attn-temp", 0.5],
+                "guide_a": ["--guidance", 1.5, "--annealed", "--attn-temp", 0.5, "--guide-what", "a"]}
+    grids = {}
+    for name, extra in variants.items():
+        result = run(*common, *extra, "--out", tmp_path / f"{name}.png")
+        assert result.exit_code == 0, result.output
+        assert "gs_jacobi  L=5" in result.output
+        grids[name] = _grid(tmp_path / f"{name}.png")
+    names = list(grids)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not np.array_equal(grids[a], grids[b]), f"{a} and {b} gave the same images"
+    model = load_checkpoint(tiny_checkpoint)
+    spec = SamplingSpec(guidance=Guidance(1.5, annealed=True, attn_temp=0.5)).for_model(10)
+    images = sample_ids(model, spec, range(4), Plan.load(tmp_path / "plan.json")).images
+    save_grid(images, tmp_path / "direct.png", nrow=4)
+    assert np.array_equal(_grid(tmp_path / "direct.png"), grids["tempered"])
 
 
 def test_sample_reports_bad_input(tmp_path, tiny_checkpoint):

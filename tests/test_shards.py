@@ -124,3 +124,20 @@ def test_shard_records_cost_the_same_for_the_first_shard_and_the_last(tmp_path):
     sh.write_manifest(uri, seen)  # fold
     assert not (tmp_path / "set" / mf.RECORDS_DIR).exists()
     assert sh.read_manifest(uri).shards == seen.shards
+
+
+def test_any_parquet_reader_opens_the_output_directory_as_it_is(tmp_path):
+    """pandas, DuckDB and pyarrow.dataset read the folder itself: the manifest, records, lease and
+    temporaries (names starting with '_' or '.') are not taken for data."""
+    import duckdb
+    import pandas as pd
+
+    uri = str(tmp_path / "set")
+    manifest, images = _write_set(uri)
+    (tmp_path / "set" / "_lease.json").write_text("{}")
+    (tmp_path / "set" / ".shard-00009.parquet.tmp-run-abc").write_bytes(b"half")
+    frame = pd.read_parquet(uri)
+    assert sorted(frame["sample_id"]) == list(range(10)) and set(frame.columns) >= {"image", "label", "seed"}
+    ((count, total),) = duckdb.sql(f"select count(*), sum(sample_id) from read_parquet('{uri}/*.parquet')").fetchall()
+    assert (count, total) == (10, 45)
+    assert ds.dataset(uri, format="parquet").count_rows() == 10

@@ -247,7 +247,7 @@ def _check_device(job: Job, device: str, where: str) -> None:
     numerics = job.identity["numerics"]
     if numerics["device"] is None:
         numerics["device"] = device
-        sh.write_manifest(job.config.out, job.manifest)
+        _write("write the manifest", job.config, sh.write_manifest, job.config.out, job.manifest)
     elif numerics["device"] != device:
         raise GenerateError(f"{where} samples on {device}, but {job.config.out} is made on {numerics['device']} "
                             f"(numerics.device={numerics['device']!r} there vs {device!r} now): images would depend "
@@ -276,10 +276,11 @@ def generate(cfg: GenerateConfig, progress: bool = True,
 
 
 def _write(what: str, cfg: GenerateConfig, write, *args):
+    """`write(*args)`, an OSError (a full disk, a lost mount) turned into a message that keeps the work."""
     try:
         return write(*args)
     except OSError as e:
-        raise GenerateError(f"cannot write {what} under {cfg.out}: {e}; finished shards are kept, re-run the same "
+        raise GenerateError(f"cannot {what} under {cfg.out}: {e}; finished shards are kept, re-run the same "
                             "command to resume") from e
 
 
@@ -290,9 +291,9 @@ def _generate(job: Job, lease: Lease, progress: bool, on_shard) -> GenerateSumma
     provenance = {"checkpoint": cfg.model.checkpoint, "plan": job.plan.to_dict(), "software": software_versions()}
     job.manifest.provenance = {**provenance, "writer": lease.me}  # shards stay free of per-run ids: a redo is the same bytes
     fs, base = resolve(cfg.out)
-    _write("the manifest", cfg, sh.write_manifest, cfg.out, job.manifest)
+    _write("write the manifest", cfg, sh.write_manifest, cfg.out, job.manifest)
     # this run holds the lease: any temporary left here belongs to a run that died
-    _write("(removing) stale temporaries", cfg, remove_temporaries, fs, base)
+    _write("remove stale temporaries", cfg, remove_temporaries, fs, base)
     if not job.pending and not job.unverified:
         return _summarize(job, 0, 0, 0.0, None)
     runtime.connect()
@@ -310,7 +311,8 @@ def _generate(job: Job, lease: Lease, progress: bool, on_shard) -> GenerateSumma
             for i, problem in pool.map_unordered(units):
                 entry = job.unverified[i]
                 if problem:
-                    log.warning("%s: %s %s: it will be generated again", cfg.out, entry.file, problem)
+                    job.notes.append(f"{entry.file} {problem}: it will be generated again")
+                    log.warning("%s: %s", cfg.out, job.notes[-1])
                     job.manifest.shards.remove(entry)
                     job.pending.append(entry.index)
                     bar.update(-entry.rows)
@@ -320,7 +322,7 @@ def _generate(job: Job, lease: Lease, progress: bool, on_shard) -> GenerateSumma
                 lease.check()
                 entry = sh.ShardEntry(**result)
                 _check_device(job, entry.stats["device"], f"the worker that wrote {entry.file}")
-                _write(f"the record of {entry.file}", cfg, sh.commit_shard, cfg.out, entry)
+                _write(f"write the record of {entry.file}", cfg, sh.commit_shard, cfg.out, entry)
                 job.manifest.add(entry)
                 written += 1
                 samples += entry.rows
@@ -329,5 +331,5 @@ def _generate(job: Job, lease: Lease, progress: bool, on_shard) -> GenerateSumma
                     on_shard(entry)
         finally:
             bar.close()
-        _write("the manifest", cfg, sh.write_manifest, cfg.out, job.manifest)  # fold the records in
+        _write("write the manifest", cfg, sh.write_manifest, cfg.out, job.manifest)  # fold the records in
         return _summarize(job, written, samples, time.perf_counter() - start, pool)
