@@ -38,7 +38,7 @@ from workflows.stages.fid import FeaturePool, evaluate_fid  # noqa: E402
 from workflows.storage import shards as sh  # noqa: E402
 
 GPU_COMMAND = ("RAY_ADDRESS=http://HEAD:8265 ray job submit --working-dir . -- tarflow-gs fid "
-               "--samples s3://BUCKET/RUN/shards --reference imagenet-256-inception.npz "
+               "--samples s3://BUCKET/RUN/samples-KEY --reference /models/imagenet_128_fid_stats.pth "
                "--extractor inception-v3-compat --extractor-weights /weights/inception-compat.pth "
                "--actors 8 --num-gpus 1 --batch-size 500 --no-progress")
 
@@ -53,7 +53,7 @@ def _write_digits(uri: str, num_images: int, shard_size: int) -> None:
         ids = np.asarray(manifest.shard_ids(index))
         table = sh.shard_table(ids, np.full(len(ids), -1), 0, [sh.encode_png(images[i]) for i in ids],
                                [[0]] * len(ids), np.zeros(len(ids)), np.zeros(len(ids)))
-        manifest.add(sh.write_shard(uri, index, table, {}))
+        manifest.add(sh.write_shard(uri, manifest, index, table, {}))
     sh.write_manifest(uri, manifest)
 
 

@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     rows, seconds, written = [], 0.0, 0
     for index in range(args.shards):
         ids = manifest.shard_ids(index)
-        entry = sh.ShardEntry(sh.shard_name(index), index, len(ids), ids.start, ids.stop - 1, "f" * 64, 120_000_000,
+        entry = sh.ShardEntry(manifest.shard_file(index), index, len(ids), ids.start, ids.stop - 1, "f" * 64, 120_000_000,
                               {"batches": 8, "block_passes": [32] * 8, "fallbacks": 0, "device": "cuda",
                                "seconds": 61.5})
         t0 = time.perf_counter()

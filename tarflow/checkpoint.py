@@ -87,9 +87,18 @@ def check_state_dict(model: Model, state_dict: dict) -> None:
 
 
 def _build(config: ModelConfig, state_dict: dict) -> Model:
-    model = Model.from_config(config)
+    # built on the meta device and given the loaded tensors: no random initialisation of weights that
+    # are then overwritten, and no second copy of a model of hundreds of millions of parameters
+    with torch.device("meta"):
+        model = Model.from_config(config)
     check_state_dict(model, state_dict)
-    model.load_state_dict(state_dict, strict=True)
+    # fresh, aligned, contiguous memory per tensor, as an initialised module's: the loaded buffers can sit
+    # at any offset of the file, and vectorised kernels round differently on differently aligned data
+    owned = {}
+    for k in list(state_dict):
+        v = state_dict.pop(k)
+        owned[k] = torch.empty_like(v, memory_format=torch.contiguous_format).copy_(v)
+    model.load_state_dict(owned, strict=True, assign=True)
     return model.eval()
 
 

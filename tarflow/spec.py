@@ -143,9 +143,12 @@ class SamplingSpec:
         if isinstance(labels, tuple) and max(labels) >= num_classes:
             raise SpecError(f"labels={_show(labels)}: class {max(labels)} out of range, the model has "
                             f"{num_classes} classes")
-        if self.guidance.active and not num_classes:
-            raise SpecError(f"guidance.scale={self.guidance.scale}: classifier-free guidance needs a "
-                            "class-conditional model")
+        if self.guidance.active and not num_classes and self.guidance.attn_temp == 1:
+            # an unconditional model is guided against its own attention at another temperature (the
+            # reference's recipe); at temperature 1 both passes are the same and guidance does nothing
+            raise SpecError(f"guidance.scale={self.guidance.scale}: an unconditional model is guided only through "
+                            "its attention temperature; set guidance.attn_temp != 1 (the paper's ImageNet-64 "
+                            "setting is 0.3), or scale 0")
         denoise = self.denoise
         if denoise.active and denoise.noise_std is None:
             noise_std = (provenance or {}).get("noise_std")

@@ -35,3 +35,21 @@ def ray_local():
              object_store_memory=300 * 1024**2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_u8():
+    """300 held-out MNIST digits as uint8 (N, 28, 28, 1), and the same digits shifted 3 pixels right."""
+    from fid_data import digits_and_shifted
+
+    return digits_and_shifted()
+
+
+@pytest.fixture(scope="session")
+def shard_sets(tmp_path_factory, digits_u8):
+    """Both as shard sets, as `tarflow-gs generate` writes them (shards of 70 and of 100)."""
+    from fid_data import write_shards
+
+    root = tmp_path_factory.mktemp("fid")
+    images, shifted = digits_u8
+    return write_shards(root / "a", images, 70), write_shards(root / "shifted", shifted, 100)

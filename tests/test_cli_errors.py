@@ -184,3 +184,35 @@ def test_installed_command_prints_one_paragraph_and_no_traceback(files, tmp_path
 def test_version():
     result = CliRunner().invoke(main, ["--version"])
     assert result.exit_code == 0 and "version" in result.output
+
+
+def _commands(group, path=()):
+    import click
+
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, path + (name,))
+        else:
+            yield " ".join(path + (name,)), command
+
+
+def test_every_option_of_every_command_has_help():
+    import click
+
+    missing = [f"{name} {param.opts[0]}" for name, command in _commands(main) for param in command.params
+               if isinstance(param, click.Option) and not (param.help or "").strip()]
+    assert not missing
+    assert len(list(_commands(main))) >= 10
+
+
+@pytest.mark.parametrize("args, option", [
+    (["train", "--device", "gpu"], "--device"),
+    (["fid", "--samples", "a", "--reference", "b", "--extractor", "inception"], "--extractor"),
+    (["fid", "--samples", "a", "--reference", "b", "--kid-samples", "-1"], "--kid-samples"),
+    (["fid", "--samples", "a", "--reference", "b", "--reference-image-size", "0"], "--reference-image-size"),
+    (["generate", "--checkpoint", "demo", "--out", "x", "--autocast", "fp8"], "--autocast"),
+    (["run", "c.yaml", "--stop-after", "never"], "--stop-after"),
+])
+def test_bad_option_values_exit_2_naming_the_option(args, option):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, result.output

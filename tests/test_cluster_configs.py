@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+PUBLISHED = ("afhq256", "imagenet64-uncond", "imagenet64", "imagenet128")  # tests/test_published_configs.py
 
 
 def _load(name):
@@ -127,8 +128,8 @@ def _rayjob_config():
 
 
 @pytest.mark.parametrize("cluster, config", [
-    ("rayjob-fid-set.yaml", "rayjob"), ("gpu-cluster.yaml", "jobs/configs/afhq256.yaml"),
-    ("gpu-cluster.yaml", "jobs/configs/imagenet256.yaml"),
+    ("rayjob-fid-set.yaml", "rayjob"),
+    *[("gpu-cluster.yaml", f"jobs/configs/{name}.yaml") for name in PUBLISHED],
 ])
 def test_cluster_files_cover_the_job_configs_they_ship_with(cluster, config):
     """The head schedules nothing (it runs the driver); the workers the cluster can grow to place every
@@ -161,6 +162,6 @@ def test_every_pod_has_a_memory_backed_shm_and_the_image_bakes_offline_fid():
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     assert "pip install --no-cache-dir torch==" in dockerfile and "download.pytorch.org/whl/cu" in dockerfile
     assert "fid-export-inception /home/ray/tarflow-gs/weights/inception-v3-compat.pth" in dockerfile
-    for config in ("afhq256", "imagenet256"):
+    for config in PUBLISHED:
         text = (CLUSTER.parent / "jobs" / "configs" / f"{config}.yaml").read_text()
         assert "weights: /home/ray/tarflow-gs/weights/inception-v3-compat.pth" in text

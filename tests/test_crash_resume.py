@@ -39,13 +39,13 @@ def test_driver_killed_at_random_points_resumes_to_the_same_set(tmp_path):
     for shards_before_kill in (0, 2, 4, 6, 8):  # from "still starting" to "nearly done"
         run = subprocess.Popen(_command(ckpt, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 120
-        while len(list(out.glob("shard-*.parquet"))) < shards_before_kill and run.poll() is None:
+        while len(list(out.glob("data/train-*.parquet"))) < shards_before_kill and run.poll() is None:
             assert time.time() < deadline, "the run made no progress"
             time.sleep(0.05)
         time.sleep(rng.uniform(0.0, 0.4))
         run.send_signal(signal.SIGKILL)
         run.wait()
-        kills.append(len(list(out.glob("shard-*.parquet"))))
+        kills.append(len(list(out.glob("data/train-*.parquet"))))
     assert len(set(kills)) > 1, f"the kills all hit the same point: {kills}"
     final = subprocess.run(_command(ckpt, out), env=_env(), capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr[-3000:]
@@ -56,4 +56,5 @@ def test_driver_killed_at_random_points_resumes_to_the_same_set(tmp_path):
     ref_ids, ref_labels, ref_images = sh.read_images(str(undisturbed))
     assert ids.tolist() == list(range(NUM_SAMPLES)) == ref_ids.tolist()
     assert np.array_equal(labels, ref_labels) and np.array_equal(images, ref_images)
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("shard-")) == ["_manifest.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["_manifest.json", "data"]  # no records, lease, temporaries
+    assert len(list((out / "data").iterdir())) == NUM_SAMPLES // SHARD

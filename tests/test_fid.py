@@ -11,55 +11,14 @@ import torch_fidelity
 from click.testing import CliRunner
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
-from tarflow.data import load_dataset
 from workflows.config import FidSettings, Resources
-from workflows.fidelity.extractors import build_extractor, export_compat_weights, extract_features, \
+from workflows.fidelity.extractors import build_extractor, export_compat_weights, extract_features, has_isc, \
     register_extractors
 from workflows.fidelity.stats import FeatureStats, FIDStats, StatsMismatchError, frechet_distance
 from workflows.stages.fid import EvaluateError, FeaturePool, evaluate_fid, reference_stats
 from workflows.storage import files, shards as sh
 
-
-def write_shards(uri, images_u8, shard_size):
-    """A shard set as `tarflow-gs generate` writes it (workflows.shards), from uint8 (N, H, W, C) images."""
-    n = len(images_u8)
-    manifest = sh.Manifest(settings={}, num_samples=n, shard_size=shard_size)
-    for index in range(manifest.num_shards):
-        ids = np.asarray(manifest.shard_ids(index))
-        table = sh.shard_table(ids, np.full(len(ids), -1), 0, [sh.encode_png(images_u8[i]) for i in ids],
-                               [[1]] * len(ids), np.zeros(len(ids)), np.zeros(len(ids)))
-        manifest.add(sh.write_shard(str(uri), index, table, {}))
-    sh.write_manifest(str(uri), manifest)
-    return str(uri)
-
-
-@pytest.fixture(scope="module")
-def digits_u8():
-    """300 held-out MNIST digits as uint8 (N, 28, 28, 1), and the same digits shifted 3 pixels right."""
-    images = sh.to_uint8(load_dataset("mnist5k", split="test").images[:300].numpy())
-    shifted = np.zeros_like(images)
-    shifted[:, :, 3:] = images[:, :, :-3]
-    return images, shifted
-
-
-@pytest.fixture(scope="module")
-def shard_sets(tmp_path_factory, digits_u8):
-    root = tmp_path_factory.mktemp("fid")
-    images, shifted = digits_u8
-    return write_shards(root / "a", images, 70), write_shards(root / "shifted", shifted, 100)
-
-
-class _UInt8Images(torch.utils.data.Dataset):
-    """The input torch-fidelity takes: uint8 (3, H, W) tensors."""
-
-    def __init__(self, images_u8):
-        self.images = torch.from_numpy(images_u8).permute(0, 3, 1, 2).expand(-1, 3, -1, -1)
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i]
+from fid_data import UInt8Images, write_shards
 
 
 def test_merged_feature_stats_equal_np_cov_and_torch_fidelity():
@@ -83,7 +42,7 @@ def test_distributed_fid_over_shards_equals_single_process_torch_fidelity(ray_lo
 
     register_extractors()
     metrics = torch_fidelity.calculate_metrics(
-        input1=_UInt8Images(digits_u8[0]), input2=_UInt8Images(digits_u8[1]), fid=True, cuda=False,
+        input1=UInt8Images(digits_u8[0]), input2=UInt8Images(digits_u8[1]), fid=True, cuda=False,
         feature_extractor="mnist5k-classifier", batch_size=300, verbose=False, cache=False, save_cpu_ram=True)
     assert frechet_distance(a, b) == pytest.approx(metrics["frechet_inception_distance"], rel=1e-6)
 
@@ -141,7 +100,7 @@ def test_mismatched_extractor_or_image_size_is_an_error(ray_local, shard_sets, t
     # raised before any image is read: on a set whose every shard is corrupt, the mismatch is still what is said
     broken = tmp_path / "broken"
     shutil.copytree(samples, broken)
-    for shard in broken.glob("shard-*.parquet"):
+    for shard in broken.glob("data/train-*.parquet"):
         shard.write_bytes(b"\x00" * shard.stat().st_size)
     with pytest.raises(StatsMismatchError, match="extractor 'mnist5k-classifier'.*inception-v3-torchscript"):
         evaluate_fid(str(broken), str(path), FidSettings(extractor="inception-v3-torchscript"))
@@ -156,11 +115,11 @@ def test_mismatched_extractor_or_image_size_is_an_error(ray_local, shard_sets, t
 
 def test_corrupt_shard_is_an_error_naming_the_shard(ray_local, tmp_path, digits_u8):
     uri = write_shards(tmp_path / "set", digits_u8[0][:40], 20)
-    path = tmp_path / "set" / "shard-00001.parquet"
+    path = tmp_path / "set" / "data" / "train-00001-of-00002.parquet"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(sh.ShardError, match="shard-00001.parquet fails its sha256 check"):
+    with pytest.raises(sh.ShardError, match="train-00001-of-00002.parquet fails its sha256 check"):
         evaluate_fid(uri, "mnist5k", FidSettings(), cache_dir=None)
 
 
@@ -186,8 +145,12 @@ def test_torchscript_inception_runs_offline_and_matches_torch_fidelity_inception
     assert (features >= 0).all() and features.std(axis=0).max() > 0  # pool of ReLUs, and images differ
 
     # the same weights inside torch-fidelity's own Inception give the same features
-    compat = build_extractor("inception-v3-compat", str(export_compat_weights(tmp_path / "inception.pth")))
+    weights = str(export_compat_weights(tmp_path / "inception.pth"))
+    compat = build_extractor("inception-v3-compat", weights)
     np.testing.assert_allclose(extract_features(compat, images), features, atol=1e-6)  # as the README says
+    # the exported weights have no classifier: no Inception Score rather than a uniform softmax's 1.0
+    assert not has_isc(build_extractor("inception-v3-compat", weights, isc=True))
+    assert has_isc(build_extractor("mnist5k-classifier", isc=True))
 
 
 def test_cli_prints_fid_and_writes_json(ray_local, shard_sets, tmp_path):
@@ -198,6 +161,12 @@ def test_cli_prints_fid_and_writes_json(ray_local, shard_sets, tmp_path):
                                        "--cache-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "FID: " in result.output and "300 samples" in result.output and "mnist5k-classifier" in result.output
+    assert "IS: " in result.output and "KID: " in result.output
+    # not a terminal: plain progress lines (one per image set at the end), no bar redraws
+    assert "\r" not in result.output and "features (mnist5k-classifier): 300/300 img (100%)" in result.output
+    forced = CliRunner().invoke(main, ["fid", "--samples", samples, "--reference", shifted, "--progress",
+                                       "--cache-dir", str(tmp_path)])
+    assert forced.exit_code == 0 and "\r" in forced.output and "300/300" in forced.output
     written = json.loads(open(files.resolve(samples)[1] + "/_fid-mnist5k-classifier.json").read())
     assert written["reference"] == shifted and written["fid"] > 1.0
 

@@ -182,13 +182,13 @@ def _copy(complete_set, tmp_path):
 def test_damaged_shards_are_redone_and_nothing_else(complete_set, assets, tmp_path, how):
     out, before = _copy(complete_set, tmp_path)
     cfg = _cfg(assets, out, num_samples=32, shard_size=8)
-    _damage(out / "shard-00002.parquet", how)
+    _damage(out / "data" / "train-00002-of-00004.parquet", how)
     with pytest.raises(sh.ShardError, match="re-run generate to redo it|missing"):
         sh.verify_shards(cfg.out)  # the readers refuse it and say what to do; doing it repairs the set
     job = prepare(cfg)
-    assert job.pending == [2] and any("shard-00002.parquet" in n for n in job.notes)
+    assert job.pending == [2] and any("train-00002-of-00004.parquet" in n for n in job.notes)
     summary = generate(cfg, progress=False)
-    assert summary.shards_written == 1 and any("shard-00002.parquet" in n for n in summary.notes)
+    assert summary.shards_written == 1 and any("train-00002-of-00004.parquet" in n for n in summary.notes)
     after = {e.file: e.sha256 for e in sh.verify_shards(cfg.out).shards}
     assert after == before  # the redone shard is byte for byte the original, and nothing else was touched
     assert generate(cfg, progress=False).shards_written == 0
@@ -199,7 +199,7 @@ def test_large_sets_are_verified_in_the_actors(complete_set, assets, tmp_path, m
 
     out, before = _copy(complete_set, tmp_path)
     cfg = _cfg(assets, out, num_samples=32, shard_size=8, actors=2)
-    _damage(out / "shard-00001.parquet", "flipped")
+    _damage(out / "data" / "train-00001-of-00004.parquet", "flipped")
     monkeypatch.setattr(stage, "LOCAL_VERIFY_BYTES", 0)  # every shard counts as a large set's
     job = prepare(cfg)
     assert len(job.unverified) == 4 and job.pending == []  # the driver hashed nothing
@@ -211,7 +211,7 @@ def test_a_corrupt_manifest_is_named_and_its_shards_recovered(complete_set, asse
     out, before = _copy(complete_set, tmp_path)
     cfg = _cfg(assets, out, num_samples=32, shard_size=8)
     (out / "_manifest.json").write_bytes(b"\xff\xfe\x00 torn")
-    _damage(out / "shard-00003.parquet", "flipped")
+    _damage(out / "data" / "train-00003-of-00004.parquet", "flipped")
     with pytest.raises(sh.ShardError, match="out/_manifest.json is corrupt"):
         sh.read_manifest(cfg.out)
     job = prepare(cfg)
@@ -235,10 +235,13 @@ def test_one_writer_per_output(ray_local, assets, tmp_path):
         holder.kill()
         holder.wait()
     # the holder died: its lease is taken over at once (same host), its leftover temporary removed
-    (out / ".shard-00000.parquet.tmp-r-live-abc123").write_bytes(b"half a shard")
+    (out / "data").mkdir()
+    (out / "data" / ".train-00000-of-00002.parquet.tmp-r-live-abc123").write_bytes(b"half a shard")
     summary = generate(_cfg(assets, out, num_samples=16, shard_size=8), progress=False)
     assert summary.shards_written == 2
-    assert sorted(p.name for p in out.iterdir()) == ["_manifest.json", "shard-00000.parquet", "shard-00001.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["_manifest.json", "data"]
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["train-00000-of-00002.parquet",
+                                                                 "train-00001-of-00002.parquet"]
 
 
 def test_a_full_disk_is_a_message_and_the_run_resumes(ray_local, assets, tmp_path, monkeypatch):
@@ -261,7 +264,7 @@ def test_a_full_disk_is_a_message_and_the_run_resumes(ray_local, assets, tmp_pat
             "--no-progress"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
-    assert "cannot write the record of shard-0000" in result.output and "No space left" in result.output
+    assert "cannot write the record of data/train-0000" in result.output and "No space left" in result.output
     assert "finished shards are kept" in result.output
     monkeypatch.undo()
     assert len(sh.read_manifest(str(out)).shards) == 1

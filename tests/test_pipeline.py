@@ -63,7 +63,7 @@ def test_config_requires_output_and_valid_yaml(tmp_path):
         RunConfig.load(bad)
 
 
-@pytest.mark.parametrize("name", ["demo", "afhq256", "imagenet256"])
+@pytest.mark.parametrize("name", ["demo", "afhq256", "imagenet64-uncond", "imagenet64", "imagenet128"])
 def test_shipped_job_configs_validate(name):
     cfg = RunConfig.load(REPO / "jobs" / "configs" / f"{name}.yaml")
     assert cfg.name == name and cfg.plan.source == "auto"

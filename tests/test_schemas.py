@@ -19,7 +19,8 @@ def test_shipped_schema_is_current(name):
 
 
 @pytest.mark.parametrize("config, schema", [
-    *[(f"jobs/configs/{n}.yaml", "run-config") for n in ("demo", "afhq256", "imagenet256")],
+    *[(f"jobs/configs/{n}.yaml", "run-config")
+      for n in ("demo", "afhq256", "imagenet64-uncond", "imagenet64", "imagenet128")],
     ("jobs/configs/nightly.yaml", "nightly-config"),
 ])
 def test_shipped_configs_validate_against_their_schema(config, schema):

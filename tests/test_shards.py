@@ -21,7 +21,7 @@ def _write_set(uri, num_samples=10, shard_size=4, seed=7):
         images.update(zip(ids.tolist(), imgs))
         table = sh.shard_table(ids, ids % 3, seed, [sh.encode_png(im) for im in imgs], [[1, 2]] * len(ids),
                                [0] * len(ids), [0.5] * len(ids))
-        manifest.add(sh.write_shard(uri, index, table, {"shard": index}))
+        manifest.add(sh.write_shard(uri, manifest, index, table, {"shard": index}))
         sh.write_manifest(uri, manifest)
     return manifest, images
 
@@ -47,8 +47,10 @@ def test_shard_set_round_trip_schema_and_manifest(tmp_path):
     assert on_disk["complete"] and on_disk["rows"] == 10
     assert [(s["first_id"], s["last_id"], s["rows"]) for s in on_disk["shards"]] == [(0, 3, 4), (4, 7, 4), (8, 9, 2)]
     # no temporaries left behind; any Parquet reader opens the directory itself
-    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == [
-        "_manifest.json", "shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["_manifest.json", "data"]
+    assert sorted(p.name for p in (tmp_path / "set" / "data").iterdir()) == [
+        "train-00000-of-00003.parquet", "train-00001-of-00003.parquet", "train-00002-of-00003.parquet"]
+    assert pq.ParquetFile(tmp_path / "set" / "data" / "train-00000-of-00003.parquet").metadata.num_row_groups == 1
     table = ds.dataset(uri, format="parquet").to_table()
     assert sorted(table.column("sample_id").to_pylist()) == list(range(10))
     assert pq.read_table(uri).num_rows == 10
@@ -58,7 +60,7 @@ def test_shard_set_round_trip_schema_and_manifest(tmp_path):
     ids, labels, decoded = sh.read_images(uri)
     assert ids.tolist() == list(range(10)) and labels.tolist() == [i % 3 for i in range(10)]
     assert all(np.array_equal(decoded[i], images[i]) for i in range(10))
-    meta = pq.read_schema(str(tmp_path / "set" / "shard-00001.parquet")).metadata
+    meta = pq.read_schema(str(tmp_path / "set" / "data" / "train-00001-of-00003.parquet")).metadata
     assert json.loads(meta[sh.METADATA_KEY]) == {"shard": 1} and b"huggingface" in meta
     assert sh.verify_shards(uri).rows == 10
     # file:// URIs go through pyarrow.fs as any remote filesystem would
@@ -68,17 +70,17 @@ def test_shard_set_round_trip_schema_and_manifest(tmp_path):
 def test_corrupt_missing_and_incomplete_shards_raise_clear_errors(tmp_path):
     uri = str(tmp_path / "set")
     _write_set(uri)
-    shard = tmp_path / "set" / "shard-00001.parquet"
+    shard = tmp_path / "set" / "data" / "train-00001-of-00003.parquet"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(sh.ShardError, match="shard-00001.parquet fails its sha256 check"):
+    with pytest.raises(sh.ShardError, match="train-00001-of-00003.parquet fails its sha256 check"):
         sh.read_images(uri)
     shard.write_bytes(bytes(data[:-10]))
-    with pytest.raises(sh.ShardError, match="shard-00001.parquet has .* bytes, the manifest says"):
+    with pytest.raises(sh.ShardError, match="train-00001-of-00003.parquet has .* bytes, the manifest says"):
         sh.open_dataset(uri)
     shard.unlink()
-    with pytest.raises(sh.ShardError, match="shard-00001.parquet is listed in the manifest but missing"):
+    with pytest.raises(sh.ShardError, match="train-00001-of-00003.parquet is listed in the manifest but missing"):
         sh.verify_shards(uri)
     manifest = sh.read_manifest(uri)
     manifest.shards = manifest.shards[:1]
@@ -114,7 +116,7 @@ def test_shard_records_cost_the_same_for_the_first_shard_and_the_last(tmp_path):
     sh.write_manifest(uri, m)
     written = []
     for index in range(2000):
-        entry = sh.ShardEntry(sh.shard_name(index), index, 4, 4 * index, 4 * index + 3, "0" * 64, 1000,
+        entry = sh.ShardEntry(m.shard_file(index), index, 4, 4 * index, 4 * index + 3, "0" * 64, 1000,
                               {"batches": 1, "block_passes": [15, 15, 15, 15], "fallbacks": 0})
         written.append(sh.commit_shard(uri, entry))
     assert max(written[-100:]) <= 1.05 * min(written[:100])  # the same few hundred bytes (id digits aside)
@@ -135,9 +137,29 @@ def test_any_parquet_reader_opens_the_output_directory_as_it_is(tmp_path):
     uri = str(tmp_path / "set")
     manifest, images = _write_set(uri)
     (tmp_path / "set" / "_lease.json").write_text("{}")
-    (tmp_path / "set" / ".shard-00009.parquet.tmp-run-abc").write_bytes(b"half")
+    (tmp_path / "set" / "data" / ".train-00009-of-00010.parquet.tmp-run-abc").write_bytes(b"half")
+    (tmp_path / "set" / "_fid-mnist5k-classifier.json").write_text("{}")
     frame = pd.read_parquet(uri)
     assert sorted(frame["sample_id"]) == list(range(10)) and set(frame.columns) >= {"image", "label", "seed"}
-    ((count, total),) = duckdb.sql(f"select count(*), sum(sample_id) from read_parquet('{uri}/*.parquet')").fetchall()
+    ((count, total),) = duckdb.sql(f"select count(*), sum(sample_id) from read_parquet('{uri}/data/*.parquet')").fetchall()
     assert (count, total) == (10, 45)
     assert ds.dataset(uri, format="parquet").count_rows() == 10
+
+
+def test_hugging_face_datasets_loads_the_output_as_it_is(tmp_path):
+    """Both ways users load a folder: an `image` column of decoded PIL images, the other columns typed,
+    and the manifest, FID results, records and lease beside the shards are not taken for data."""
+    import datasets
+    from PIL.Image import Image as PILImage
+
+    uri = str(tmp_path / "set")
+    _, images = _write_set(uri)
+    for name in ("_fid-mnist5k-classifier.json", "_lease.json"):
+        (tmp_path / "set" / name).write_text("{}")
+    for loaded in (datasets.load_dataset(uri, split="train", cache_dir=str(tmp_path / "hf")),
+                   datasets.load_dataset("parquet", data_dir=uri, split="train", cache_dir=str(tmp_path / "hf2"))):
+        assert loaded.num_rows == 10
+        assert loaded.features["label"].dtype == "int32" and loaded.features["sample_id"].dtype == "int64"
+        assert isinstance(loaded.features["image"], datasets.Image)
+        row = loaded.sort("sample_id")[3]
+        assert isinstance(row["image"], PILImage) and np.array_equal(np.asarray(row["image"]), images[3])

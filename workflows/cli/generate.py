@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .options import checkpoint_options, resources_options, spec_options
+from .options import checkpoint_options, progress_option, resources_options, spec_options
 
 
 @click.command("generate")
@@ -16,7 +16,7 @@ from .options import checkpoint_options, resources_options, spec_options
               help="Samples per Parquet shard.")
 @resources_options("generate")
 @click.option("--out", required=True, help="Output directory or URI (file://, s3://, gs://).")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@progress_option
 def generate_command(model_ref, plan_path, num_samples, spec, shard_size, resources, out, progress):
     """Generate NUM_SAMPLES images into Parquet shards; re-running the same command resumes."""
     from tarflow import Plan

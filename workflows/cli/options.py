@@ -104,3 +104,11 @@ def checkpoint_options(command):
         return command(*args, model_ref=ModelRef(checkpoint, in_channels), **kwargs)
 
     return wrapper
+
+
+def progress_option(command):
+    """--progress/--no-progress; unset (None): a bar only when stderr is a terminal (`workflows.progress`)."""
+    return click.option(
+        "--progress/--no-progress", default=None,
+        help="--progress: progress bars; --no-progress: a plain line every 30 s instead. Default: bars only on a "
+             "terminal, so `ray job logs` and CI logs get lines, not carriage returns.")(command)

@@ -5,6 +5,8 @@ import logging
 
 import click
 
+from .options import progress_option
+
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -15,7 +17,8 @@ def _setup_logging() -> None:
 @click.option("--output", default=None, help="Override the config's output (a local path or URI).")
 @click.option("--stop-after", type=click.Choice(["profile", "plan", "generate", "fid", "report"]), default=None,
               help="End after this stage (the next run resumes there).")
-def run_command(config, output, stop_after):
+@progress_option
+def run_command(config, output, stop_after, progress):
     """Run CONFIG (YAML) end to end: profile -> plan -> generate -> FID -> report.
 
     Stages whose output exists for the same inputs are skipped, so re-running resumes. With
@@ -28,7 +31,7 @@ def run_command(config, output, stop_after):
     cfg = RunConfig.load(config)
     if output:
         cfg = cfg.model_copy(update={"output": output})
-    click.echo(summary_text(run(cfg, stop_after=stop_after)))
+    click.echo(summary_text(run(cfg, stop_after=stop_after, progress=progress)))
 
 
 @click.command("report")

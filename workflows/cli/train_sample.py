@@ -6,9 +6,17 @@ from click.core import ParameterSource
 
 from tarflow.train import PRECISIONS, TrainConfig
 
-from .options import checkpoint_options, spec_options
+from .options import checkpoint_options, progress_option, spec_options
 
 _DEFAULTS = TrainConfig()
+
+
+def _device(value: str) -> str:
+    """cpu, mps, cuda or cuda:N, else a usage error naming --device (exit 2)."""
+    kind, _, index = value.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise click.BadParameter(f"{value!r}: give cpu, cuda, cuda:N or mps")
+    return value
 _POSITIVE = click.IntRange(min=1)
 
 
@@ -46,12 +54,13 @@ _POSITIVE = click.IntRange(min=1)
               help="AdamW weight decay.")
 @click.option("--seed", type=click.IntRange(min=0), default=_DEFAULTS.seed, show_default=True,
               help="Seed of initialisation, batches, noise and label dropout.")
-@click.option("--device", default=_DEFAULTS.device, show_default=True, help="cpu, cuda[:N] or mps.")
+@click.option("--device", default=_DEFAULTS.device, show_default=True, callback=lambda ctx, param, v: _device(v),
+              help="cpu, cuda[:N] or mps.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=_DEFAULTS.precision, show_default=True,
               help="The network's autocast dtype.")
 @click.option("--resume", "resume_from", type=click.Path(dir_okay=False), default=None,
               help="Continue the interrupted run that wrote this checkpoint, with its stored settings.")
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar with loss and bits/dim.")
+@progress_option
 @click.pass_context
 def train_command(ctx, resume_from, progress, **options):
     """Train a TarFlow; checkpoints after every epoch and reports held-out bits/dim."""
@@ -65,7 +74,9 @@ def train_command(ctx, resume_from, progress, **options):
         cfg = resume_config(resume_from)
     else:
         cfg = TrainConfig(**options)
-    path = train(cfg, resume=bool(resume_from), progress=progress, log=click.echo)
+    from ..progress import wants_bar
+
+    path = train(cfg, resume=bool(resume_from), progress=wants_bar(progress), log=click.echo)
     click.echo(f"checkpoint: {path}")
 
 

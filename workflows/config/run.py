@@ -25,9 +25,12 @@ Example (only `output` is required; the values shown for sections left out are t
       shard_size: 1024
     fid:
       extractor: mnist5k-classifier   # or inception-v3-torchscript (offline), inception-v3-compat (+ weights)
-      reference: mnist5k          # dataset name, image folder, shards URI, or stats .npz
+      reference: mnist5k          # dataset name, image folder, shards URI, or statistics (.npz, .pth)
       weights: null
       batch_size: 200
+      reference_extractor: null   # what made mu-sigma statistics (ADM/TTUR .npz files do not say)
+      reference_image_size: null  # their image size, where the file does not say
+      kid_samples: 2000           # features per side kept for KID (0: no KID)
       enabled: true
     output: runs/demo             # local path or any pyarrow.fs URI (s3://, gs://)
     resources:                    # Ray resources per stage, per worker; a worker given a GPU samples on CUDA
@@ -76,7 +79,8 @@ class PlanSection(BaseModel):
 
 
 class FidSection(FidSettings):
-    reference: str = Field("mnist5k", description="dataset name, image folder, shards URI, or statistics .npz")
+    reference: str = Field("mnist5k", description="dataset name, image folder, shards URI, or statistics (the "
+                           "project's .npz, a torchmetrics FID state .pth, an ADM/TTUR mu-sigma .npz)")
     enabled: bool = True
 
 

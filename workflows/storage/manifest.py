@@ -3,6 +3,7 @@
     _manifest.json         the run's identity (settings), layout and provenance; when the run completes,
                            every shard's entry folded in
     _shards/00012.json     one small record per shard finished since, written atomically after its shard
+    data/train-00012-of-00049.parquet   the shards, named as Hugging Face datasets names its files
 
 Bookkeeping per finished shard is one small write whatever the run's size (not a rewrite of a
 manifest that grows with every shard), so 10,000 shards cost the driver the same per shard as 10.
@@ -23,6 +24,7 @@ from .files import join, read_bytes, resolve, write_atomic
 
 MANIFEST_NAME = "_manifest.json"
 RECORDS_DIR = "_shards"
+DATA_DIR = "data"
 MANIFEST_FORMAT = "tarflow-gs-shards"
 MANIFEST_VERSION = 3
 HASH_CHUNK_BYTES = 8 << 20
@@ -30,10 +32,6 @@ HASH_CHUNK_BYTES = 8 << 20
 
 class ShardError(ValueError):
     """A shard set that is missing, corrupt, or does not match what its manifest says."""
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.parquet"
 
 
 @dataclass
@@ -76,6 +74,10 @@ class Manifest:
 
     def shard_ids(self, index: int) -> range:
         return range(index * self.shard_size, min((index + 1) * self.shard_size, self.num_samples))
+
+    def shard_file(self, index: int) -> str:
+        """Where shard `index` lives: `data/train-00012-of-00049.parquet`, the layout `datasets` loads."""
+        return f"{DATA_DIR}/train-{index:05d}-of-{self.num_shards:05d}.parquet"
 
     def add(self, entry: ShardEntry) -> None:
         """Insert or replace by index, keeping the list sorted: O(log n) to find the place."""

@@ -3,16 +3,18 @@ filesystem.
 
 Layout of an output URI (a local path, `file://`, `s3://`, `gs://`, ...)::
 
-    _manifest.json         the run's identity and, once complete, every shard's entry
-    _shards/               one record per shard finished since the manifest was last written
-    _lease.json            who is writing the set now (`lease.py`)
-    shard-00000.parquet    one row per sample, ids [0, shard_size)
-    shard-00001.parquet    ...
+    _manifest.json                     the run's identity and, once complete, every shard's entry
+    _shards/                           one record per shard finished since the manifest was last written
+    _lease.json                        who is writing the set now (`lease.py`)
+    data/train-00000-of-00049.parquet  one row per sample, ids [0, shard_size), row groups of 100
+    data/train-00001-of-00049.parquet  ...
 
 A shard is written to a hidden temporary name and renamed into place, then recorded, so a
 shard is either complete and listed or absent. Names starting with '_' or '.' are skipped by
 Parquet readers by convention, so any reader opens the directory itself
-(`pyarrow.dataset.dataset(uri)`, `pandas.read_parquet`, Spark, DuckDB). The manifest stays the
+(`pyarrow.dataset.dataset(uri)`, `pandas.read_parquet`, Spark, DuckDB), and the shards' names are
+those Hugging Face `datasets` looks for (`load_dataset(uri)`, `load_dataset("parquet", data_dir=uri)`:
+an `image` column of PIL images, the Image feature in the schema metadata). The manifest stays the
 record of what a run completed: the readers here (`open_dataset`, `iter_shards`, `read_images`)
 go through it and verify checksums. Every data page also carries a CRC (Parquet page checksums),
 so a shard can be verified on its own when the manifest is lost (`recover_entries`).
@@ -38,13 +40,14 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from .files import join, read_bytes, resolve, write_atomic
-from .manifest import MANIFEST_NAME, Manifest, ShardEntry, ShardError, check_entry, commit_shard, \
-    identity_difference, read_manifest, shard_name, write_manifest
+from .manifest import DATA_DIR, MANIFEST_NAME, Manifest, ShardEntry, ShardError, check_entry, commit_shard, \
+    identity_difference, read_manifest, write_manifest
 
-__all__ = ["MANIFEST_NAME", "Manifest", "SCHEMA", "ShardEntry", "ShardError", "check_entry", "commit_shard",
-           "decode_png", "encode_png", "identity_difference", "iter_images", "iter_shards", "open_dataset",
-           "read_images", "read_manifest", "read_metadata", "recover_entries", "shard_name", "shard_paths",
+__all__ = ["DATA_DIR", "MANIFEST_NAME", "Manifest", "SCHEMA", "ShardEntry", "ShardError", "check_entry",
+           "commit_shard", "decode_png", "encode_png", "identity_difference", "iter_images", "iter_shards",
+           "open_dataset", "read_images", "read_manifest", "read_metadata", "recover_entries", "shard_paths",
            "shard_table", "to_uint8", "verify_shards", "write_manifest", "write_shard"]
+ROW_GROUP_ROWS = 100  # readers that stream (datasets, DuckDB) hold one row group, not a whole shard
 
 METADATA_KEY = b"tarflow-gs"
 
@@ -112,18 +115,18 @@ def shard_table(sample_ids, labels, seed: int, pngs: list[bytes], block_passes, 
     ], schema=SCHEMA)
 
 
-def write_shard(uri: str, index: int, table: pa.Table, metadata: dict, stats: dict | None = None,
+def write_shard(uri: str, layout: Manifest, index: int, table: pa.Table, metadata: dict, stats: dict | None = None,
                 owner: str = "") -> ShardEntry:
-    """Write one shard atomically (temporary tagged `owner`); returns its entry (the checksum is of the
-    file's bytes)."""
+    """Write shard `index` of `layout` atomically (temporary tagged `owner`); returns its entry (the checksum
+    is of the file's bytes)."""
     fs, base = resolve(uri)
     meta = {METADATA_KEY: json.dumps(metadata, sort_keys=True).encode(),
             b"huggingface": json.dumps(HF_FEATURES).encode()}
     table = table.replace_schema_metadata(meta)
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
+    pq.write_table(table, sink, compression="zstd", write_page_checksum=True, row_group_size=ROW_GROUP_ROWS)
     data = sink.getvalue().to_pybytes()
-    name = shard_name(index)
+    name = layout.shard_file(index)
     write_atomic(fs, join(base, name), data, owner)
     ids = table.column("sample_id")
     return ShardEntry(name, index, table.num_rows, int(ids[0].as_py()), int(ids[-1].as_py()),
@@ -137,9 +140,10 @@ def recover_entries(uri: str, identity: dict, layout: Manifest) -> list[ShardEnt
     fail any check are left out (and redone)."""
     fs, base = resolve(uri)
     entries = []
-    for info in sorted(fs.get_file_info(pafs.FileSelector(base)), key=lambda i: i.base_name):
-        name = info.base_name
-        if not (name.startswith("shard-") and name.endswith(".parquet")):
+    files = fs.get_file_info(pafs.FileSelector(join(base, DATA_DIR), allow_not_found=True))
+    for info in sorted(files, key=lambda i: i.base_name):
+        name = f"{DATA_DIR}/{info.base_name}"
+        if not (info.base_name.startswith("train-") and name.endswith(".parquet")):
             continue
         data = read_bytes(fs, info.path)
         try:
@@ -149,7 +153,7 @@ def recover_entries(uri: str, identity: dict, layout: Manifest) -> list[ShardEnt
             continue
         index, settings = meta.get("shard"), meta.get("settings", {})
         if (not isinstance(settings, dict) or identity_difference(settings, identity) or not isinstance(index, int)
-                or name != shard_name(index)):
+                or name != layout.shard_file(index)):
             continue
         ids = table.column("sample_id").to_numpy()
         if not np.array_equal(ids, np.asarray(layout.shard_ids(index))):

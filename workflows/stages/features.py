@@ -1,0 +1,217 @@
+"""One pass of a feature extractor over a set of images, in a Ray actor pool: what FID, IS and KID need.
+
+Each task reduces one unit of images (a shard, a chunk of an image folder or of a dataset) to a
+`PassStats` inside an actor that loaded its extractor once: FID's sufficient statistics, Inception
+Score sums (where the extractor has class logits) and KID's strided feature subset (see
+`fidelity.metrics`). The driver adds them up as they arrive, so it holds one D x D matrix per task
+in flight and never all features. A task is a whole shard rather than a Ray Data batch because a
+D x D float64 sum per batch (32 MiB at D = 2048) would cost more to ship than the features it sums.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from .. import runtime
+from ..config import FidSettings, Resources
+from ..fidelity.extractors import build_extractor, check_extractor, extract, has_isc
+from ..fidelity.metrics import ISCStats, KeptFeatures, kid_stride
+from ..fidelity.stats import FeatureStats, FIDStats, StatsMismatchError
+from ..progress import Progress
+from ..storage import shards as sh
+from ..storage.files import read_bytes, resolve
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+STATS_SUFFIXES = (".npz", ".pth", ".pt")
+CHUNK_IMAGES = 1024  # images per task for folders and datasets (shards are one task each)
+
+
+class EvaluateError(ValueError):
+    """An evaluation that cannot run as asked (unknown source, empty set, mixed image sizes)."""
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where a set of images (or its statistics) comes from."""
+
+    kind: str  # "shards" | "folder" | "dataset" | "stats"
+    location: str
+
+    @classmethod
+    def parse(cls, spec: str) -> "ImageSource":
+        from tarflow.data import BUILTIN_DATASETS
+
+        spec = str(spec)
+        if spec.endswith(STATS_SUFFIXES):
+            return cls("stats", spec.removeprefix("file://"))
+        if spec in BUILTIN_DATASETS:
+            return cls("dataset", spec)
+        if "://" in spec and not spec.startswith("file://"):
+            return cls("shards", spec)
+        path = Path(spec.removeprefix("file://")).expanduser()
+        if (path / sh.MANIFEST_NAME).is_file():
+            return cls("shards", spec)
+        if path.is_dir():
+            return cls("folder", str(path))
+        raise EvaluateError(f"{spec!r} is neither a shard set (a directory or URI with {sh.MANIFEST_NAME}), an image "
+                            f"folder, a dataset name ({', '.join(BUILTIN_DATASETS)}) nor statistics "
+                            f"({', '.join(STATS_SUFFIXES)})")
+
+
+@dataclass
+class PassStats:
+    """What a pass keeps of a set of images; `+` merges disjoint parts in any order."""
+
+    features: FeatureStats
+    isc: ISCStats | None  # None: the extractor has no class logits
+    kid: KeptFeatures
+    size: tuple[int, int]  # (H, W) of every image
+
+    def __add__(self, other: "PassStats") -> "PassStats":
+        if other.size != self.size:
+            raise EvaluateError(f"images of sizes {self.size} and {other.size} in one set")
+        isc = None if self.isc is None or other.isc is None else self.isc + other.isc
+        return PassStats(self.features + other.features, isc, self.kid + other.kid, self.size)
+
+    def fid_stats(self, extractor: str, dataset: str) -> FIDStats:
+        return FIDStats.from_features(self.features, extractor, self.size, dataset, self.kid)
+
+
+class FeatureWorker(runtime.Worker):
+    """Loads the extractor once; turns a unit of images into a `PassStats`."""
+
+    def __init__(self, settings: FidSettings, threads: int):
+        super().__init__(threads)
+        self.extractor = build_extractor(settings.extractor, settings.weights, str(self.device), isc=True)
+        self.batch_size = settings.batch_size
+
+    def _reduce(self, batches, offset: int, stride: int, where: str) -> PassStats:
+        total, index = None, offset
+        for images in batches:
+            layers = extract(self.extractor, images)
+            part = PassStats(FeatureStats.of(layers[0]), ISCStats.of(layers[1]) if has_isc(self.extractor) else None,
+                             KeptFeatures.of(layers[0], index, stride), tuple(int(s) for s in images.shape[1:3]))
+            try:
+                total = part if total is None else total + part
+            except EvaluateError as e:
+                raise EvaluateError(f"{where}: {e}") from None
+            index += len(images)
+        if total is None:
+            raise EvaluateError(f"{where} holds no images")
+        return total
+
+    def shard(self, uri: str, entry: dict, stride: int):
+        """One manifest shard, its checksum verified before any image counts."""
+        entry = sh.ShardEntry(**entry)
+        fs, base = resolve(uri)
+        where = f"{uri}/{entry.file}"
+        data = read_bytes(fs, f"{base.rstrip('/')}/{entry.file}")
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise sh.ShardError(f"shard {where} fails its sha256 check: it is corrupt (re-run generate to redo it)")
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pngs = pq.read_table(pa.BufferReader(data), columns=["image"]).column("image").combine_chunks().field("bytes")
+        if len(pngs) != entry.rows:
+            raise sh.ShardError(f"shard {where} has {len(pngs)} rows, the manifest says {entry.rows}")
+        batches = (np.stack([sh.decode_png(b.as_py()) for b in pngs[i:i + self.batch_size]])
+                   for i in range(0, len(pngs), self.batch_size))
+        return self._reduce(batches, entry.first_id, stride, f"shard {where}")
+
+    def files(self, paths: list[str], offset: int, stride: int):
+        from PIL import Image
+
+        def load(path):
+            with Image.open(path) as img:
+                array = np.asarray(img if img.mode in ("L", "RGB") else img.convert("RGB"))
+            return array[:, :, None] if array.ndim == 2 else array
+
+        batches = (np.stack([load(p) for p in paths[i:i + self.batch_size]])
+                   for i in range(0, len(paths), self.batch_size))
+        return self._reduce(batches, offset, stride, f"images {paths[0]}..{paths[-1]}")
+
+    def array(self, images: np.ndarray, offset: int, stride: int):
+        batches = (images[i:i + self.batch_size] for i in range(0, len(images), self.batch_size))
+        return self._reduce(batches, offset, stride, "image array")
+
+
+def _units(source: ImageSource, image_size: tuple[int, int] | None,
+           kid_samples: int) -> tuple[list[tuple], str, int]:
+    """The tasks of one source as (worker method, *args), a description of the images and their number."""
+    if source.kind == "shards":
+        manifest = sh.read_manifest(source.location)
+        if not manifest.complete:
+            raise sh.ShardError(f"{source.location} is incomplete: {len(manifest.shards)} of {manifest.num_shards} "
+                                "shards; resume generate to finish it before computing FID")
+        stride = kid_stride(manifest.num_samples, kid_samples)
+        return [("shard", source.location, asdict(e), stride) for e in manifest.shards], source.location, \
+            manifest.num_samples
+    if source.kind == "folder":
+        root = Path(source.location)
+        paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not paths:
+            raise EvaluateError(f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        stride = kid_stride(len(paths), kid_samples)
+        return [("files", paths[i:i + CHUNK_IMAGES], i, stride) for i in range(0, len(paths), CHUNK_IMAGES)], \
+            str(root), len(paths)
+    if source.kind == "dataset":
+        from tarflow.data import load_dataset
+
+        size = None if image_size is None else image_size[0]
+        images = sh.to_uint8(load_dataset(source.location, image_size=size).images.numpy())
+        stride = kid_stride(len(images), kid_samples)
+        units = [("array", ray.put(images[i:i + CHUNK_IMAGES]), i, stride) for i in range(0, len(images), CHUNK_IMAGES)]
+        return units, f"{source.location} (all {len(images)} images)", len(images)
+    raise EvaluateError(f"a {source.kind} source has no images to extract")
+
+
+class FeaturePool:
+    """Extractor actors, started once and used for every image source of an evaluation."""
+
+    def __init__(self, settings: FidSettings = FidSettings(), resources: Resources = Resources(),
+                 progress: bool | None = False):
+        check_extractor(settings.extractor, settings.weights)
+        runtime.connect()
+        self.settings, self.progress = settings, progress
+        self.pool = runtime.ActorPool(FeatureWorker, (settings,), resources, "fid")
+
+    def __enter__(self) -> "FeaturePool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.close()
+
+    def run(self, source: ImageSource | str, image_size: tuple[int, int] | None = None) -> tuple[PassStats, str]:
+        """(PassStats, description) of one source, merged in the driver as tasks finish.
+
+        `image_size` resizes a dataset to it; other sources must already have it (else an error)."""
+        source = ImageSource.parse(source) if isinstance(source, str) else source
+        units, description, num_images = _units(source, image_size, self.settings.kid_samples)
+        total = None
+        with Progress(num_images, f"features ({self.settings.extractor})", "img", self.progress) as bar:
+            for _, part in self.pool.map_unordered((unit[0], unit[1:]) for unit in units):
+                try:
+                    total = part if total is None else total + part
+                except EvaluateError as e:
+                    raise EvaluateError(f"{description}: {e}") from None
+                bar.update(part.features.count)
+        if image_size is not None and tuple(total.size) != tuple(image_size):
+            raise StatsMismatchError(f"{description} holds {total.size[0]}x{total.size[1]} images, the samples are "
+                                     f"{image_size[0]}x{image_size[1]}: compare images of one size")
+        return total, description
+
+    def stats(self, source: ImageSource | str, image_size: tuple[int, int] | None = None) -> FIDStats:
+        """FID statistics (with KID's subset) of one source; see `run`."""
+        total, description = self.run(source, image_size)
+        return total.fid_stats(self.settings.extractor, description)
+
+
+def compute_stats(source: ImageSource | str, settings: FidSettings, resources: Resources = Resources(),
+                  image_size: tuple[int, int] | None = None) -> FIDStats:
+    """FID statistics of one image source with a pool of its own (see `FeaturePool.stats`)."""
+    with FeaturePool(settings, resources) as pool:
+        return pool.stats(source, image_size)
