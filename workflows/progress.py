@@ -22,10 +22,8 @@ def wants_bar(progress: bool | None) -> bool:
 class Progress:
     """`with Progress(total, desc, unit, progress) as p: p.update(n)`; see `wants_bar` for `progress`."""
 
-    def __init__(self, total: int, desc: str, unit: str = "it", progress: bool | None = None, initial: int = 0,
-                 every_s: float = LOG_EVERY_S, out=None):
-        self.total, self.desc, self.unit, self.n, self.every_s = total, desc, unit, initial, every_s
-        self.out = out
+    def __init__(self, total: int, desc: str, unit: str = "it", progress: bool | None = None, initial: int = 0):
+        self.total, self.desc, self.unit, self.n = total, desc, unit, initial
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, smoothing=0.1, dynamic_ncols=True) \
             if wants_bar(progress) else None
         self.start = self.last = time.monotonic()
@@ -41,7 +39,7 @@ class Progress:
         self.n += n
         if self.bar is not None:
             self.bar.update(n)
-        elif time.monotonic() - self.last >= self.every_s:
+        elif time.monotonic() - self.last >= LOG_EVERY_S:
             self._line()
 
     def _line(self) -> None:
@@ -49,7 +47,7 @@ class Progress:
         rate = (self.n - self.first) / max(now - self.start, 1e-9)
         eta = f", about {(self.total - self.n) / rate:.0f}s left" if rate > 0 and self.n < self.total else ""
         print(f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n / max(self.total, 1):.0f}%), "
-              f"{rate:.3g} {self.unit}/s{eta}", file=self.out or sys.stderr, flush=True)
+              f"{rate:.3g} {self.unit}/s{eta}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

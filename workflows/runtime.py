@@ -151,8 +151,8 @@ class Worker:
         return placement(self.device)
 
     def call(self, method: str, *args):
-        """(this process, result) of one unit."""
-        return os.getpid(), getattr(self, method)(*args)
+        """The result of one unit."""
+        return getattr(self, method)(*args)
 
 
 class ActorPool:
@@ -197,12 +197,10 @@ class ActorPool:
         for ref in done:
             slot = self._ready.pop(ref)
             try:
-                self.placements.append(ray.get(ref))
+                self.placements.append(get(ref))
             except ray.exceptions.RayActorError:
                 self._ready[self.actors[slot].ready.remote()] = slot  # died while starting: Ray restarts it
                 continue
-            except ray.exceptions.RayTaskError as e:
-                raise e.cause from None
             slots.append(slot)
         return slots
 
@@ -240,9 +238,7 @@ class ActorPool:
             [ref], _ = ray.wait(list(running), num_returns=1)
             slot, i, method, args = running.pop(ref)
             try:
-                _, result = ray.get(ref)
-            except ray.exceptions.RayTaskError as e:
-                raise e.cause from None
+                result = get(ref)
             except ray.exceptions.RayActorError as e:
                 attempts[i] = attempts.get(i, 0) + 1
                 if attempts[i] >= self.max_attempts:

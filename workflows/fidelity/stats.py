@@ -109,7 +109,7 @@ class FIDStats:
 
     @classmethod
     def load(cls, path) -> "FIDStats":
-        """The project's own `.npz` (see `load_stats` for every form)."""
+        """Statistics in any form `load_stats` reads, with nothing stated for files that do not say what made them."""
         return load_stats(path)
 
     def check_extractor(self, extractor: str, where: str = "reference statistics") -> None:

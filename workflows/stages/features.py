@@ -9,7 +9,6 @@ D x D float64 sum per batch (32 MiB at D = 2048) would cost more to ship than th
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from ..fidelity.metrics import ISCStats, KeptFeatures, kid_stride
 from ..fidelity.stats import FeatureStats, FIDStats, StatsMismatchError
 from ..progress import Progress
 from ..storage import shards as sh
-from ..storage.files import read_bytes, resolve
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 STATS_SUFFIXES = (".npz", ".pth", ".pt")
@@ -105,22 +103,12 @@ class FeatureWorker(runtime.Worker):
         return total
 
     def shard(self, uri: str, entry: dict, stride: int):
-        """One manifest shard, its checksum verified before any image counts."""
+        """One manifest shard, its size, checksum and rows verified before any image counts."""
         entry = sh.ShardEntry(**entry)
-        fs, base = resolve(uri)
-        where = f"{uri}/{entry.file}"
-        data = read_bytes(fs, f"{base.rstrip('/')}/{entry.file}")
-        if hashlib.sha256(data).hexdigest() != entry.sha256:
-            raise sh.ShardError(f"shard {where} fails its sha256 check: it is corrupt (re-run generate to redo it)")
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pngs = pq.read_table(pa.BufferReader(data), columns=["image"]).column("image").combine_chunks().field("bytes")
-        if len(pngs) != entry.rows:
-            raise sh.ShardError(f"shard {where} has {len(pngs)} rows, the manifest says {entry.rows}")
+        pngs = sh.read_shard(uri, entry, ["image"]).column("image").combine_chunks().field("bytes")
         batches = (np.stack([sh.decode_png(b.as_py()) for b in pngs[i:i + self.batch_size]])
                    for i in range(0, len(pngs), self.batch_size))
-        return self._reduce(batches, entry.first_id, stride, f"shard {where}")
+        return self._reduce(batches, entry.first_id, stride, f"shard {uri}/{entry.file}")
 
     def files(self, paths: list[str], offset: int, stride: int):
         from PIL import Image
@@ -144,9 +132,7 @@ def _units(source: ImageSource, image_size: tuple[int, int] | None,
     """The tasks of one source as (worker method, *args), a description of the images and their number."""
     if source.kind == "shards":
         manifest = sh.read_manifest(source.location)
-        if not manifest.complete:
-            raise sh.ShardError(f"{source.location} is incomplete: {len(manifest.shards)} of {manifest.num_shards} "
-                                "shards; resume generate to finish it before computing FID")
+        sh.require_complete(source.location, manifest)
         stride = kid_stride(manifest.num_samples, kid_samples)
         return [("shard", source.location, asdict(e), stride) for e in manifest.shards], source.location, \
             manifest.num_samples

@@ -24,7 +24,7 @@ from ..fidelity.extractors import check_extractor
 from ..fidelity.metrics import kid
 from ..fidelity.stats import FIDStats, frechet_distance, load_stats
 from ..storage import shards as sh
-from ..storage.files import resolve, write_atomic
+from ..storage.files import join, resolve, write_atomic
 from .features import EvaluateError, FeaturePool, ImageSource, IMAGE_SUFFIXES, compute_stats
 
 __all__ = ["EvaluateError", "FeaturePool", "FIDResult", "ImageSource", "check_reference", "evaluate_fid",
@@ -144,12 +144,18 @@ def evaluate_fid(samples: str, reference: str, settings: FidSettings = FidSettin
     source = ImageSource.parse(samples)
     if source.kind == "stats":
         raise EvaluateError(f"--samples {samples!r} is a statistics file; samples must be images (shards or a folder)")
-    if ImageSource.parse(reference).kind == "stats":  # a mismatched or unreadable file fails before any sample is read
-        check_reference(reference, settings)
+    ref_source, given, where = ImageSource.parse(reference), None, f"reference statistics {reference}"
+    if ref_source.kind == "stats":  # read once; a mismatched or unreadable file fails before any sample is read
+        given = load_reference_file(ref_source.location, settings)
+        given.check_extractor(settings.extractor, where)
     with FeaturePool(settings, resources, progress) as pool:
         passed, description = pool.run(source)
         sample_stats = passed.fid_stats(settings.extractor, description)
-        ref_stats, ref_path = reference_stats(reference, settings, sample_stats.image_size, cache_dir, pool)
+        if given is None:
+            ref_stats, ref_path = reference_stats(reference, settings, sample_stats.image_size, cache_dir, pool)
+        else:
+            given.check_comparable(settings.extractor, sample_stats.image_size, where)
+            ref_stats, ref_path = given, ref_source.location
         placements = pool.pool.placements
     notes, kid_result = [], None
     if passed.isc is None:
@@ -168,5 +174,5 @@ def evaluate_fid(samples: str, reference: str, settings: FidSettings = FidSettin
                        notes, {**settings.model_dump(), **resources.model_dump()}, placements)
     if write_result and source.kind in ("shards", "folder"):
         fs, base = resolve(source.location)
-        write_atomic(fs, f"{base.rstrip('/')}/{result_name(settings.extractor)}", result.to_json().encode())
+        write_atomic(fs, join(base, result_name(settings.extractor)), result.to_json().encode())
     return result

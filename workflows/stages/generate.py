@@ -31,7 +31,7 @@ from .. import runtime
 from ..config import GenerateConfig
 from ..progress import Progress
 from ..storage import shards as sh
-from ..storage.files import check_creatable, remove_temporaries, resolve
+from ..storage.files import check_creatable, join, remove_temporaries, resolve
 from ..storage.lease import Lease
 
 log = logging.getLogger(__name__)
@@ -107,14 +107,19 @@ def _inputs(cfg: GenerateConfig) -> Job:
                sh.Manifest(identity, cfg.samples.num_samples, cfg.samples.shard_size), [])
 
 
+def _output_type(out: str, fs: pafs.FileSystem, base: str) -> pafs.FileType:
+    """What is at the output now (a directory or nothing); a file there is an error."""
+    kind = fs.get_file_info(base).type
+    if kind == pafs.FileType.File:
+        raise GenerateError(f"output {out} is a file; give a directory (or URI prefix) for the shards")
+    return kind
+
+
 def _read_output(job: Job) -> None:
     """Fill `job.manifest` from an existing output, checking it holds this run, and find what to redo."""
     cfg, identity = job.config, job.identity
     fs, base = resolve(cfg.out)
-    info = fs.get_file_info(base)
-    if info.type == pafs.FileType.File:
-        raise GenerateError(f"output {cfg.out} is a file; give a directory (or URI prefix) for the shards")
-    if info.type == pafs.FileType.NotFound:
+    if _output_type(cfg.out, fs, base) == pafs.FileType.NotFound:
         try:
             check_creatable(cfg.out)
         except OSError as e:
@@ -122,7 +127,7 @@ def _read_output(job: Job) -> None:
         return
     names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(base))]
     if sh.MANIFEST_NAME not in names:
-        data = fs.get_file_info(pafs.FileSelector(f"{base.rstrip('/')}/{sh.DATA_DIR}", allow_not_found=True))
+        data = fs.get_file_info(pafs.FileSelector(join(base, sh.DATA_DIR), allow_not_found=True))
         if any(n.endswith(".parquet") for n in names + [i.base_name for i in data]):
             raise GenerateError(f"output {cfg.out} holds Parquet files but no {sh.MANIFEST_NAME}: it is not a "
                                 "tarflow-gs shard set; choose an empty or new output")
@@ -262,9 +267,7 @@ def generate(cfg: GenerateConfig, progress: bool | None = None,
     The run holds the output's lease throughout (a second writer is refused); `on_shard` is called in
     the driver after each shard is committed (progress for callers)."""
     job = _inputs(cfg)  # every input checked before the output is touched
-    fs, base = resolve(cfg.out)
-    if fs.get_file_info(base).type == pafs.FileType.File:
-        raise GenerateError(f"output {cfg.out} is a file; give a directory (or URI prefix) for the shards")
+    _output_type(cfg.out, *resolve(cfg.out))  # a file there would fail the lease with a less useful message
     try:
         lease = Lease(cfg.out).acquire()
     except OSError as e:
@@ -294,7 +297,7 @@ def _generate(job: Job, lease: Lease, progress: bool | None, on_shard) -> Genera
     fs, base = resolve(cfg.out)
     _write("write the manifest", cfg, sh.write_manifest, cfg.out, job.manifest)
     # this run holds the lease: any temporary left here belongs to a run that died
-    for directory in (base, f"{base.rstrip('/')}/{sh.DATA_DIR}"):
+    for directory in (base, join(base, sh.DATA_DIR)):
         _write("remove stale temporaries", cfg, remove_temporaries, fs, directory)
     if not job.pending and not job.unverified:
         return _summarize(job, 0, 0, 0.0, None)

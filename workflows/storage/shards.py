@@ -45,7 +45,8 @@ from .manifest import DATA_DIR, MANIFEST_NAME, Manifest, ShardEntry, ShardError,
 
 __all__ = ["DATA_DIR", "MANIFEST_NAME", "Manifest", "SCHEMA", "ShardEntry", "ShardError", "check_entry",
            "commit_shard", "decode_png", "encode_png", "identity_difference", "iter_images", "iter_shards",
-           "open_dataset", "read_images", "read_manifest", "read_metadata", "recover_entries", "shard_paths",
+           "open_dataset", "read_images", "read_manifest", "read_metadata", "read_shard", "recover_entries",
+           "require_complete", "shard_paths",
            "shard_table", "to_uint8", "verify_shards", "write_manifest", "write_shard"]
 ROW_GROUP_ROWS = 100  # readers that stream (datasets, DuckDB) hold one row group, not a whole shard
 
@@ -175,7 +176,8 @@ def _check_entry(uri: str, entry: ShardEntry, data: bytes | None, size: int | No
         raise ShardError(f"shard {where} fails its sha256 check: it is corrupt (re-run generate to redo it)")
 
 
-def _require_complete(uri: str, manifest: Manifest, allow_partial: bool) -> None:
+def require_complete(uri: str, manifest: Manifest, allow_partial: bool = False) -> None:
+    """Raise ShardError unless `manifest` lists every shard of its run (or `allow_partial`)."""
     if not allow_partial and not manifest.complete:
         raise ShardError(f"{uri} is incomplete: {len(manifest.shards)} of {manifest.num_shards} shards "
                          f"({manifest.rows} of {manifest.num_samples} samples); resume generate to finish it")
@@ -184,7 +186,7 @@ def _require_complete(uri: str, manifest: Manifest, allow_partial: bool) -> None
 def shard_paths(uri: str, allow_partial: bool = False) -> tuple[pafs.FileSystem, list[str]]:
     """The filesystem and the paths of the manifest's shards, each checked to exist with the listed size."""
     manifest = read_manifest(uri)
-    _require_complete(uri, manifest, allow_partial)
+    require_complete(uri, manifest, allow_partial)
     fs, base = resolve(uri)
     paths = [join(base, e.file) for e in manifest.shards]
     for entry, info in zip(manifest.shards, fs.get_file_info(paths)):
@@ -204,22 +206,31 @@ def iter_shards(uri: str, columns: list[str] | None = None, allow_partial: bool 
                 verify: bool = True) -> Iterator[pa.Table]:
     """Yield each shard as a table, one at a time (memory bounded by one shard), checksum-verified."""
     manifest = read_manifest(uri)
-    _require_complete(uri, manifest, allow_partial)
+    require_complete(uri, manifest, allow_partial)
     fs, base = resolve(uri)
     for entry in manifest.shards:
-        path = join(base, entry.file)
-        try:
-            data = read_bytes(fs, path)
-        except FileNotFoundError as e:
-            raise ShardError(f"shard {uri}/{entry.file} is listed in the manifest but missing") from e
-        _check_entry(uri, entry, data if verify else None, len(data))
-        try:
-            table = pq.read_table(pa.BufferReader(data), columns=columns)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise ShardError(f"shard {uri}/{entry.file} is not readable Parquet ({e})") from e
-        if table.num_rows != entry.rows:
-            raise ShardError(f"shard {uri}/{entry.file} has {table.num_rows} rows, the manifest says {entry.rows}")
-        yield table
+        yield _read_shard(fs, base, uri, entry, columns, verify)
+
+
+def read_shard(uri: str, entry: ShardEntry, columns: list[str] | None = None, verify: bool = True) -> pa.Table:
+    """One listed shard as a table, after its size and (with `verify`) its sha256 check; rows checked too."""
+    return _read_shard(*resolve(uri), uri, entry, columns, verify)
+
+
+def _read_shard(fs: pafs.FileSystem, base: str, uri: str, entry: ShardEntry, columns: list[str] | None,
+                verify: bool) -> pa.Table:
+    try:
+        data = read_bytes(fs, join(base, entry.file))
+    except FileNotFoundError as e:
+        raise ShardError(f"shard {uri}/{entry.file} is listed in the manifest but missing") from e
+    _check_entry(uri, entry, data if verify else None, len(data))
+    try:
+        table = pq.read_table(pa.BufferReader(data), columns=columns)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ShardError(f"shard {uri}/{entry.file} is not readable Parquet ({e})") from e
+    if table.num_rows != entry.rows:
+        raise ShardError(f"shard {uri}/{entry.file} has {table.num_rows} rows, the manifest says {entry.rows}")
+    return table
 
 
 def verify_shards(uri: str, allow_partial: bool = False) -> Manifest:
