@@ -16,7 +16,7 @@ import torch
 
 from tarflow import Guidance, Plan, SamplingSpec, load_checkpoint, sample
 from tarflow.noise import sample_noise
-from tarflow.solvers import BlockRun
+from tarflow.sampling import one_pass_per_block
 
 
 def _timed(fn, device, repeats):
@@ -30,16 +30,6 @@ def _timed(fn, device, repeats):
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return best
-
-
-@torch.inference_mode()
-def one_pass_per_block(model, noise, labels, guidance: Guidance):
-    x = noise * model.var.sqrt()
-    T = model.num_tokens
-    for block in reversed(model.blocks):
-        run = BlockRun(block, x, labels, guidance)
-        x = block.permute(torch.cat([run.z[:, :1], run.update(run.initial("z"), 1, T)], dim=1))
-    return x
 
 
 def main(argv=None):
@@ -67,7 +57,7 @@ def main(argv=None):
             cfg = Guidance(scale=g, annealed=True)
             seq = _timed(lambda: sample(model, noise, labels, Plan.sequential(N, T), SamplingSpec(guidance=cfg)),
                          device, args.repeats)
-            one = _timed(lambda: one_pass_per_block(model, noise, labels, cfg), device, args.repeats)
+            one = _timed(lambda: one_pass_per_block(model, noise, labels, SamplingSpec(guidance=cfg)), device, args.repeats)
             # one pass over T-1 tokens costs as much as this many sequential steps
             steps_per_pass = one / (seq / (T - 1))
             print(f"{B:>5} {'yes' if g else 'no':>4} {seq:>13.4f} {one:>15.4f} {seq / one:>11.1f}x {steps_per_pass:>17.1f}")

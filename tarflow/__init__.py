@@ -9,6 +9,7 @@ from .model import Model, ModelConfig
 from .noise import sample_noise
 from .plan import BlockPlan, GSJacobi, Jacobi, Plan, PlanError, Sequential, Sliding
 from .sampling import NonFiniteSampleError, SampleOutput, SampleStats, sample, sample_ids, time_in_turns
+from .schedule import auto_plan
 from .schema import SchemaError
 from .solvers import BlockSolution, JacobiTrace, jacobi_trace, solve_block
 from .spec import Denoise, Guidance, SamplingSpec, SpecError
@@ -16,7 +17,7 @@ from .spec import Denoise, Guidance, SamplingSpec, SpecError
 __all__ = [
     "BlockPlan", "BlockSolution", "CheckpointError", "Denoise", "GSJacobi", "Guidance", "ImageDataset", "Jacobi",
     "JacobiTrace", "Model", "ModelConfig", "ModelRef", "NonFiniteSampleError", "Plan", "PlanError", "SampleOutput",
-    "SampleStats", "SamplingSpec", "SchemaError", "Sequential", "Sliding", "SpecError", "demo_checkpoint",
+    "SampleStats", "SamplingSpec", "SchemaError", "Sequential", "Sliding", "SpecError", "auto_plan", "demo_checkpoint",
     "jacobi_trace", "load_checkpoint", "load_dataset", "model_hash", "resolve_checkpoint", "sample", "sample_ids",
     "sample_noise", "save_checkpoint", "solve_block", "time_in_turns",
 ]

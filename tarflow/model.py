@@ -55,23 +55,26 @@ class ModelConfig:
 class KVCache:
     """Preallocated keys/values for every layer of one block, written in place.
 
-    Allocated on first write so it takes the dtype the layer computes in
-    (bfloat16 under autocast)."""
+    Allocated on first write, in `dtype` or else the dtype the layer computes in (bfloat16 under
+    autocast)."""
 
-    def __init__(self, num_layers: int, max_len: int):
-        self.max_len = max_len
+    def __init__(self, num_layers: int, max_len: int, dtype: torch.dtype | None = None):
+        self.max_len, self.dtype = max_len, dtype
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.k[layer] is None:
             B, H, _, E = k.shape
-            self.k[layer] = k.new_empty(B, H, self.max_len, E)
-            self.v[layer] = v.new_empty(B, H, self.max_len, E)
+            self.k[layer] = k.new_empty(B, H, self.max_len, E, dtype=self.dtype or k.dtype)
+            self.v[layer] = v.new_empty(B, H, self.max_len, E, dtype=self.dtype or v.dtype)
         end = start + k.shape[2]
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+CAUSAL = "causal"  # an attention mask: each query sees the keys up to its own position, and no cached prefix
 
 
 def _norm_fp32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -97,7 +100,10 @@ class Attention(nn.Module):
             q = q * q_scale.to(q.dtype)
         if cache is not None:
             k, v = cache.write(layer, start, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if mask is CAUSAL:  # queries and keys are the same positions: the kernel skips the upper triangle
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 

@@ -32,19 +32,29 @@ from .spec import SamplingSpec
 PLAN_VERSION = 2
 Init = Literal["z", "zeros"]
 INIT_NAMES = ("z", "zeros")
+COARSE_NAMES = ("bf16",)
 
 
 class PlanError(SchemaError):
     """An invalid plan, or a plan that does not fit the model or spec it is used with."""
 
 
-def _check_iteration(tol, max_iters, init) -> None:
+def _check_iteration(tol, max_iters, init, check_every=1) -> None:
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
         raise PlanError(f"tol={tol!r}: must be a finite number >= 0")
     if max_iters is not None and (isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1):
         raise PlanError(f"max_iters={max_iters!r}: must be a positive integer or null")
     if init not in INIT_NAMES:
         raise PlanError(f"init={init!r}: allowed values are {', '.join(INIT_NAMES)}")
+    _check_length(check_every, "check_every")
+
+
+def _check_coarse(coarse, coarse_tol, tol) -> None:
+    if coarse not in (None, *COARSE_NAMES):
+        raise PlanError(f"coarse={coarse!r}: allowed values are {', '.join(COARSE_NAMES)} or null")
+    if isinstance(coarse_tol, bool) or not isinstance(coarse_tol, (int, float)) or not math.isfinite(coarse_tol) \
+            or (coarse is not None and coarse_tol < tol):
+        raise PlanError(f"coarse_tol={coarse_tol!r}: must be a finite number >= tol ({tol:g})")
 
 
 def _check_length(value, name: str) -> None:
@@ -70,6 +80,10 @@ class Sequential:
 
 # The Jacobi family stops a segment when no token moved more than `tol` in an iteration (max abs,
 # worst sample) or after `max_iters` iterations (null: the segment length, where Jacobi is exact).
+# `coarse` "bf16": iterate each segment under bf16 autocast until it moves <= `coarse_tol`, then on
+# in float32 to `tol` (a no-op under a bf16 spec). `check_every`: on the static engine (CUDA), read
+# the device-side convergence flags every k passes instead of every pass; passes after a segment
+# converged are no-ops there, so k changes the cost, never the samples (not in the fingerprint).
 
 @dataclass(frozen=True, kw_only=True)
 class Jacobi:
@@ -79,11 +93,15 @@ class Jacobi:
     tol: float = 1e-4
     max_iters: int | None = None
     init: Init = "z"
+    coarse: Literal["bf16"] | None = None
+    coarse_tol: float = 1e-2
+    check_every: int = 1
 
     __pydantic_config__ = STRICT_FIELDS
 
     def __post_init__(self):
-        _check_iteration(self.tol, self.max_iters, self.init)
+        _check_iteration(self.tol, self.max_iters, self.init, self.check_every)
+        _check_coarse(self.coarse, self.coarse_tol, self.tol)
 
     def segment_length(self, num_tokens: int) -> int:
         return num_tokens - 1
@@ -101,12 +119,16 @@ class GSJacobi:
     tol: float = 1e-4
     max_iters: int | None = None
     init: Init = "z"
+    coarse: Literal["bf16"] | None = None
+    coarse_tol: float = 1e-2
+    check_every: int = 1
 
     __pydantic_config__ = STRICT_FIELDS
 
     def __post_init__(self):
         _check_length(self.segment_len, "segment_len")
-        _check_iteration(self.tol, self.max_iters, self.init)
+        _check_iteration(self.tol, self.max_iters, self.init, self.check_every)
+        _check_coarse(self.coarse, self.coarse_tol, self.tol)
 
     def segment_length(self, num_tokens: int) -> int:
         return self.segment_len
@@ -118,19 +140,23 @@ class GSJacobi:
 @dataclass(frozen=True, kw_only=True)
 class Sliding:
     """Jacobi over a window of `window` tokens that starts at the first unconverged token; the
-    converged prefix keeps its keys/values. It advances at least one token per pass: no cap."""
+    converged prefix keeps its keys/values. It advances at least one token per pass: no cap.
+    A token is final once every token before it in the window moved <= `tol` in the last two
+    passes (see `solvers.sliding_window`)."""
 
     solver: Literal["sliding"] = "sliding"
     window: int
     tol: float = 1e-4
     init: Init = "z"
+    check_every: int = 1
 
     __pydantic_config__ = STRICT_FIELDS
     max_iters = None
+    coarse = None
 
     def __post_init__(self):
         _check_length(self.window, "window")
-        _check_iteration(self.tol, None, self.init)
+        _check_iteration(self.tol, None, self.init, self.check_every)
 
     def segment_length(self, num_tokens: int) -> int:
         return self.window
@@ -140,8 +166,9 @@ class Sliding:
 
 
 def _short(bp, *length: str) -> str:
-    """One line for logs: `gs_jacobi/L32/zeros/tol0.001/cap10`."""
-    return "/".join([bp.solver, *length, bp.init, f"tol{bp.tol:g}", *([f"cap{bp.max_iters}"] if bp.max_iters else [])])
+    """One line for logs: `gs_jacobi/L32/zeros/tol0.001/cap10/bf16to0.01`."""
+    return "/".join([bp.solver, *length, bp.init, f"tol{bp.tol:g}", *([f"cap{bp.max_iters}"] if bp.max_iters else []),
+                     *([f"{bp.coarse}to{bp.coarse_tol:g}"] if bp.coarse else [])])
 
 
 try:  # with pydantic present, JSON block plans are told apart by `solver` (and errors name only that type)
@@ -236,12 +263,15 @@ class Plan(JSONForm):
             if g not in (0, 1):
                 raise PlanError(f"guess_list {where} = {g}: allowed values are 0 (z) and 1 (zeros)")
             init = INIT_NAMES[g]
+            # at tol 0 a segment stops early only at an exact fixed point: read the device flags at the cap only
+            every = cap if tol == 0 else 1
             if gs in (0, num_tokens):
                 blocks.append(Sequential())
             elif gs == 1:
-                blocks.append(Jacobi(max_iters=cap, tol=tol, init=init))
+                blocks.append(Jacobi(max_iters=cap, tol=tol, init=init, check_every=every))
             else:
-                blocks.append(GSJacobi(segment_len=-(-(num_tokens - 1) // gs), max_iters=cap, tol=tol, init=init))
+                blocks.append(GSJacobi(segment_len=-(-(num_tokens - 1) // gs), max_iters=cap, tol=tol, init=init,
+                                       check_every=every))
         return cls(len(blocks), num_tokens, blocks[::-1], name=name)
 
     @classmethod
@@ -306,6 +336,10 @@ class Plan(JSONForm):
     def fingerprint(self) -> str:
         """Hash of what changes samples (solvers and their settings), not of names, certificate or evidence."""
         core = {k: v for k, v in self.to_dict().items() if k not in ("name", "evidence", "tol", "spec")}
+        for b in core["blocks"]:  # settings that change cost only; unset options as before they existed
+            b.pop("check_every", None)
+            if b.get("coarse", 0) is None:
+                del b["coarse"], b["coarse_tol"]
         return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
     def bound_to(self, model_hash: str) -> "Plan":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable, Literal
 
 import torch
@@ -31,10 +31,12 @@ from .spec import SamplingSpec
 PROFILE_VERSION = 2
 # stopping tolerances and iteration caps tried per setting: a fine ladder, because the scheduler
 # can only spend the error budget in the steps the profile measured
-DEFAULT_TOLS = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)
+DEFAULT_TOLS = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
 DEFAULT_CAPS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 384, 512)
 DEFAULT_WINDOWS = (32, 64)
 PASSES_TIMED = 3
+COARSE_TOL = 1e-2  # where a bf16 start hands over to float32: a few bf16 roundings of values of order 1
+COARSE_GAIN = 0.9  # a bf16 pass must cost < 90% of a float32 one to be worth trying
 
 
 class ProfileError(SchemaError):
@@ -44,14 +46,17 @@ class ProfileError(SchemaError):
 @dataclass
 class ConvergenceRun:
     """One block plan run on the calibration rows in chunks of the batch size: per chunk, its
-    network passes (mean), the most Jacobi iterations a segment took, the error against the
-    true solution (max over all rows) and the wall seconds (mean)."""
+    network passes (mean; of them `coarse_passes` in bf16), the most Jacobi iterations a segment
+    took, the error against the true solution (max over all rows), the wall seconds (mean) and
+    the engine that ran it (`solvers.solve_block`)."""
 
     plan: BlockPlan
     passes: float
     max_iters: int
     error: float
     seconds: float
+    coarse_passes: float = 0.0
+    engine: str = "eager"
 
     __pydantic_config__ = STRICT_FIELDS
 
@@ -67,6 +72,8 @@ class BlockProfile:
     sequential_error: float  # exact sampling vs the true solution: the floating-point floor
     pass_seconds: dict[int, float]  # segment length -> seconds per parallel pass over that many tokens
     convergence: list[ConvergenceRun]
+    engine: str = "eager"  # what the step and pass timings ran on
+    coarse_pass_seconds: dict[int, float] = field(default_factory=dict)  # the same passes in bf16, where timed
 
     __pydantic_config__ = STRICT_FIELDS
 
@@ -110,9 +117,11 @@ class Profile(JSONForm):
                 raise ProfileError(f"blocks[{j}].pass_seconds has segment length {bad[0]}: must be in "
                                    f"1..{self.num_tokens - 1}")
             for k, r in enumerate(b.convergence):
-                if isinstance(r.plan, Sequential) or r.plan.segment_length(self.num_tokens) not in b.pass_seconds:
+                L = None if isinstance(r.plan, Sequential) else r.plan.segment_length(self.num_tokens)
+                if L not in b.pass_seconds or (r.plan.coarse and L not in b.coarse_pass_seconds):
                     raise ProfileError(f"blocks[{j}].convergence[{k}] has {r.plan.short()}: each must be a parallel "
-                                       "plan whose segment length has a measured cost in pass_seconds")
+                                       "plan whose segment length has a measured cost in pass_seconds (and in "
+                                       "coarse_pass_seconds for a bf16 start)")
 
     def check_model(self, model: Model) -> None:
         if model_hash(model) != self.model_hash:
@@ -147,6 +156,7 @@ class Costs:
 
     sequential_step_seconds: float
     pass_seconds: dict[int, float]
+    coarse_pass_seconds: dict[int, float] = field(default_factory=dict)  # bf16 passes, by segment length
 
 
 @torch.inference_mode()
@@ -168,18 +178,30 @@ def profile_block(block, index: int, z: torch.Tensor, x: torch.Tensor, labels, s
         with spec.autocast_context(z.device.type):
             return solve_block(block, z[c], lab(c), bp, g)
 
-    def timed(bp) -> float:
-        """Best-of-`repeats` seconds per pass (network call) of `bp` on the first chunk."""
-        passes = solve(chunks[0], bp).stats.passes  # also the warm-up: allocator, kernels
-        return min(solve(chunks[0], bp).stats.seconds for _ in range(repeats)) / passes
+    def timed(bp, autocast=None) -> float:
+        """Best-of-`repeats` seconds per pass (network call) of `bp` on the first chunk, under the
+        spec's autocast or `autocast`: the engine as sampling will run it (captured on CUDA)."""
+        def run():
+            if autocast is None:
+                return solve(chunks[0], bp).stats
+            with torch.autocast(z.device.type, dtype=autocast):
+                return solve_block(block, z[chunks[0]], lab(chunks[0]), bp, g).stats
+        passes = run().passes  # also the warm-up: allocator, kernels, graph capture
+        return min(run().seconds for _ in range(repeats)) / passes
 
     options = candidate_plans(T, segment_lens, windows)
+    lengths = sorted({L for L, _ in options})
+    coarse_seconds: dict[int, float] = {}
     if costs is None:
         seq_seconds = timed(Sequential())
         # a few passes per segment (tol 0 runs them all) average out timer and scheduler noise
-        pass_seconds = {L: timed(_iterated(T, L, "z", 0.0, PASSES_TIMED)) for L in sorted({L for L, _ in options})}
+        pass_seconds = {L: timed(_iterated(T, L, "z", 0.0, PASSES_TIMED)) for L in lengths}
+        if spec.autocast == "fp32":  # whether a bf16 start can pay here: the same passes in bf16
+            coarse_seconds = {L: timed(_iterated(T, L, "z", 0.0, PASSES_TIMED), torch.bfloat16) for L in lengths}
     else:
         seq_seconds, pass_seconds = costs.sequential_step_seconds, dict(costs.pass_seconds)
+        coarse_seconds = dict(costs.coarse_pass_seconds)
+    coarse_lengths = {L for L, c in coarse_seconds.items() if c < COARSE_GAIN * pass_seconds[L]}
     seq_error = max((solve(c, Sequential()).x - x[c]).abs().max().item() for c in chunks)
     runs: list[ConvergenceRun] = []
     sequential_block = (T - 1) * seq_seconds
@@ -189,7 +211,8 @@ def profile_block(block, index: int, z: torch.Tensor, x: torch.Tensor, labels, s
         run = ConvergenceRun(bp, sum(s.stats.passes for s in solved) / len(solved),
                              max(max(s.stats.iterations) for s in solved),
                              max((s.x - x[c]).abs().max().item() for s, c in zip(solved, chunks)),
-                             sum(s.stats.seconds for s in solved) / len(solved))
+                             sum(s.stats.seconds for s in solved) / len(solved),
+                             sum(s.stats.coarse_passes for s in solved) / len(solved), solved[0].stats.engine)
         runs.append(run)
         return run
 
@@ -203,6 +226,12 @@ def profile_block(block, index: int, z: torch.Tensor, x: torch.Tensor, labels, s
                     break
             if isinstance(make(init, 0.0), Sliding):
                 continue
+            if L in coarse_lengths:  # bf16 to COARSE_TOL, float32 from there: only tolerances finer than that
+                for tol in sorted((t for t in tols if t < COARSE_TOL), reverse=True):
+                    r = measure(replace(make(init, tol), coarse="bf16", coarse_tol=COARSE_TOL))
+                    if r.coarse_passes * coarse_seconds[L] + (r.passes - r.coarse_passes) * pass_cost \
+                            >= sequential_block:
+                        break
             # fixed iteration counts: no pass is spent detecting convergence; caps >= L are exact
             # Jacobi, which the tightest tolerance already covers for fewer passes
             for cap in sorted(c for c in caps if c < L):
@@ -210,8 +239,9 @@ def profile_block(block, index: int, z: torch.Tensor, x: torch.Tensor, labels, s
                 if r.passes * pass_cost >= sequential_block or r.error <= min(tols, default=0.0):
                     break
     c = crm(block, x, labels)
+    engine = solve(chunks[0], Sequential()).stats.engine
     return BlockProfile(index, c.value, 0.0, c, {init: igm(block, z, x, init, labels, g) for init in INIT_NAMES},
-                        seq_seconds, seq_error, pass_seconds, runs)
+                        seq_seconds, seq_error, pass_seconds, runs, engine, coarse_seconds)
 
 
 # ---- the model -----------------------------------------------------------------------------------------------

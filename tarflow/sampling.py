@@ -3,7 +3,8 @@
 `sample` inverts the blocks in sampling order (last forward block first), each with the
 solver its block plan names, then applies the spec's denoising. `sample_ids` is what one
 batch of a run computes: noise from (seed, id), labels from the policy, then `sample`.
-`time_in_turns` is the one timer the report, the scheduler and the benchmarks use.
+`time_in_turns` is the one timer the report, the scheduler and the benchmarks use;
+`one_pass_per_block` what they compare plans with as the bound.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from .denoise import denoise
 from .model import Model
 from .noise import sample_noise
 from .plan import Plan
-from .solvers import BlockStats, solve_block
+from .solvers import BlockRun, BlockStats, solve_block
 from .spec import SamplingSpec
 
 DEFAULT_SPEC = SamplingSpec()
@@ -72,14 +73,15 @@ def _labels_tensor(labels, batch: int, num_classes: int, device) -> torch.Tensor
 
 @torch.inference_mode()
 def sample(model: Model, noise: torch.Tensor, labels=None, plan: Plan | None = None,
-           spec: SamplingSpec = DEFAULT_SPEC) -> SampleOutput:
+           spec: SamplingSpec = DEFAULT_SPEC, engine: str = "auto") -> SampleOutput:
     """Images (B, C, H, W) in model space from noise (B, T, D) or (B, C, H, W).
 
     `plan=None` is exact sequential sampling. The spec's guidance and autocast dtype define the
     map; its denoising, if on, follows (with `spec.denoise.noise_std` set: `spec.for_model`).
     Under autocast (bf16 on GPU, as the reference samples) the network runs in that dtype while
     the iterates stay float32: a plan's `tol` then measures convergence of the bf16 Jacobi map,
-    and the distance to float32 sequential sampling is bf16 rounding, not `tol`."""
+    and the distance to float32 sequential sampling is bf16 rounding, not `tol`. `engine`: how
+    the passes run (`solvers.solve_block`; "auto": CUDA graphs on CUDA, eager elsewhere)."""
     T, D = model.num_tokens, model.token_dim
     if noise.dim() == 4:
         noise = model.patchify(noise)
@@ -97,7 +99,8 @@ def sample(model: Model, noise: torch.Tensor, labels=None, plan: Plan | None = N
     x = noise.float() * model.var.sqrt()
     with spec.autocast_context(device.type):
         for i in reversed(range(len(model.blocks))):
-            x, bstats = solve_block(model.blocks[i], x, y, plan.blocks[i], spec.guidance, plan.divergence_bound, i)
+            x, bstats = solve_block(model.blocks[i], x, y, plan.blocks[i], spec.guidance, plan.divergence_bound, i,
+                                    engine)
             stats.blocks.append(bstats)
             if not bool(torch.isfinite(x).all()):
                 bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
@@ -108,6 +111,21 @@ def sample(model: Model, noise: torch.Tensor, labels=None, plan: Plan | None = N
         images = denoise(model, images, y, noise_std=spec.denoise.noise_std, lr_multiplier=spec.denoise.multiplier)
     stats.seconds = time.perf_counter() - start
     return SampleOutput(images, stats)
+
+
+@torch.inference_mode()
+def one_pass_per_block(model: Model, noise: torch.Tensor, labels=None,
+                       spec: SamplingSpec = DEFAULT_SPEC) -> torch.Tensor:
+    """One parallel pass over all T-1 tokens of every block, from the z start (not a sample): every
+    parallel plan needs at least this many network passes, so its time bounds what any plan can gain."""
+    x = noise.float() * model.var.sqrt()
+    T = model.num_tokens
+    y = _labels_tensor(labels, noise.shape[0], model.config.num_classes, noise.device)
+    with spec.autocast_context(noise.device.type):
+        for block in reversed(model.blocks):
+            run = BlockRun(block, x, y, spec.guidance)
+            x = block.permute(torch.cat([run.z[:, :1], run.update(run.initial("z"), 1, T)], dim=1))
+    return x
 
 
 def sample_ids(model: Model, spec: SamplingSpec, ids, plan: Plan | None = None, device=None) -> SampleOutput:

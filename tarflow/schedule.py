@@ -11,45 +11,48 @@ hardware stays sequential and the plan is never predicted slower than sequential
 Per-block errors measured on a few calibration images do not bound the final error: a
 block's error varies ~10x between samples, an error in a block sampled early is carried
 (on the demo model up to 2.5x larger) through every later block, and the blocks'
-errors add up. So choices are made by sampling, not by adding per-block errors:
-blocks are decided one at a time (highest CRM first), each taking its
-fastest candidate for which the whole plan so far stays within its share of the
-error target (block k of n may bring the final error to k/n of the target), found by
-bisection over its candidates. The check samples the calibration noise and a
-held-out noise batch under the profile's sampling spec (the map generation samples),
-plan vs sequential, max abs difference of final images in model space; the target is
-half the tolerance, a margin for noise the calibration never saw. Predicted times come
-from the profile, so the final plan races sequential sampling on the held-out batch (in
-turns, best of a few) and must come out at least MIN_GAIN faster, or the plan is
-sequential everywhere: never slower, as measured, not only as predicted.
+errors add up. So per-block errors only rank choices; sampling decides. The error
+budget is spent where time is cheapest to buy (`spend_budget`, a multiple-choice
+knapsack over every block's candidates, not equal shares per block), for a bisected
+guess of how block errors grow into final error; then single blocks are moved
+faster (from that plan, or from sequential everywhere when none passed: one factor
+does not fit a block whose errors grow far more than the others'), most time saved
+first, while the plan still passes. Each check samples
+the calibration noise and a held-out noise batch under the profile's sampling spec
+(the map generation samples), plan vs sequential, max abs difference of final images
+in model space; the target is half the tolerance, a margin for noise the calibration
+never saw. Predicted times come from the profile, so the final plan races sequential
+sampling on the held-out batch (in turns, best of a few) and must come out at least
+MIN_GAIN faster, or the plan is sequential everywhere: never slower, as measured, not
+only as predicted.
 CRM and IGM are the paper's priors: they are reported per block beside the measured
-choice, CRM orders the blocks and IGM breaks near-ties between candidates (lower IGM
-start first).
+choice, and IGM breaks near-ties between candidates (lower IGM start first).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from .checkpoint import model_hash
 from .model import Model
 from .noise import sample_noise
-from .plan import BlockPlan, Plan, Sequential
+from .plan import BlockPlan, Plan, Sequential, Sliding, segments
 from .calibration import NO_DATA, calibration_batch
-from .profile import BlockProfile, Profile, ProfileError
+from .profile import BlockProfile, Profile, ProfileError, profile_model
 from .sampling import sample, time_in_turns
 
 TIE_FRACTION = 0.03  # candidates within 3% of sequential's predicted time are not worth any error
 MIN_GAIN = 0.1  # a parallel plan must time at least 10% faster than sequential, or sequential it is
 CONFIRM_REPEATS = 3
-MAX_ROUNDS = 48  # verifications in all; each block's bisection needs about log2(candidates) + 1
+MAX_ROUNDS = 48  # verifications in all: ~5 to bisect the error growth, then single-block steps
 # the worst of a few calibration images underestimates the worst of many: verify at half the tolerance,
 # on the calibration noise and on at least MIN_HOLDOUT held-out images (fixed iteration caps, unlike
 # stopping tolerances, do not adapt to a hard sample, so their errors have long tails)
 VERIFY_MARGIN = 0.5
 MIN_HOLDOUT = 16
+HOPELESS = 2.0
 
 
 @dataclass
@@ -63,8 +66,10 @@ class Option:
 def block_options(b: BlockProfile, num_tokens: int) -> list[Option]:
     """Sequential first, then every block plan the profile measured."""
     seq = Option(Sequential(), num_tokens - 1, b.sequential_error, (num_tokens - 1) * b.sequential_step_seconds)
-    return [seq] + [Option(r.plan, r.passes, r.error, r.passes * b.pass_seconds[r.plan.segment_length(num_tokens)])
-                    for r in b.convergence]
+    def seconds(r) -> float:
+        L = r.plan.segment_length(num_tokens)
+        return (r.passes - r.coarse_passes) * b.pass_seconds[L] + r.coarse_passes * b.coarse_pass_seconds.get(L, 0.0)
+    return [seq] + [Option(r.plan, r.passes, r.error, seconds(r)) for r in b.convergence]
 
 
 def candidates(b: BlockProfile, num_tokens: int) -> list[Option]:
@@ -142,45 +147,81 @@ def schedule(profile: Profile, model: Model, tol: float = 1e-3, holdout_seed: in
     rounds: list[dict] = []
 
     def plan_of(picks: list[Option]) -> Plan:
-        return Plan(profile.num_blocks, T, [p.plan for p in picks], model_hash=profile.model_hash, name="auto")
+        blocks = [_with_check_every(p, T) for p in picks]
+        return Plan(profile.num_blocks, T, blocks, model_hash=profile.model_hash, name="auto")
 
-    def verify(picks: list[Option], block: int, limit: float) -> dict:
+    def verify(picks: list[Option], why: str) -> dict:
         plan = plan_of(picks)
         errors, seconds = {}, {}
         for k, (n, y) in batches.items():
-            _, seconds[k], errors[k] = _sample_chunks(model, n, y, plan, spec, reference[k][0], limit)
-            if errors[k] > limit:
+            _, seconds[k], errors[k] = _sample_chunks(model, n, y, plan, spec, reference[k][0], target)
+            if errors[k] > target:
                 break  # failed: the rest would only cost time
-        rnd = {"block": block, "plan": plan.summary(), "final_error": errors, "seconds": seconds, "limit": limit,
-               "passed": max(errors.values()) <= limit}
+        rnd = {"why": why, "plan": plan.summary(), "final_error": errors, "seconds": seconds, "limit": target,
+               "predicted_seconds": sum(p.predicted_seconds for p in picks),
+               "block_errors": sum(p.error for p in picks), "passed": max(errors.values()) <= target}
         rounds.append(rnd)
         return rnd
 
     seq_options = [block_options(b, T)[0] for b in profile.blocks]
-    picks = list(seq_options)
     cands = {b.block: candidates(b, T) for b in profile.blocks}
-    active = [b for b in profile.blocks if cands[b.block]]
-    # the paper's prior decides the order: toughest (highest CRM) first. A tough block is the likeliest
-    # to stay sequential, and then its share of the error target passes on to the simpler blocks
-    active.sort(key=lambda b: -b.crm)
-    accepted = None  # the round that verified the current picks
-    for k, b in enumerate(active, start=1):
-        limit = target * k / len(active)
-        options = cands[b.block]
-        # bisection for the fastest passing option; index len(options) (sequential) passes already
-        lo, hi, probe = -1, len(options), 0
-        while hi - lo > 1 and len(rounds) < MAX_ROUNDS:
-            trial = list(picks)
-            trial[b.block] = options[probe]
-            rnd = verify(trial, b.block, limit)
+    # each block's ladder, fastest first, ending in sequential: every step costs time and buys accuracy
+    ladders = [cands[b.block] + [seq_options[b.block]] for b in profile.blocks]
+    tried: dict[tuple, dict] = {}
+
+    def attempt(picks: list[Option], why: str) -> dict:
+        key = tuple(id(p) for p in picks)
+        if key not in tried:
+            tried[key] = verify(picks, why)
+        return tried[key]
+
+    # 1. the amplification from block errors to final error is unknown (a few calibration images, errors
+    # carried through later blocks): bisect it on a ladder, each choice the knapsack's for that factor
+    scales = [2.0 ** k for k in range(-3, 15)]
+    lo, hi = -1, len(scales)  # choose(scales[hi]) passes; beyond the ladder: sequential everywhere
+    accepted, best = None, list(seq_options)
+    while hi - lo > 1 and len(rounds) < MAX_ROUNDS:
+        mid = (lo + hi) // 2
+        picks = spend_budget(ladders, target / scales[mid])
+        if all(p is s for p, s in zip(picks, seq_options)):
+            hi = mid  # nothing parallel fits: sequential, exact, passes without sampling
+            continue
+        rnd = attempt(picks, f"budget: block errors <= {target / scales[mid]:.2g}")
+        if rnd["passed"]:
+            hi, accepted, best = mid, rnd, picks
+        else:
+            lo = mid
+    # 2. one factor for all blocks is a guess: a block whose errors grow far more than the others' (on the
+    # demo, the block sampled first) fails every choice that includes it. From the bisection's plan, or
+    # from sequential everywhere if none passed, move single blocks one step up their ladders, most time
+    # saved first (doubling a block's stride while its steps pass), keeping each step that still passes.
+    # A step whose block error alone exceeds HOPELESS x the target is not tried (an error passes on at
+    # least ~1x)
+    jump = [1] * len(ladders)  # rungs to try at once per block: doubled after each step that passes
+    improved = True
+    while improved and len(rounds) < MAX_ROUNDS:
+        improved = False
+        steps = []
+        for i, ladder in enumerate(ladders):
+            j = ladder.index(best[i])
+            k = next((k for k in range(max(j - jump[i], 0), j) if ladder[k].error <= HOPELESS * target), None)
+            if k is not None:
+                steps.append((best[i].predicted_seconds - ladder[k].predicted_seconds, i, ladder[k]))
+        for _, i, faster in sorted(steps, key=lambda s: -s[0]):
+            if len(rounds) >= MAX_ROUNDS:
+                break
+            trial = list(best)
+            trial[i] = faster
+            rnd = attempt(trial, f"block {i} faster")
             if rnd["passed"]:
-                hi, best_round = probe, rnd
+                best, accepted, improved = trial, rnd, True
+                jump[i] *= 2
+                break
+            if jump[i] > 1:
+                jump[i], improved = 1, True  # a shorter step may still pass
             else:
-                lo = probe
-            probe = (lo + hi) // 2
-        if hi < len(options):
-            picks[b.block] = options[hi]
-            accepted = best_round
+                ladders[i] = ladders[i][ladders[i].index(best[i]):]  # nothing faster for this block
+    picks = best
     fallback, measured = None, None
     if accepted:
         # the profile predicts; a clock decides. Time the plan against sequential in turns on the
@@ -208,9 +249,38 @@ def schedule(profile: Profile, model: Model, tol: float = 1e-3, holdout_seed: in
         "blocks": [{"block": b.block, "crm": b.crm, "crm_share": b.crm_share, "igm": b.igm,
                     "chosen": _option_dict(p), "sequential_seconds": (T - 1) * b.sequential_step_seconds,
                     "candidates": [_option_dict(o) for o in cands[b.block]]} for b, p in zip(profile.blocks, picks)],
-        "decision_order": [b.block for b in active],
     }
     return plan
+
+
+def spend_budget(ladders: list[list[Option]], budget: float) -> list[Option]:
+    """One option per block (from ladders ordered fastest first, each step more accurate) with summed
+    block errors <= budget (as near as the ladders allow) and the least predicted time: from the fastest
+    option everywhere, repeatedly take the step that buys the most accuracy per second paid (the greedy
+    for a multiple-choice knapsack). So the budget goes where time is cheapest to buy, not in equal
+    shares."""
+    at = [0] * len(ladders)
+    while sum(ladder[j].error for ladder, j in zip(ladders, at)) > budget:
+        steps = []
+        for i, (ladder, j) in enumerate(zip(ladders, at)):
+            if j + 1 < len(ladder):
+                gained = ladder[j].error - ladder[j + 1].error
+                paid = max(ladder[j + 1].predicted_seconds - ladder[j].predicted_seconds, 1e-12)
+                steps.append((gained / paid if gained > 0 else 0.0, i))
+        if not steps:
+            break
+        at[max(steps)[1]] += 1
+    return [ladder[j] for ladder, j in zip(ladders, at)]
+
+
+def _with_check_every(o: Option, num_tokens: int) -> BlockPlan:
+    """The option's block plan reading device-side flags about 4 times per segment's measured
+    iterations (a quarter of them is the most a segment can waste after converging)."""
+    bp = o.plan
+    if isinstance(bp, Sequential):
+        return bp
+    per_segment = o.passes / len(segments(bp, num_tokens)) if not isinstance(bp, Sliding) else o.passes
+    return replace(bp, check_every=max(1, int(per_segment / 4)))
 
 
 def _option_dict(o: Option) -> dict:
@@ -221,3 +291,12 @@ def hand_plan(notation: str, model: Model, guess: list[int] | None = None, tol: 
     """A paper-style plan (`7-8-32-10`, see Plan.from_paper_notation) bound to `model`."""
     plan = Plan.from_paper_notation(notation, len(model.blocks), model.num_tokens, guess, tol)
     return plan.bound_to(model_hash(model))
+
+
+def auto_plan(model: Model, spec, tol: float = 1e-3, data: str | None = None, num_images: int = 8,
+              device: str = "cpu", **profile_options) -> tuple[Plan, Profile]:
+    """Profile `model` under `spec` and schedule its auto plan, in this process with torch alone (what
+    the profile and plan stages do in Ray tasks): (plan, profile). `profile_options` go to
+    `profile.profile_model` (segment_lens, windows, tols, caps, repeats, costs)."""
+    prof = profile_model(model, spec, data=data, num_images=num_images, device=device, **profile_options)
+    return schedule(prof, model, tol=tol, device=device), prof

@@ -13,17 +13,24 @@ The public API is `solve_block` (one block under one block plan, as sampling run
 and `jacobi_trace` (plain Jacobi iterations of one block with their residuals and, given
 the true solution, their errors: what profiling and convergence figures read).
 To add a solver: its block-plan type in `plan.py`, its function `(run, block_plan, stats,
-divergence_bound) -> x` in SOLVERS.
+divergence_bound) -> x` in SOLVERS, and its driver over the static passes in `engine.py`.
+
+`engine` picks how the passes run (`engine.py`): "eager" here, with the cache sliced to the
+solved prefix and convergence read on the host after every pass; "static" / "graph" with
+fixed shapes, device-side flags read every `check_every` passes, captured as CUDA graphs for
+"graph". "auto" (the default) is graph on CUDA, eager elsewhere.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import torch
 
-from .model import KVCache, MetaBlock
+from . import engine as static
+from .model import CAUSAL, KVCache, MetaBlock
 from .plan import GSJacobi, Jacobi, Sequential, Sliding, segments
 from .spec import Guidance
 
@@ -40,12 +47,16 @@ class BlockStats:
     residual: float = 0.0
     fallbacks: int = 0
     seconds: float = 0.0
+    engine: str = "eager"
+    coarse_passes: int = 0  # of `passes`, those run in bf16 before the float32 polish
+    syncs: int = 0  # host reads of convergence state
 
 
 class BlockRun:
     """One block's inversion state: its input z (permuted), KV cache and conditioning."""
 
-    def __init__(self, block: MetaBlock, z: torch.Tensor, labels, guidance: Guidance):
+    def __init__(self, block: MetaBlock, z: torch.Tensor, labels, guidance: Guidance,
+                 cache_dtype: torch.dtype | None = None):
         self.block = block
         self.z = block.permute(z)
         B, T, _ = self.z.shape
@@ -64,7 +75,7 @@ class BlockRun:
                 self.q_scale = scale
             self.g = guidance.weights(T, z.device)
         self.cond = cond
-        self.cache = KVCache(len(block.attn_blocks), T)
+        self.cache = KVCache(len(block.attn_blocks), T, cache_dtype)
 
     def update(self, x: torch.Tensor, s: int, e: int) -> torch.Tensor:
         """New values of tokens s..e-1 from the current x (inputs: tokens s-1..e-2)."""
@@ -73,7 +84,12 @@ class BlockRun:
         if self.guidance.active:
             inp = torch.cat([inp, inp])
         # query i (position s-1+i) sees cached keys 0..s-1+i
-        mask = None if L == 1 else torch.ones(L, s - 1 + L, dtype=torch.bool, device=x.device).tril(s - 1)
+        if L == 1:
+            mask = None
+        elif s == 1:
+            mask = CAUSAL
+        else:
+            mask = torch.ones(L, s - 1 + L, dtype=torch.bool, device=x.device).tril(s - 1)
         a, b = self.block.params(inp, self.pos[s - 1 : e - 1], self.cond, mask, self.cache, s - 1, self.q_scale)
         if self.guidance.active:
             (a_c, a_u), (b_c, b_u) = a.chunk(2), b.chunk(2)
@@ -93,9 +109,28 @@ def _sequential_steps(run: BlockRun, x: torch.Tensor, s: int, e: int) -> None:
         x[:, t : t + 1] = run.update(x, t, t + 1)
 
 
+def _coarse_iterations(run: BlockRun, x: torch.Tensor, s: int, e: int, bp, stats: BlockStats, bound: float) -> None:
+    """Jacobi on tokens s..e-1 under bf16 autocast until they move <= coarse_tol (at most e-s passes):
+    a start for the float32 iterations, which alone decide exactness and `tol`."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        for _ in range(e - s):
+            new = run.update(x, s, e)
+            stats.passes += 1
+            stats.coarse_passes += 1
+            stats.syncs += 2
+            if not bool((new.abs() <= bound).all()):
+                return  # leave the diverging iterate to the float32 loop's fallback
+            delta = (new - x[:, s:e]).abs().max().item()
+            x[:, s:e] = new
+            if delta <= bp.coarse_tol:
+                return
+
+
 def gauss_seidel_jacobi(run: BlockRun, bp, stats: BlockStats, bound: float) -> torch.Tensor:
-    """Segments in order (Gauss-Seidel), Jacobi iterations inside each."""
+    """Segments in order (Gauss-Seidel), Jacobi iterations inside each (after a bf16 start, if
+    the plan asks for one and the spec is float32)."""
     x = run.initial(bp.init)
+    coarse = getattr(bp, "coarse", None) and not torch.is_autocast_enabled(x.device.type)
     for s, e in segments(bp, run.num_tokens):
         n = e - s
         if n == 1:
@@ -103,10 +138,13 @@ def gauss_seidel_jacobi(run: BlockRun, bp, stats: BlockStats, bound: float) -> t
             stats.iterations.append(1)
             stats.passes += 1
             continue
+        if coarse:
+            _coarse_iterations(run, x, s, e, bp, stats, bound)
         cap = n if bp.max_iters is None else min(bp.max_iters, n)  # n iterations are already exact
         for it in range(1, cap + 1):
             new = run.update(x, s, e)
             stats.passes += 1
+            stats.syncs += 2
             if not bool((new.abs() <= bound).all()):  # also catches NaN/inf
                 # a diverging iterate: re-solve this segment token by token, which is exact
                 _sequential_steps(run, x, s, e)
@@ -130,17 +168,23 @@ def sliding_window(run: BlockRun, bp: Sliding, stats: BlockStats, bound: float) 
 
     After a pass the window's first token is exact (its inputs are final). A later token
     is final, up to `tol`, when every token before it in the window moved by <= tol in
-    that pass: it was computed from final inputs. The window slides past final tokens and
-    their keys/values stay in the cache, as ParaDiGMS does for diffusion, so no pass is
-    spent on converged tokens (fixed segments wait for their slowest token). Progress is
-    at least one token per pass, so tol=0 is exact."""
+    this pass and in the one before: its inputs were then stable over the two iterates it
+    and its cached keys/values were computed from. (One quiet pass is not enough: a token
+    can pause on its way, and on the demo model's tough block accepting after one pass put
+    5-95x `tol` into the block's output; the two-pass rule 4-12x, measured in
+    docs/benchmarks.md.) The window slides past final tokens and their keys/values stay in
+    the cache, as ParaDiGMS does for diffusion, so no pass is spent on converged tokens
+    (fixed segments wait for their slowest token). Progress is at least one token per
+    pass, so tol=0 is exact."""
     x = run.initial(bp.init)
     T, W = run.num_tokens, bp.window
+    prev = torch.full((T,), math.inf, device=x.device)  # each token's move in its previous pass
     s = 1
     while s < T:
         e = min(s + W, T)
         new = run.update(x, s, e)
         stats.passes += 1
+        stats.syncs += 2
         if not bool((new.abs() <= bound).all()):  # also catches NaN/inf
             _sequential_steps(run, x, s, e)
             stats.passes += e - s
@@ -149,8 +193,9 @@ def sliding_window(run: BlockRun, bp: Sliding, stats: BlockStats, bound: float) 
             continue
         moved = (new - x[:, s:e]).abs().amax(dim=(0, 2))  # per token, worst sample and channel
         x[:, s:e] = new
-        big = (moved > bp.tol).nonzero()
-        advance = min(e - s, int(big[0]) + 1) if len(big) else e - s
+        unstable = ((moved > bp.tol) | (prev[s:e] > bp.tol)).nonzero()
+        prev[s:e] = moved
+        advance = min(e - s, int(unstable[0]) + 1) if len(unstable) else e - s
         if advance > 1:
             stats.residual = max(stats.residual, moved[: advance - 1].max().item())
         s += advance
@@ -176,15 +221,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def resolve_engine(engine: str, device: torch.device) -> str:
+    """The engine `engine` names on `device` ("auto": graph on CUDA, eager elsewhere)."""
+    if engine not in static.ENGINES:
+        raise ValueError(f"engine={engine!r}: allowed values are {', '.join(static.ENGINES)}")
+    if engine == "auto":
+        return "graph" if device.type == "cuda" else "eager"
+    if engine == "graph" and device.type != "cuda":
+        raise ValueError(f"engine='graph' captures CUDA graphs; the device here is {device.type}")
+    return engine
+
+
 @torch.inference_mode()
 def solve_block(block: MetaBlock, z: torch.Tensor, labels=None, plan=Sequential(), guidance: Guidance = Guidance(),
-                divergence_bound: float = DIVERGENCE_BOUND, index: int = 0) -> BlockSolution:
+                divergence_bound: float = DIVERGENCE_BOUND, index: int = 0, engine: str = "auto") -> BlockSolution:
     """Invert one block under one block plan: its output z (B, T, D) -> its input x, both in model
     token order, with the solver's statistics (`stats.seconds` includes waiting for the device)."""
     t0 = time.perf_counter()
-    run = BlockRun(block, z, labels, guidance)
-    stats = BlockStats(index, plan.solver, plan.segment_length(run.num_tokens))
-    x = block.permute(SOLVERS[type(plan)](run, plan, stats, divergence_bound))
+    T = z.shape[1]
+    stats = BlockStats(index, plan.solver, plan.segment_length(T), engine=resolve_engine(engine, z.device))
+    autocast = torch.is_autocast_enabled(z.device.type)
+    # a bf16 start is polished in float32: the cache must hold float32 keys/values throughout
+    cache_dtype = torch.float32 if getattr(plan, "coarse", None) and not autocast else None
+    if stats.engine == "eager":
+        run = BlockRun(block, z, labels, guidance, cache_dtype)
+        x = SOLVERS[type(plan)](run, plan, stats, divergence_bound)
+    else:
+        x = static.solve(block, z, labels, plan, guidance, divergence_bound, stats)
+    x = block.permute(x)
     _sync(z.device)
     stats.seconds = time.perf_counter() - t0
     return BlockSolution(x, stats)

@@ -170,3 +170,24 @@ def test_guided_pairs_follow_the_whole_guidance_spec():
                                  (Guidance(2.0), Guidance(2.0, annealed=True), Guidance(2.0, attn_temp=0.5)))
     for other in (annealed, tempered):
         assert (other[0][1] - plain[0][1]).abs().max() > 1e-3
+
+
+def test_a_bf16_start_is_profiled_where_its_passes_are_cheaper():
+    """The profile times bf16 passes; where one costs < 90% of a float32 pass it measures bf16-then-float32
+    runs, and the scheduler prices their bf16 and float32 passes apart."""
+    from tarflow.schedule import block_options
+
+    model = make_tiny_model(out_std=OUT_STD, num_blocks=2)
+    costs = Costs(1.0, {15: 2.5, 8: 1.5, 4: 100.0}, coarse_pass_seconds={15: 1.0, 8: 1.4})
+    prof = profile_model(model, SamplingSpec(batch_size=2), num_images=2, costs=costs, **SETTINGS)
+    for b in prof.blocks:
+        assert b.engine == "eager" and b.coarse_pass_seconds == costs.coarse_pass_seconds
+        coarse = [r for r in b.convergence if r.plan.coarse]
+        assert coarse and {r.plan.segment_length(model.num_tokens) for r in coarse} == {15}  # 1.4 > 0.9 x 1.5
+        assert all(0 < r.coarse_passes < r.passes and r.engine == "eager" for r in coarse)
+        assert min(r.error for r in coarse if r.plan.tol == 1e-5) <= 1e-4  # the float32 polish decides accuracy
+        options = {o.plan: o for o in block_options(b, model.num_tokens)}
+        for r in coarse:
+            assert options[r.plan].predicted_seconds == pytest.approx(r.coarse_passes * 1.0
+                                                                      + (r.passes - r.coarse_passes) * 2.5)
+    assert Profile.from_json(prof.to_json()).blocks[0].convergence == prof.blocks[0].convergence

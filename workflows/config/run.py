@@ -32,6 +32,8 @@ Example (only `output` is required; the values shown for sections left out are t
       reference_image_size: null  # their image size, where the file does not say
       kid_samples: 2000           # features per side kept for KID (0: no KID)
       enabled: true
+    report:
+      scaling_batch_sizes: []     # also profile, plan and time at these batch sizes: speedup vs batch size
     output: runs/demo             # local path or any pyarrow.fs URI (s3://, gs://)
     resources:                    # Ray resources per stage, per worker; a worker given a GPU samples on CUDA
       profile:  {actors: 1, num_cpus: 1, num_gpus: 0}   # one task per block
@@ -43,6 +45,8 @@ Relative input paths are found beside the config or in a parent directory (`reso
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
+
 from pydantic import BaseModel, Field, model_validator
 
 from tarflow import ModelRef, SamplingSpec
@@ -78,6 +82,15 @@ class PlanSection(BaseModel):
         return "path" if self.path else "hand" if self.hand else "auto"
 
 
+class ReportSection(BaseModel):
+    model_config = CONFIG
+
+    scaling_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list, description="batch sizes at which the report also profiles the model, schedules an "
+        "auto plan (plan.tol) and times it against sequential, for its speedup-vs-batch-size section; with an auto "
+        "plan the run's own batch size is a point too, from the comparison. []: no such section")
+
+
 class FidSection(FidSettings):
     reference: str = Field("mnist5k", description="dataset name, image folder, shards URI, or statistics (the "
                            "project's .npz, a torchmetrics FID state .pth, an ADM/TTUR mu-sigma .npz)")
@@ -107,6 +120,7 @@ class RunConfig(BaseModel):
     sampling: SamplingSpec = SamplingSpec()
     samples: SampleSet = SampleSet()
     fid: FidSection = FidSection()
+    report: ReportSection = ReportSection()
     resources: ResourcesSection = ResourcesSection()
 
     @classmethod

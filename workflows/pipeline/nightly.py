@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tarflow import Plan
 
-from ..config import ConfigError, NightlyConfig, RunConfig, Thresholds
+from ..config import ConfigError, NightlyConfig, ReportSection, RunConfig, Thresholds
 from ..report import ReportData, report_files
 from ..stages import compare
 from ..storage.files import Store
@@ -68,7 +68,8 @@ def _fid_of(cfg: RunConfig, label: str, plan: Plan, workdir: Path) -> float | No
     slug = "".join(c if c.isalnum() else "-" for c in label)
     plan_file = plan.save(workdir / f"{cfg.name}-{slug}.json")
     other = cfg.model_copy(update={"name": f"{cfg.name}-{slug}", "output": f"{cfg.output}/{slug}",
-                                   "plan": cfg.plan.model_copy(update={"path": str(plan_file), "hand": None})})
+                                   "plan": cfg.plan.model_copy(update={"path": str(plan_file), "hand": None}),
+                                   "report": ReportSection()})  # only its FID is read: no scaling profiles
     return run_pipeline(other).fid.get("fid")
 
 
@@ -97,6 +98,7 @@ def run_nightly(cfg: NightlyConfig, now: datetime | None = None, accept: bool = 
                                           block_metrics=[{"crm_share": b.crm_share, "igm_z": b.igm_z,
                                                           "igm_zeros": b.igm_zeros}
                                                          for b in result.model_result.blocks])
+        mr.scaling = result.model_result.scaling  # measured by the run's report stage, in a generate worker too
         seq, auto = mr.runs[0], mr.run("auto plan")
         auto.fid = result.fid.get("fid")
         mr.fid_extractor, mr.fid_num_samples = result.fid.get("extractor", ""), result.fid.get("sample_count", 0)

@@ -94,7 +94,11 @@ def _block_metrics(profile: Profile | None) -> list[dict] | None:
 def _report(cfg: RunConfig, spec: SamplingSpec, plan: Plan, fid_result: dict, profile: Profile | None,
             result: RunResult, history_uri: str) -> tuple[ReportData, dict]:
     label = _comparison_label(cfg)
-    mr, where = compare.compare_in_worker(cfg.model, {label: plan}, spec, cfg.resources.generate, repeats=2,
+    scaling = None
+    if cfg.report.scaling_batch_sizes:
+        scaling = compare.Scaling(tuple(cfg.report.scaling_batch_sizes), cfg.calibration.data, cfg.plan.tol,
+                                  label if cfg.plan.source == "auto" else None)
+    mr, where = compare.compare_in_worker(cfg.model, {label: plan}, spec, cfg.resources.generate, scaling, repeats=2,
                                           name=cfg.name, block_metrics=_block_metrics(profile))
     if fid_result:
         mr.run(label).fid = fid_result.get("fid")
@@ -223,7 +227,7 @@ def run(cfg: RunConfig, stop_after: str | None = None, progress: bool | None = N
             return result
         result.fid = json.loads(store.read_text(fid_name))
 
-    report_key = _hash("report", gen_key, fid_key if cfg.fid.enabled else None, cfg.name)
+    report_key = _hash("report", gen_key, fid_key if cfg.fid.enabled else None, cfg.name, cfg.report.model_dump())
     report_dir = f"reports/{report_key}"
 
     def make_report():

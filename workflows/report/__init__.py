@@ -1,7 +1,7 @@
 """Presentation: the report's data (`data`), its HTML page and figures (`html`), sample grids (`grid`)."""
-from .data import BlockResult, Curve, ModelResult, ReportData, SamplerResult
+from .data import BlockResult, Curve, ModelResult, ReportData, SamplerResult, ScalingPoint
 from .grid import grid_png, save_grid
 from .html import SECTIONS, render_html, report_files, write_report
 
-__all__ = ["BlockResult", "Curve", "ModelResult", "ReportData", "SECTIONS", "SamplerResult", "grid_png",
-           "render_html", "report_files", "save_grid", "write_report"]
+__all__ = ["BlockResult", "Curve", "ModelResult", "ReportData", "SECTIONS", "SamplerResult", "ScalingPoint",
+           "grid_png", "render_html", "report_files", "save_grid", "write_report"]

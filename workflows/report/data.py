@@ -47,6 +47,21 @@ class Curve:
 
 
 @dataclass
+class ScalingPoint:
+    """Sequential vs the auto plan for one batch size, on the same noise (sample ids 0..n-1), on the
+    comparison's device and threads: where plans pay on this hardware."""
+
+    batch_size: int
+    sequential_seconds: float  # per image
+    plan_seconds: float  # per image
+    speedup: float
+    bound_speedup: float  # one parallel pass per block over sequential: no plan can beat it
+    plan: str  # Plan.summary()
+    fallback: str | None = None  # why the scheduler raced its plan and chose sequential, if it did
+    max_abs_error: float = 0.0
+
+
+@dataclass
 class ModelResult:
     name: str
     model_hash: str = ""
@@ -57,6 +72,7 @@ class ModelResult:
     convergence: list[Curve] = field(default_factory=list)
     fid_extractor: str = ""
     fid_num_samples: int = 0
+    scaling: list[ScalingPoint] = field(default_factory=list)  # by batch size; empty: not measured
 
     def run(self, plan: str) -> SamplerResult | None:
         return next((r for r in self.runs if r.plan == plan), None)

@@ -3,6 +3,7 @@
 Input is a `ReportData` (`report/data.py`):
 
 - per-model table: wall time, speedup, passes, max error vs sequential and FID of each sampler;
+- speedup vs batch size (when measured): sequential vs the auto plan at each, and the one-pass bound;
 - per-block: CRM share and IGM (z vs zeros) bars, the chosen solver and its iterations;
 - convergence: Jacobi residual per iteration for each block;
 - history: speedup and FID over time;
@@ -25,7 +26,7 @@ from matplotlib.figure import Figure
 
 from .data import ModelResult, ReportData
 
-SECTIONS = ("summary", "blocks", "convergence", "history", "samples")
+SECTIONS = ("summary", "blocks", "convergence", "history", "samples")  # on every page; "scaling" where measured
 
 
 # ---- figures: each is a JSON-able spec, drawn with matplotlib, embedded as PNG --------------------------------
@@ -34,6 +35,12 @@ SECTIONS = ("summary", "blocks", "convergence", "history", "samples")
 def _figure_specs(data: ReportData) -> list[dict]:
     specs = []
     for m in data.models:
+        if m.scaling:
+            specs.append({"id": f"scaling-{m.name}", "section": "scaling",
+                          "title": f"{m.name}: speedup over sequential vs batch size ({m.device})",
+                          "batch_size": [p.batch_size for p in m.scaling], "speedup": [p.speedup for p in m.scaling],
+                          "bound": [p.bound_speedup for p in m.scaling],
+                          "fallback": [p.fallback is not None for p in m.scaling]})
         if m.blocks:
             specs.append({
                 "id": f"blocks-{m.name}", "section": "blocks", "title": f"{m.name}: per-block metrics and plan",
@@ -87,6 +94,23 @@ def _draw(spec: dict) -> Figure:
             ax2.set_yscale("log")
         ax2.legend(fontsize=8)
         fig.suptitle(spec["title"])
+        return fig
+    if spec["section"] == "scaling":
+        fig = Figure(figsize=(6.5, 3.6), layout="constrained")
+        ax = fig.subplots()
+        x = spec["batch_size"]
+        ax.plot(x, spec["bound"], marker="x", linestyle="--", color="grey", label="one pass per block (bound)")
+        ax.plot(x, spec["speedup"], marker="o", label="auto plan (measured)")
+        fell = [(b, s) for b, s, f in zip(x, spec["speedup"], spec["fallback"]) if f]
+        if fell:
+            ax.plot(*zip(*fell), "o", mfc="white", color="#c44e52", label="scheduler fell back to sequential")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.minorticks_off()
+        ax.set_xticks(x, [str(b) for b in x])
+        ax.set(xlabel="batch size", ylabel="speedup over sequential (x)", title=spec["title"])
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
         return fig
     if spec["section"] == "convergence":
         fig = Figure(figsize=(6.5, 3.6), layout="constrained")
@@ -170,6 +194,17 @@ def _block_table(m: ModelResult) -> str:
     return f'<table class="blocks-table"><caption>{html.escape(m.name)}</caption>{head}{rows}</table>'
 
 
+def _scaling_table(m: ModelResult) -> str:
+    head = ("<tr><th>batch</th><th>sequential s / image</th><th>plan s / image</th><th>speedup</th>"
+            "<th>bound</th><th>plan (by forward block)</th><th>fell back?</th><th>max |error| vs sequential</th></tr>")
+    rows = "".join(f"<tr><td>{p.batch_size}</td><td>{p.sequential_seconds:.4f}</td><td>{p.plan_seconds:.4f}</td>"
+                   f"<td>{p.speedup:.2f}x</td><td>{p.bound_speedup:.2f}x</td><td>{html.escape(p.plan)}</td>"
+                   f"<td>{html.escape(p.fallback or 'no')}</td><td>{_fmt(p.max_abs_error, '.1e')}</td></tr>"
+                   for p in m.scaling)
+    return (f'<table class="scaling-table"><caption>{html.escape(m.name)} on {html.escape(m.device)}</caption>'
+            f"{head}{rows}</table>")
+
+
 def render_html(data: ReportData) -> tuple[str, dict]:
     """(HTML page, figures JSON) of a report; every image is inline, so the page is one file."""
     specs = _figure_specs(data)
@@ -191,6 +226,13 @@ def render_html(data: ReportData) -> tuple[str, dict]:
         f"<h1>{html.escape(data.title)}</h1><p class=\"muted\">{html.escape(data.created)}</p>",
         f"<ul>{notes}</ul>" if notes else "",
         '<h2 id="summary">Speedup and FID against sequential sampling</h2>', _summary_table(data),
+        *(['<h2 id="scaling">Speedup vs batch size</h2>',
+           '<p>The auto plan scheduled for each batch size against sequential sampling on one batch of the same '
+           "noise, on this hardware; the bound is one parallel pass per block. A parallel pass costs about as much "
+           "as many sequential steps once the batch fills the device, so plans pay at small batch and, on a CPU, "
+           "fall back to sequential at large batch.</p>",
+           "".join(_scaling_table(m) for m in data.models if m.scaling), figures("scaling")]
+          if any(m.scaling for m in data.models) else []),
         '<h2 id="blocks">Per block: CRM / IGM, chosen solver, iterations</h2>',
         "".join(_block_table(m) for m in data.models if m.blocks), figures("blocks"),
         '<h2 id="convergence">Convergence</h2>', figures("convergence"),

@@ -1,4 +1,5 @@
-"""Sequential vs plans on the same noise: wall time, passes, error, sample grids, convergence.
+"""Sequential vs plans on the same noise: wall time, passes, error, sample grids, convergence, and
+the speedup of the auto plan against batch size.
 
 What the report's tables and figures show for one model; the pipeline runs it once after
 generation, the nightly job for every configured model, each in a Ray task with the generate
@@ -6,15 +7,26 @@ stage's resources (`compare_in_worker`), so timings are those of a generate work
 and threads."""
 from __future__ import annotations
 
+import math
+import time
+from dataclasses import dataclass, replace
+
 import torch
 
-from tarflow import Model, ModelRef, Plan, SamplingSpec, jacobi_trace, model_hash, sample_noise, solve_block, \
-    time_in_turns
+from tarflow import Model, ModelRef, Plan, SamplingSpec, auto_plan, jacobi_trace, model_hash, sample_noise, \
+    solve_block, time_in_turns
+from tarflow.sampling import one_pass_per_block
 
 from .. import runtime
 from ..config import Resources
-from ..report.data import BlockResult, Curve, ModelResult, SamplerResult
+from ..report.data import BlockResult, Curve, ModelResult, SamplerResult, ScalingPoint
 from ..report.grid import grid_png
+
+# the scaling section profiles the model once per extra batch size: a reduced ladder (no fixed iteration
+# caps), few calibration images and timings keep that a small part of a run
+SCALING_TOLS = (1e-2, 1e-3, 1e-4, 1e-5)
+SCALING_CALIBRATION_IMAGES = 4
+SCALING_REPEATS = 2
 
 
 def comparison_batch(model: Model, spec: SamplingSpec, num_images: int, device):
@@ -75,13 +87,77 @@ def compare_plans(model: Model, plans: dict[str, Plan], spec: SamplingSpec, num_
     return ModelResult(name, model_hash(model), str(device), spec.batch_size, runs, blocks, curves)
 
 
-def _compare(model_ref: ModelRef, plans: dict[str, Plan], spec: SamplingSpec, **kwargs) -> ModelResult:
+def _bound_seconds(model: Model, noise: torch.Tensor, y, spec: SamplingSpec, repeats: int) -> float:
+    """Best-of-`repeats` wall seconds of `one_pass_per_block` over `noise` in batches of the spec's size."""
+    B, best = spec.batch_size, math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for s in range(0, noise.shape[0], B):
+            one_pass_per_block(model, noise[s:s + B], None if y is None else y[s:s + B], spec)
+        if noise.device.type == "cuda":
+            torch.cuda.synchronize(noise.device)  # kernels run asynchronously: wait for them before reading the clock
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _point(batch_size: int, num_images: int, plan: Plan, sequential_s: float, plan_s: float, error: float,
+           bound_s: float) -> ScalingPoint:
+    return ScalingPoint(batch_size, sequential_s / num_images, plan_s / num_images, sequential_s / plan_s,
+                        sequential_s / bound_s, plan.summary(), plan.evidence.get("fallback"), error)
+
+
+def batch_scaling(model: Model, spec: SamplingSpec, batch_sizes, data: str | None, tol: float,
+                  calib_images: int = SCALING_CALIBRATION_IMAGES, repeats: int = SCALING_REPEATS) -> list[ScalingPoint]:
+    """Per batch size B: profile the model under `spec` at B (calibration `data`, as the profile stage),
+    schedule the auto plan within `tol`, and time it against sequential and the one-pass bound on one
+    batch (sample ids 0..B-1, as generation draws them), on the model's device and this process's threads."""
+    device = next(model.parameters()).device
+    points = []
+    for B in batch_sizes:
+        spec_b = replace(spec, batch_size=B)
+        plan, _ = auto_plan(model, spec_b, tol, data, max(calib_images, B), str(device), tols=SCALING_TOLS, caps=(),
+                            repeats=1)
+        noise, y = comparison_batch(model, spec_b, B, device)
+        timed = time_in_turns(model, noise, y, {"sequential": None, "plan": plan}, repeats, spec_b)
+        (seq_out, seq_s), (plan_out, plan_s) = timed["sequential"], timed["plan"]
+        error = (torch.cat([o.images for o in plan_out]) - torch.cat([o.images for o in seq_out])).abs().max().item()
+        points.append(_point(B, B, plan, seq_s, plan_s, error, _bound_seconds(model, noise, y, spec_b, repeats)))
+    return points
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """What the report's speedup-vs-batch-size section measures: the auto plan within `tol` (profiled on
+    `data`) at each of `batch_sizes`; `run_plan` names the compared plan that is already the auto plan at
+    the spec's batch size, whose point comes from the comparison instead of a second profile."""
+
+    batch_sizes: tuple[int, ...]
+    data: str | None
+    tol: float
+    run_plan: str | None = None
+
+
+def _compare(model_ref: ModelRef, plans: dict[str, Plan], spec: SamplingSpec, scaling: Scaling | None = None,
+             num_images: int | None = None, **kwargs) -> ModelResult:
     model = model_ref.load().to(runtime.worker_device())
-    return compare_plans(model, plans, spec, **kwargs)
+    n = num_images or spec.batch_size
+    result = compare_plans(model, plans, spec, n, **kwargs)
+    if scaling is not None:
+        points = []
+        if scaling.run_plan is not None:
+            seq, planned = result.runs[0], result.run(scaling.run_plan)
+            noise, y = comparison_batch(model, spec, n, next(model.parameters()).device)
+            points.append(_point(spec.batch_size, n, plans[scaling.run_plan], seq.seconds, planned.seconds,
+                                 planned.max_abs_error, _bound_seconds(model, noise, y, spec, SCALING_REPEATS)))
+        others = sorted(set(scaling.batch_sizes) - {p.batch_size for p in points})
+        result.scaling = sorted(points + batch_scaling(model, spec, others, scaling.data, scaling.tol),
+                                key=lambda p: p.batch_size)
+    return result
 
 
 def compare_in_worker(model_ref: ModelRef, plans: dict[str, Plan], spec: SamplingSpec, resources: Resources,
-                      **kwargs) -> tuple[ModelResult, dict]:
-    """`compare_plans` in a Ray task with `resources` (the generate stage's): (result, where it ran)."""
+                      scaling: Scaling | None = None, **kwargs) -> tuple[ModelResult, dict]:
+    """`compare_plans` (and with `scaling`, `batch_scaling`) in a Ray task with `resources` (the generate
+    stage's): (result, where it ran)."""
     runtime.connect()
-    return runtime.run_task(_compare, model_ref, plans, spec, res=resources, **kwargs)
+    return runtime.run_task(_compare, model_ref, plans, spec, scaling, res=resources, **kwargs)
