@@ -178,7 +178,7 @@ def schedule(profile: Profile, model: Model, tol: float = 1e-3, holdout_seed: in
     # 1. the amplification from block errors to final error is unknown (a few calibration images, errors
     # carried through later blocks): bisect it on a ladder, each choice the knapsack's for that factor
     scales = [2.0 ** k for k in range(-3, 15)]
-    lo, hi = -1, len(scales)  # choose(scales[hi]) passes; beyond the ladder: sequential everywhere
+    lo, hi = -1, len(scales)  # the choice at scales[hi] passes; beyond the ladder: sequential everywhere
     accepted, best = None, list(seq_options)
     while hi - lo > 1 and len(rounds) < MAX_ROUNDS:
         mid = (lo + hi) // 2
