@@ -31,6 +31,21 @@ ENGINES = ("auto", "eager", "static", "graph")
 KEPT = 2  # buffer sets kept (and runs per block), least recently used dropped: a cache is batch x T x width
 
 
+def conditioning(block: MetaBlock, labels, guidance: Guidance, batch: int, device):
+    """(class embedding rows, query scale or None) of one block's passes: under guidance the conditional
+    and unconditional passes share one forward over a 2B batch, the unconditional half's attention
+    logits divided by `attn_temp`."""
+    cond = block.class_embedding(labels, batch)
+    q_scale = None
+    if guidance.active:
+        if isinstance(cond, torch.Tensor):
+            cond = torch.cat([cond, block.class_embedding(None, batch)])
+        if guidance.attn_temp != 1.0:
+            q_scale = torch.ones(2 * batch, 1, 1, 1, device=device)
+            q_scale[batch:] = 1.0 / guidance.attn_temp
+    return cond, q_scale
+
+
 class StaticKVCache:
     """Keys/values of every layer over the padded length, zero-filled (masked keys must not be NaN:
     softmax gives them weight 0, and 0 * NaN is NaN). `write` takes device positions; it keeps the
@@ -92,20 +107,10 @@ class StaticRun:
         C = block.pos_embed.shape[1]
         self.pos = torch.zeros(self.length, C, device=dev, dtype=block.pos_embed.dtype)
         self.pos[:T] = block.permute(block.pos_embed, 0)
-        self.cond = self._cond(labels)
-        self.q_scale = None
+        self.cond, self.q_scale = conditioning(block, labels, guidance, B, dev)
         if guidance.active:
-            if guidance.attn_temp != 1.0:
-                self.q_scale = torch.ones(2 * B, 1, 1, 1, device=dev)
-                self.q_scale[B:] = 1.0 / guidance.attn_temp
             self.g = torch.zeros(self.length, 1, device=dev)
             self.g[:T] = guidance.weights(T, dev)
-
-    def _cond(self, labels):
-        cond = self.block.class_embedding(labels, self.batch)
-        if self.guidance.active and isinstance(cond, torch.Tensor):
-            cond = torch.cat([cond, self.block.class_embedding(None, self.batch)])
-        return cond
 
     def reset(self, z: torch.Tensor, labels, init: str) -> None:
         """A new batch, written into the same buffers (captured graphs read them)."""
@@ -116,7 +121,7 @@ class StaticRun:
         self.x[:, :T] = zp if init == "z" else 0.0
         self.x[:, 0] = zp[:, 0]
         if isinstance(self.cond, torch.Tensor):
-            self.cond.copy_(self._cond(labels))
+            self.cond.copy_(conditioning(self.block, labels, self.guidance, self.batch, self.x.device)[0])
         for t in (*self.cache.k, *self.cache.v):
             t.zero_()  # a stale entry is masked, but a non-finite one would still poison the softmax
         self.prev.fill_(float("inf"))
@@ -132,10 +137,7 @@ class StaticRun:
         a, b = self.block.params(inp, self.pos.index_select(0, idx), self.cond, mask, self.cache, idx, self.q_scale)
         out = idx + 1
         if self.guidance.active:
-            (a_c, a_u), (b_c, b_u) = a.chunk(2), b.chunk(2)
-            g = self.g.index_select(0, out)
-            a = a_c + g * (a_c - a_u) if "a" in self.guidance.what else a_c
-            b = b_c + g * (b_c - b_u) if "b" in self.guidance.what else b_c
+            a, b = self.guidance.combine(a, b, self.g.index_select(0, out))
         return self.z.index_select(1, out) * a.float().exp() + b.float(), out
 
     # ---- the passes (each is what one graph holds) ----------------------------------------------------

@@ -174,20 +174,17 @@ def profile_block(block, index: int, z: torch.Tensor, x: torch.Tensor, labels, s
     def lab(c):
         return None if labels is None else labels[c]
 
-    def solve(c, bp):
-        with spec.autocast_context(z.device.type):
+    def solve(c, bp, autocast=None):
+        """`bp` on chunk `c` under the spec's autocast, or under `autocast` where given."""
+        context = torch.autocast(z.device.type, dtype=autocast) if autocast else spec.autocast_context(z.device.type)
+        with context:
             return solve_block(block, z[c], lab(c), bp, g)
 
     def timed(bp, autocast=None) -> float:
-        """Best-of-`repeats` seconds per pass (network call) of `bp` on the first chunk, under the
-        spec's autocast or `autocast`: the engine as sampling will run it (captured on CUDA)."""
-        def run():
-            if autocast is None:
-                return solve(chunks[0], bp).stats
-            with torch.autocast(z.device.type, dtype=autocast):
-                return solve_block(block, z[chunks[0]], lab(chunks[0]), bp, g).stats
-        passes = run().passes  # also the warm-up: allocator, kernels, graph capture
-        return min(run().seconds for _ in range(repeats)) / passes
+        """Best-of-`repeats` seconds per pass (network call) of `bp` on the first chunk: the engine as
+        sampling will run it (captured on CUDA)."""
+        passes = solve(chunks[0], bp, autocast).stats.passes  # also the warm-up: allocator, kernels, capture
+        return min(solve(chunks[0], bp, autocast).stats.seconds for _ in range(repeats)) / passes
 
     options = candidate_plans(T, segment_lens, windows)
     lengths = sorted({L for L, _ in options})

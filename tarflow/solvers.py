@@ -63,18 +63,9 @@ class BlockRun:
         self.batch, self.num_tokens = B, T
         self.pos = block.permute(block.pos_embed, 0)
         self.guidance = guidance
-        cond = block.class_embedding(labels, B)
-        self.q_scale = None
+        self.cond, self.q_scale = static.conditioning(block, labels, guidance, B, z.device)
         if guidance.active:
-            # conditional and unconditional passes share one forward over a 2B batch
-            if isinstance(cond, torch.Tensor):
-                cond = torch.cat([cond, block.class_embedding(None, B)])
-            if guidance.attn_temp != 1.0:
-                scale = torch.ones(2 * B, 1, 1, 1, device=z.device)
-                scale[B:] = 1.0 / guidance.attn_temp
-                self.q_scale = scale
             self.g = guidance.weights(T, z.device)
-        self.cond = cond
         self.cache = KVCache(len(block.attn_blocks), T, cache_dtype)
 
     def update(self, x: torch.Tensor, s: int, e: int) -> torch.Tensor:
@@ -92,10 +83,7 @@ class BlockRun:
             mask = torch.ones(L, s - 1 + L, dtype=torch.bool, device=x.device).tril(s - 1)
         a, b = self.block.params(inp, self.pos[s - 1 : e - 1], self.cond, mask, self.cache, s - 1, self.q_scale)
         if self.guidance.active:
-            (a_c, a_u), (b_c, b_u) = a.chunk(2), b.chunk(2)
-            g = self.g[s:e]
-            a = a_c + g * (a_c - a_u) if "a" in self.guidance.what else a_c
-            b = b_c + g * (b_c - b_u) if "b" in self.guidance.what else b_c
+            a, b = self.guidance.combine(a, b, self.g[s:e])
         return self.z[:, s:e] * a.float().exp() + b.float()
 
     def initial(self, init: str) -> torch.Tensor:

@@ -68,6 +68,14 @@ class Guidance:
     def active(self) -> bool:
         return self.scale > 0
 
+    def combine(self, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The guided (a, b) from the network's output over a [conditional; unconditional] batch and
+        the tokens' weights g (`weights`, rows of the tokens produced)."""
+        (a_c, a_u), (b_c, b_u) = a.chunk(2), b.chunk(2)
+        a = a_c + g * (a_c - a_u) if "a" in self.what else a_c
+        b = b_c + g * (b_c - b_u) if "b" in self.what else b_c
+        return a, b
+
     def weights(self, num_tokens: int, device) -> torch.Tensor:
         """(T, 1) guidance weight of the step producing each token."""
         t = torch.arange(num_tokens, device=device, dtype=torch.float32).unsqueeze(1)

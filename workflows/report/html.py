@@ -184,25 +184,30 @@ def _summary_table(data: ReportData) -> str:
     return f'<table id="summary-table">{head}{"".join(rows)}</table><ul class="muted">{extra}</ul>'
 
 
+def _captioned_table(css_class: str, caption: str, headers: list[str], rows: list[list]) -> str:
+    """A table of already formatted (and escaped) cells under a caption."""
+    head = "<tr>" + "".join(f"<th>{h}</th>" for h in headers) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{css_class}"><caption>{html.escape(caption)}</caption>{head}{body}</table>'
+
+
 def _block_table(m: ModelResult) -> str:
-    head = ("<tr><th>block</th><th>solver</th><th>segment</th><th>init</th><th>iterations / segment</th>"
-            "<th>passes</th><th>CRM share</th><th>IGM z</th><th>IGM zeros</th></tr>")
-    rows = "".join(f"<tr><td>{b.block}</td><td>{b.solver}</td><td>{b.segment_len}</td><td>{b.init}</td>"
-                   f"<td>{b.iterations:.1f}</td><td>{b.passes}</td>"
-                   f"<td>{_fmt(None if b.crm_share is None else 100 * b.crm_share, '.1f')}%</td>"
-                   f"<td>{_fmt(b.igm_z)}</td><td>{_fmt(b.igm_zeros)}</td></tr>" for b in m.blocks)
-    return f'<table class="blocks-table"><caption>{html.escape(m.name)}</caption>{head}{rows}</table>'
+    return _captioned_table(
+        "blocks-table", m.name,
+        ["block", "solver", "segment", "init", "iterations / segment", "passes", "CRM share", "IGM z", "IGM zeros"],
+        [[b.block, b.solver, b.segment_len, b.init, f"{b.iterations:.1f}", b.passes,
+          f"{_fmt(None if b.crm_share is None else 100 * b.crm_share, '.1f')}%", _fmt(b.igm_z), _fmt(b.igm_zeros)]
+         for b in m.blocks])
 
 
 def _scaling_table(m: ModelResult) -> str:
-    head = ("<tr><th>batch</th><th>sequential s / image</th><th>plan s / image</th><th>speedup</th>"
-            "<th>bound</th><th>plan (by forward block)</th><th>fell back?</th><th>max |error| vs sequential</th></tr>")
-    rows = "".join(f"<tr><td>{p.batch_size}</td><td>{p.sequential_seconds:.4f}</td><td>{p.plan_seconds:.4f}</td>"
-                   f"<td>{p.speedup:.2f}x</td><td>{p.bound_speedup:.2f}x</td><td>{html.escape(p.plan)}</td>"
-                   f"<td>{html.escape(p.fallback or 'no')}</td><td>{_fmt(p.max_abs_error, '.1e')}</td></tr>"
-                   for p in m.scaling)
-    return (f'<table class="scaling-table"><caption>{html.escape(m.name)} on {html.escape(m.device)}</caption>'
-            f"{head}{rows}</table>")
+    return _captioned_table(
+        "scaling-table", f"{m.name} on {m.device}",
+        ["batch", "sequential s / image", "plan s / image", "speedup", "bound", "plan (by forward block)",
+         "fell back?", "max |error| vs sequential"],
+        [[p.batch_size, f"{p.sequential_seconds:.4f}", f"{p.plan_seconds:.4f}", f"{p.speedup:.2f}x",
+          f"{p.bound_speedup:.2f}x", html.escape(p.plan), html.escape(p.fallback or "no"),
+          _fmt(p.max_abs_error, ".1e")] for p in m.scaling])
 
 
 def render_html(data: ReportData) -> tuple[str, dict]:
