@@ -19,6 +19,7 @@ the block's stats (`BlockStats.engine`).
 """
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 
 import torch
@@ -203,23 +204,23 @@ class Passes:
         self.capture_error: str | None = None
 
     def __call__(self, kind: str, L: int, coarse: bool = False) -> None:
-        fn = {"step": lambda: self.run.step(), "jacobi": lambda: self.run.jacobi_pass(L),
-              "sliding": lambda: self.run.sliding_pass(L)}[kind]
+        """One pass of `kind` ("step", "jacobi", "sliding") over L tokens (bf16 if `coarse`)."""
         dtype = torch.bfloat16 if coarse else self.autocast_dtype
-        if not self.capture:
-            self._under(dtype, fn)
-            return
         key = (kind, L, dtype)
-        graph = self.graphs.get(key)
-        if graph is None:
+        graph = self.graphs.get(key) if self.capture else None
+        if graph is not None:  # the hot path on CUDA: nothing but the replay
+            graph.replay()
+            return
+        fn = self.run.step if kind == "step" else functools.partial(getattr(self.run, f"{kind}_pass"), L)
+        if self.capture:
             try:
-                graph = self._capture(fn, dtype)
+                self.graphs[key] = self._capture(fn, dtype)
             except RuntimeError as e:  # an op that cannot be captured on this build: run the same passes eagerly
                 self.capture, self.capture_error = False, f"{type(e).__name__}: {e}"[:300]
-                self._under(dtype, fn)
+            else:
+                self.graphs[key].replay()
                 return
-            self.graphs[key] = graph
-        graph.replay()
+        self._under(dtype, fn)
 
     def _under(self, dtype, fn) -> None:
         device_type = self.run.x.device.type
