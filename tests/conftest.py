@@ -53,3 +53,41 @@ def shard_sets(tmp_path_factory, digits_u8):
     root = tmp_path_factory.mktemp("fid")
     images, shifted = digits_u8
     return write_shards(root / "a", images, 70), write_shards(root / "shifted", shifted, 100)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto's server mode, what Ray's own S3 tests use) on loopback, for the session.
+
+    Its endpoint and test credentials go into this process's environment, so pyarrow, boto3 and fsspec
+    here, and every process started after (Ray workers, CLI subprocesses), reach it with plain
+    `s3://bucket/key` URIs; nothing can fall through to a public or cloud-metadata address."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env["AWS_ENDPOINT_URL"]
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A new, empty bucket on the loopback S3 server: its `s3://name` URI."""
+    import re
+    import uuid
+
+    import boto3
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
