@@ -19,7 +19,8 @@ from .denoise import denoise
 from .model import Model
 from .noise import sample_noise
 from .plan import Plan
-from .solvers import BlockRun, BlockStats, solve_block
+from .engine import EagerRun
+from .solvers import BlockStats, solve_block
 from .spec import SamplingSpec
 
 DEFAULT_SPEC = SamplingSpec()
@@ -123,8 +124,8 @@ def one_pass_per_block(model: Model, noise: torch.Tensor, labels=None,
     y = _labels_tensor(labels, noise.shape[0], model.config.num_classes, noise.device)
     with spec.autocast_context(noise.device.type):
         for block in reversed(model.blocks):
-            run = BlockRun(block, x, y, spec.guidance)
-            x = block.permute(torch.cat([run.z[:, :1], run.update(run.initial("z"), 1, T)], dim=1))
+            run = EagerRun(block, x, y, spec.guidance)
+            x = block.permute(torch.cat([run.z[:, :1], run.update(run.x, 1, T)], dim=1))
     return x
 
 
