@@ -3,14 +3,15 @@ are the same on every engine; an engine gives them a run with the state they upd
 
 - "eager" (`EagerRun`): the KV cache sliced to the solved prefix, `start` a host integer, the state read on
   the host after every pass (`live` is True: no pass ever runs after a stop). Cheapest on a CPU: the default.
-- "static" (`StaticRun`): every pass has fixed shapes over preallocated buffers (a `Workspace`: iterate, a
-  zero-filled KV cache of the full length plus one window of padding, positions, state), reads `start` from
-  a device tensor and updates the flags on the device; the host reads them every `check_every` passes, and
-  a pass after a stop is a no-op (`live` is the `active` flag: the iterate, the cache and the counters keep
-  their values), so checking less often costs passes, never changes samples. Each pass attends over the
-  smallest bucket of keys holding the solved prefix (the host knows how far `start` can have moved), or
-  with the causal kernel where a segment starts at token 1; under autocast it runs a copy of the block
-  whose Linear weights are already in the autocast dtype (bitwise autocast's own cast, done once).
+- "static" (`StaticRun`): every pass has fixed shapes over preallocated buffers (a `Workspace` per batch
+  shape: iterate, a zero-filled KV cache of the full length plus the widest window's padding, positions,
+  state), reads `start` from a device tensor and updates the flags on the device; the host reads them
+  every `check_every` passes, and a pass after a stop is a no-op (`live` is the `active` flag: iterate,
+  cache and counters keep their values), so checking less often costs passes, never changes samples.
+  A pass attends over a bucket of keys that holds its queries' prefix where the host set `start`
+  (segments, token steps), over every key a window can reach where a window moved it, and with the
+  causal kernel where it starts at token 1 (a full-length Jacobi pass). Under autocast it runs a copy of
+  the block whose Linear weights are already in the autocast dtype (bitwise autocast's own cast, once).
 - "graph": static, each pass captured once as a CUDA graph per (block, pass rule, length, key bucket,
   dtype, guidance) and replayed for every later batch of that shape (gpt-fast's pattern); all graphs of
   a workspace share one memory pool. A capture that fails (out of memory, an op that cannot be captured)
@@ -85,7 +86,8 @@ class _Run:
     def read(self, *names) -> list:
         """Host values of state entries, in one device sync."""
         values = [getattr(self, n) for n in names]
-        host = iter(torch.stack([v.double() for v in values if isinstance(v, torch.Tensor)]).tolist())
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        host = iter([tensors[0].item()] if len(tensors) == 1 else torch.stack([v.double() for v in tensors]).tolist())
         return [self.KINDS[n](next(host) if isinstance(v, torch.Tensor) else v) for n, v in zip(names, values)]
 
 
@@ -221,30 +223,39 @@ def _weights(block: MetaBlock) -> tuple:
     return tuple((p.data_ptr(), p.dtype, p.device, p._version) for p in block.parameters())
 
 
+_CASTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> (its weights, {dtype: copy})
+
+
+def cast_linears(block: MetaBlock, dtype) -> MetaBlock:
+    """The block, or under autocast a copy sharing its parameters except the Linear weights and biases, held
+    in `dtype`: autocast casts exactly those on every call (a captured pass cannot keep its cast cache), and
+    `.to(dtype)` is the same rounding. LayerNorm, positions and classes stay float32. One copy per block and
+    dtype while the block's weights stay where and what they were."""
+    if dtype is None:
+        return block
+    weights = _weights(block)
+    made, casts = _CASTS.get(block, (None, {}))
+    if made != weights:
+        casts = {}
+        _CASTS[block] = (weights, casts)
+    if dtype not in casts:
+        with torch.inference_mode(False):
+            memo = {id(t): t for t in itertools.chain(block.parameters(), block.buffers())}
+            for layer in block.modules():
+                if isinstance(layer, nn.Linear):
+                    for p in layer.parameters(recurse=False):
+                        memo[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+            casts[dtype] = copy.deepcopy(block, memo)
+    return casts[dtype]
+
+
 class _BlockGraphs:
-    """What a workspace keeps for one block: its graphs and its copies in autocast dtypes, valid for the
-    parameters they were made from (`weights`)."""
+    """What a workspace keeps for one block: its graphs, valid for the parameters (and their casts) they were
+    captured over (`weights`)."""
 
     def __init__(self, weights: tuple):
         self.weights = weights
         self.graphs: dict = {}
-        self.cast: dict = {}
-
-    def module(self, block: MetaBlock, dtype) -> MetaBlock:
-        """The block, or under autocast a copy sharing its parameters except the Linear weights and biases,
-        held in `dtype`: autocast casts exactly those on every call (a captured pass cannot use its cast
-        cache), and `.to(dtype)` is the same rounding. LayerNorm, positions and classes stay float32."""
-        if dtype is None:
-            return block
-        if dtype not in self.cast:
-            with torch.inference_mode(False):
-                memo = {id(t): t for t in itertools.chain(block.parameters(), block.buffers())}
-                for layer in block.modules():
-                    if isinstance(layer, nn.Linear):
-                        for p in layer.parameters(recurse=False):
-                            memo[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
-                self.cast[dtype] = copy.deepcopy(block, memo)
-        return self.cast[dtype]
 
 
 class Workspace:
@@ -361,8 +372,8 @@ class StaticRun(_Run):
         capturing = self.capture is not None and _CAPTURE_FAILURE is None
         replay = self.entry.graphs.get(key) if capturing else None
         if replay is None:
-            fn = functools.partial(_static_pass, self, self.entry.module(self.block, self.dtype), rule, L, bucket,
-                                   causal, self.dtype)
+            fn = functools.partial(_static_pass, self, cast_linears(self.block, self.dtype), rule, L, bucket, causal,
+                                   self.dtype)
             if capturing:
                 replay = self._captured(key, fn)
             if replay is None:

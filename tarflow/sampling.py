@@ -140,8 +140,9 @@ def sample_ids(model: Model, spec: SamplingSpec, ids, plan: Plan | None = None, 
 
 
 def time_in_turns(model, noise, labels, plans: dict, repeats: int, spec: SamplingSpec = DEFAULT_SPEC) -> dict:
-    """{name: ([SampleOutput per batch], best wall seconds)} of each plan (None: sequential),
-    sampling `noise` in batches of `spec.batch_size`.
+    """{name: ([SampleOutput per batch], best wall seconds)} of each plan (None: sequential; or a callable
+    (noise, labels) -> SampleOutput, e.g. another version's sampler), sampling `noise` in batches of
+    `spec.batch_size`.
 
     Round-robin over the samplers, so a burst of load on a shared machine hits them alike, and
     the minimum over repeats, the least noisy estimate of what the code costs."""
@@ -153,7 +154,8 @@ def time_in_turns(model, noise, labels, plans: dict, repeats: int, spec: Samplin
             for s in range(0, noise.shape[0], B):
                 y = None if labels is None else labels[s:s + B]
                 start = time.perf_counter()
-                outs[name].append(sample(model, noise[s:s + B], y, plan, spec))
+                outs[name].append(plan(noise[s:s + B], y) if callable(plan) else sample(model, noise[s:s + B], y,
+                                                                                         plan, spec))
                 total += time.perf_counter() - start
             best[name] = min(best[name], total)
     return {name: (outs[name], best[name]) for name in plans}

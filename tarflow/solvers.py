@@ -112,6 +112,11 @@ def pass_rule(moves_start: bool, stops: bool):
     return mark
 
 
+def _live(run, flag: torch.Tensor) -> torch.Tensor:
+    """`flag` where this pass counts (every eager pass does: no tensor op for it there)."""
+    return flag if run.live is True else run.live & flag
+
+
 def _checked(run, new, span):
     """(the tokens' values before the pass, the new values finite and bounded on the real tokens, each token's
     move (worst sample and channel))."""
@@ -204,10 +209,10 @@ class GaussSeidelJacobi:
         (max abs, worst sample), at `cap` iterations, or on an iterate that is not finite and bounded (bad:
         the iterate is not taken, the loop falls back to sequential steps). Iterates are never clamped."""
         old, ok, moved = _checked(run, new, span)
-        go = run.live & ok
+        go = _live(run, ok)
         delta = moved.max()
         span.write(run.x, new, go, old)
-        run.bad.logical_or_(run.live & ~ok)
+        run.bad.logical_or_(_live(run, ~ok))
         run.iters.add_(run.live)
         run.residual.copy_(torch.where(go, delta, run.residual))
         run.active.copy_(go & (delta > run.tol) & (run.iters < run.cap))
@@ -362,14 +367,18 @@ class Sliding:
             if done % every and done < T - 1:
                 continue
             stats.syncs += 1
-            active, bad, s, iters = run.read("active", "bad", "start", "iters")
-            if bad:  # a diverging window: its tokens one by one, which is exact, then on from the next
-                e = min(s + W, T)
-                _steps(run, s, e - s, stats)
-                stats.fallbacks += 1
-                active = e < T
-                run.set(iters=iters + e - s, bad=False, active=active)
-            if not active:
+            if run.read("active")[0]:
+                continue
+            stats.syncs += 1
+            bad, s, iters = run.read("bad", "start", "iters")
+            if not bad:
+                break
+            # a diverging window: its tokens one by one, which is exact, then on from the next
+            e = min(s + W, T)
+            _steps(run, s, e - s, stats)
+            stats.fallbacks += 1
+            run.set(iters=iters + e - s, bad=False, active=e < T)
+            if e == T:
                 break
         stats.syncs += 1
         iters, residual = run.read("iters", "residual")
@@ -390,7 +399,7 @@ class Sliding:
         cache, as ParaDiGMS does for diffusion, so no pass is spent on converged tokens (fixed segments
         wait for their slowest token). The run stops at the end of the block or on divergence (bad)."""
         old, ok, moved = _checked(run, new, span)
-        go = run.live & ok
+        go = _live(run, ok)
         prev = span.read(run.prev, dim=0)
         stable = (moved <= run.tol) & (prev <= run.tol)
         if span.valid is not None:
@@ -403,7 +412,7 @@ class Sliding:
         span.write(run.prev, moved, go, prev, dim=0)
         run.residual.copy_(torch.where(go, torch.maximum(run.residual, accepted), run.residual))
         run.iters.add_(run.live)
-        run.bad.logical_or_(run.live & ~ok)
+        run.bad.logical_or_(_live(run, ~ok))
         run.set_start(torch.where(go, torch.clamp(run.start + advance, max=run.num_tokens), run.start))
         run.active.copy_(go & (run.start < run.num_tokens))
 

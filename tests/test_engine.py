@@ -187,7 +187,7 @@ def test_linear_weights_kept_in_the_autocast_dtype_are_autocasts_own_cast(tiny):
     once, as autocast casts them on every call) and shares every other parameter, LayerNorm's in float32."""
     model, z, _ = tiny
     block = model.blocks[1]
-    cast = engines._BlockGraphs(engines._weights(block)).module(block, torch.bfloat16)
+    cast = engines.cast_linears(block, torch.bfloat16)
     linear = {n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
     for name, p in cast.named_parameters():
         if name.rsplit(".", 1)[0] in linear:
