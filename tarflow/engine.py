@@ -226,14 +226,14 @@ def _weights(block: MetaBlock) -> tuple:
 _CASTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> (its weights, {dtype: copy})
 
 
-def cast_linears(block: MetaBlock, dtype) -> MetaBlock:
+def cast_linears(block: MetaBlock, dtype, weights: tuple | None = None) -> MetaBlock:
     """The block, or under autocast a copy sharing its parameters except the Linear weights and biases, held
     in `dtype`: autocast casts exactly those on every call (a captured pass cannot keep its cast cache), and
     `.to(dtype)` is the same rounding. LayerNorm, positions and classes stay float32. One copy per block and
-    dtype while the block's weights stay where and what they were."""
+    dtype while the block's weights (`_weights`, given or read) stay where and what they were."""
     if dtype is None:
         return block
-    weights = _weights(block)
+    weights = weights or _weights(block)
     made, casts = _CASTS.get(block, (None, {}))
     if made != weights:
         casts = {}
@@ -280,8 +280,7 @@ class Workspace:
         self.blocks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.pool = None  # the graphs' memory pool, made at the first capture
 
-    def graphs(self, block: MetaBlock) -> _BlockGraphs:
-        weights = _weights(block)
+    def graphs(self, block: MetaBlock, weights: tuple) -> _BlockGraphs:
         entry = self.blocks.get(block)
         if entry is None or entry.weights != weights:  # moved, cast or loaded into: its graphs read other memory
             entry = self.blocks[block] = _BlockGraphs(weights)
@@ -334,7 +333,8 @@ class StaticRun(_Run):
     def __init__(self, engine: "Static", ws: Workspace, block: MetaBlock, z, labels, guidance: Guidance,
                  bound: float, init: str, dtype):
         self.capture, self.ws, self.block, self.guidance, self.dtype = engine.capture, ws, block, guidance, dtype
-        self.entry = ws.graphs(block)
+        self.weights = _weights(block)
+        self.entry = ws.graphs(block, self.weights)
         for name in ("x", "prev", "active", "bad", "iters", "cap", "residual", "tol", "bound", "start"):
             setattr(self, name, getattr(ws, name))
         self.live = ws.active
@@ -372,8 +372,8 @@ class StaticRun(_Run):
         capturing = self.capture is not None and _CAPTURE_FAILURE is None
         replay = self.entry.graphs.get(key) if capturing else None
         if replay is None:
-            fn = functools.partial(_static_pass, self, cast_linears(self.block, self.dtype), rule, L, bucket, causal,
-                                   self.dtype)
+            fn = functools.partial(_static_pass, self, cast_linears(self.block, self.dtype, self.weights), rule, L,
+                                   bucket, causal, self.dtype)
             if capturing:
                 replay = self._captured(key, fn)
             if replay is None:

@@ -19,8 +19,12 @@ default), static (fixed shapes, `start` and flags on the device, passes after a 
 or graph (static, captured as CUDA graphs). `SOLVERS` registers the solvers: the plan union
 (`plan.BlockPlan`), `solve_block`'s dispatch and the profile's candidates come from it.
 
-To add a solver: its class here (fields, `__post_init__`, `segment_length`, `segments`,
-`candidates`, `short`, `solve` with its pass rules) and its entry in SOLVERS.
+To add a solver: its class here and its entry in SOLVERS, nothing else. The class gives its
+`solver` tag and fields with their checks (`__post_init__`), `init`, `padding` (how far a static
+pass runs past the last token), `length_field` (checked against the model's tokens),
+`segment_length`, `segments`, `candidates` (what the profile tries), `short`, `max_iters` and
+`coarse` (None where it has none), and `solve` with its pass rules (`Sliding` is the example of a
+solver of its own).
 
 The public API is `solve_block` (one block under one block plan, as sampling runs it) and
 `jacobi_trace` (plain Jacobi iterations of one block with their residuals and, given the true
