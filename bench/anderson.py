@@ -18,7 +18,7 @@ import torch
 
 from tarflow import Guidance, SamplingSpec, load_checkpoint
 from tarflow.calibration import block_pairs, calibration_batch
-from tarflow.solvers import BlockRun
+from tarflow.engine import EagerRun
 
 
 @torch.inference_mode()
@@ -26,7 +26,7 @@ def errors_per_iteration(block, z, x_true, labels, iters: int, memory: int, init
     """Max abs error (over rows) after each iteration; memory 0 is plain Jacobi."""
     worst = [0.0] * iters
     for r in range(z.shape[0]):  # one sample at a time: Anderson's mixing weights are per sample
-        run = BlockRun(block, z[r:r + 1], None if labels is None else labels[r:r + 1], Guidance())
+        run = EagerRun(block, z[r:r + 1], None if labels is None else labels[r:r + 1], Guidance())
         T = run.num_tokens
         x, target = run.initial(init), block.permute(x_true[r:r + 1])
         F, G = [], []  # residuals and Jacobi images of the last memory + 1 iterates

@@ -9,15 +9,18 @@ the same whatever the weights. Guidance as the paper's AFHQ FID runs (3.4, annea
   reference-style sequential  KV cache grown by concatenation, CFG's two passes one after the other
                               (as apple/ml-tarflow samples, and the naive reference in tests/)
   eager sequential            ours: preallocated cache, CFG batched into one forward
-  captured sequential         ours, static shapes, one CUDA graph per token step (CPU: static, eager)
+  captured sequential         ours, static shapes: token steps replay a CUDA graph per bucket of keys
+                              (CPU: the static engine, run eagerly)
   paper 7-8-32-10 eager       the paper's AFHQ plan at its fixed budgets (tol 0), eager
   paper 7-8-32-10 captured    the same, each segment pass a CUDA graph
   one pass per block          one parallel pass over all T-1 tokens of every block: no plan is faster
 
-It prints a table of seconds per batch and ratios, then one JSON line. `--device cpu --shape demo`
-runs the same table on the shipped demo model here (the paper plan on its last block).
+It prints each row as it finishes, a table per batch size with the two targets' ratios, and the whole
+table at the end; `--json` appends each row as a JSON line as it finishes, `--budget-seconds` starts no
+further batch size after that long (`bench/gpu_check.sh` runs it so). `--device cpu --shape demo` runs
+the same table on the shipped demo model here (the paper plan on its last block).
 
-    PYTHONPATH=. python bench/gpu.py                             # H200: batch 8, 32, 128, bf16 autocast
+    PYTHONPATH=. python bench/gpu.py                             # H200: batch 32, 8, 128, bf16 autocast
     PYTHONPATH=. python bench/gpu.py --device cpu --shape demo   # this CPU: batch 1, 16, fp32
 """
 from __future__ import annotations
@@ -74,11 +77,12 @@ def build(shape: str, device: torch.device) -> Model:
     if shape == "demo":
         return load_checkpoint("demo").eval().to(device)
     torch.manual_seed(0)
-    model = Model(**AFHQ)
+    with torch.device(device):  # initialised where it runs: 463M parameters
+        model = Model(**AFHQ)
     with torch.no_grad():
         for block in model.blocks:
             block.proj_out.weight.normal_(0.0, 0.002)  # zero at init (the identity flow): perturbed
-    return model.eval().to(device)
+    return model.eval()
 
 
 def timed(fn, device: torch.device) -> tuple[float, object]:
@@ -91,20 +95,35 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
+def table(rows: list[dict]) -> None:
+    def cell(value, form: str, width: int) -> str:
+        return (format(value, form) if value is not None else "-").rjust(width)
+
+    print(f"{'batch':>5} {'row':<28} {'s/batch':>9} {'vs reference':>13} {'vs eager seq':>13} {'max |diff|':>11}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['row']:<28} {r['seconds']:>9.3f} {cell(r['vs_reference'], '.2f', 12)}x "
+              f"{cell(r['vs_eager_sequential'], '.2f', 12)}x {cell(r['max_abs_vs_eager_sequential'], '.1e', 11)}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shape", choices=["afhq", "demo"], default="afhq")
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 8 32 128 (afhq), 1 16 (demo)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 32 8 128 (afhq), 1 16 (demo)")
     ap.add_argument("--autocast", choices=["fp32", "bf16"], default=None,
                     help="default: bf16 on CUDA (as the reference samples), fp32 on a CPU")
     ap.add_argument("--skip", nargs="*", default=[], help="rows to leave out, e.g. reference-style")
+    ap.add_argument("--budget-seconds", type=float, default=None,
+                    help="start no further batch size after this many seconds (the rows of a started one print as "
+                         "they finish)")
+    ap.add_argument("--json", default=None, help="append each row to this file as a JSON line, as it finishes")
     args = ap.parse_args(argv)
 
+    t_start = time.perf_counter()
     device = torch.device(args.device)
     model = build(args.shape, device)
     T, D, N = model.num_tokens, model.token_dim, len(model.blocks)
-    batch_sizes = args.batch_sizes or ([8, 32, 128] if args.shape == "afhq" else [1, 16])
+    batch_sizes = args.batch_sizes or ([32, 8, 128] if args.shape == "afhq" else [1, 16])
     autocast = args.autocast or ("bf16" if device.type == "cuda" else "fp32")
     g = Guidance(scale=3.4, annealed=True)
     spec = SamplingSpec(guidance=g, autocast=autocast)
@@ -114,9 +133,12 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"{args.shape}: {N} blocks x {len(model.blocks[0].attn_blocks)} layers, width {model.config.channels}, "
           f"T={T}, D={D}; {name}; torch {torch.__version__}; {autocast}; CFG {g.scale} annealed; "
-          f"paper plan {paper.name}; captured engine: {captured}")
+          f"paper plan {paper.name}; captured engine: {captured}", flush=True)
     rows = []
     for B in batch_sizes:
+        if args.budget_seconds is not None and time.perf_counter() - t_start > args.budget_seconds:
+            print(f"batch {B}: not started, {args.budget_seconds:.0f} s budget spent", flush=True)
+            continue
         noise = sample_noise(0, range(B), T, D, device)
         y = torch.arange(B, device=device) % max(model.config.num_classes, 1)
 
@@ -131,7 +153,7 @@ def main(argv=None):
             "paper captured": ours(paper, captured),
             "one pass per block": lambda: one_pass_per_block(model, noise, y, spec),
         }
-        seconds, images = {}, {}
+        seconds, images, batch_rows = {}, {}, []
         for label, fn in runs.items():
             if label.split()[0] in args.skip or label in args.skip:
                 continue
@@ -139,22 +161,30 @@ def main(argv=None):
                 if "captured" in label:
                     timed(fn, device)  # first batch of a shape: the graphs are captured here, once
                 seconds[label], images[label] = timed(fn, device)
-            print(f"  batch {B:>4} {label:<28} {seconds[label]:9.3f} s", flush=True)
-        ref = seconds.get("reference-style sequential")
-        eager = seconds.get("eager sequential")
-        for label, s in seconds.items():
+            ref, eager = seconds.get("reference-style sequential"), seconds.get("eager sequential")
             err = None
             if label != "one pass per block" and "eager sequential" in images:
                 err = (images[label].float() - images["eager sequential"].float()).abs().max().item()
-            rows.append({"batch": B, "row": label, "seconds": s, "vs_reference": ref / s if ref else None,
-                         "vs_eager_sequential": eager / s if eager else None, "max_abs_vs_eager_sequential": err})
-    print(f"\n{'batch':>5} {'row':<28} {'s/batch':>9} {'vs reference':>13} {'vs eager seq':>13} {'max |diff|':>11}")
-    for r in rows:
-        fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
-        print(f"{r['batch']:>5} {r['row']:<28} {r['seconds']:>9.3f} {fmt(r['vs_reference'], '12.2f')}x "
-              f"{fmt(r['vs_eager_sequential'], '12.2f')}x {fmt(r['max_abs_vs_eager_sequential'], '11.1e')}")
-    print(json.dumps({"shape": args.shape, "device": name, "torch": torch.__version__, "autocast": autocast,
-                      "rows": rows}))
+            row = {"shape": args.shape, "device": name, "torch": torch.__version__, "autocast": autocast, "batch": B,
+                   "row": label, "seconds": seconds[label], "vs_reference": ref / seconds[label] if ref else None,
+                   "vs_eager_sequential": eager / seconds[label] if eager else None,
+                   "max_abs_vs_eager_sequential": err}
+            batch_rows.append(row)
+            print(f"  batch {B:>4} {label:<28} {seconds[label]:9.3f} s", flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        table(batch_rows)
+        exact = [seconds[k] for k in ("eager sequential", "captured sequential") if k in seconds]
+        if "reference-style sequential" in seconds and exact:
+            print(f"batch {B}: best exact option {seconds['reference-style sequential'] / min(exact):.2f}x the "
+                  "reference-style sequential (target >= 10x at batch 32)")
+        if "eager sequential" in seconds and "captured sequential" in seconds:
+            print(f"batch {B}: captured sequential {seconds['eager sequential'] / seconds['captured sequential']:.2f}x "
+                  "eager sequential (target >= 2x at batch 8)", flush=True)
+        rows += batch_rows
+    print()
+    table(rows)
 
 
 if __name__ == "__main__":

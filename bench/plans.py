@@ -6,14 +6,22 @@ wall time, speedup over sequential, parallel passes (network calls) vs sequentia
 steps, max abs error vs sequential (model space) and the share of 8-bit pixels that
 differ from sequential.
 
+`--reference DIR` also times sequential and the same auto plan with another version of the `tarflow`
+package (DIR is its package folder, e.g. of a checkout of main), in the same turns: how a change to
+the solvers or engines moves the time of one plan, measured in one run.
+
     python bench/plans.py                        # demo model, CPU, batch 1 and 16
     python bench/plans.py --device cuda --batch-sizes 1 16 64
+    git worktree add --detach /tmp/main main && python bench/plans.py --batch-sizes 1 --reference /tmp/main/tarflow
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -21,6 +29,16 @@ from tarflow import Plan, SamplingSpec, load_checkpoint, time_in_turns
 from tarflow.noise import sample_noise
 from tarflow.profile import profile_model
 from tarflow.schedule import hand_plan, schedule
+
+
+def load_reference(folder: str):
+    """The `tarflow` package in `folder`, imported as `tarflow_reference` beside this one."""
+    spec = importlib.util.spec_from_file_location("tarflow_reference", Path(folder) / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -41,7 +59,10 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--reference", default=None,
+                    help="another version's tarflow package folder: also time sequential and the auto plan with it")
     args = ap.parse_args(argv)
+    reference = load_reference(args.reference) if args.reference else None
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -72,6 +93,12 @@ def main(argv=None):
         if not model.config.num_classes:
             labels = None
         m = model.to(device)
+        if reference is not None:  # the same plans, run by the other version's solvers
+            ref_spec = reference.SamplingSpec(batch_size=B)
+            for name in ("sequential", "auto"):
+                ref_plan = reference.Plan.from_dict(plans[name].to_dict())
+                plans[f"{name} (reference)"] = \
+                    lambda noise, y, p=ref_plan: reference.sample(m, noise, y, p, ref_spec)
         print(f"\nbatch {B}: profile {t1 - t0:.1f}s, plan {t2 - t1:.1f}s; CRM shares "
               + " ".join(f"{100 * s:.0f}%" for s in shares) + f"; auto plan: {auto.summary()}"
               + (f" (fell back: {auto.evidence['fallback']})" if auto.evidence["fallback"] else ""))
@@ -86,13 +113,20 @@ def main(argv=None):
             passes = sum(o.stats.passes for o in outs) / len(outs)
             err = (images - ref).abs().max().item()
             diff8 = (to_uint8(images) != ref8).float().mean().item()
-            row = {"batch_size": B, "plan": name, "plan_summary": plans[name].summary(), "seconds": secs,
+            summary = plans[name.removesuffix(" (reference)")].summary()
+            row = {"batch_size": B, "plan": name, "plan_summary": summary, "seconds": secs,
                    "speedup": ref_s / secs, "passes": passes, "sequential_steps": steps, "max_abs_error": err,
                    "pixels_8bit_differ": diff8}
             results.append(row)
-            same = name != "sequential" and plans[name].fingerprint() == plans["sequential"].fingerprint()
+            same = name not in ("sequential", *(n for n in plans if callable(plans[n]))) \
+                and plans[name].fingerprint() == plans["sequential"].fingerprint()
             print(f"{name:<22}{secs:>9.3f}{ref_s / secs:>8.2f}x{passes:>9.0f}{steps:>7}{err:>10.1e}{100 * diff8:>10.2f}%"
                   + ("  (= sequential: the ratio is timing noise)" if same else ""))
+        if reference is not None:
+            for name in ("sequential", "auto"):
+                here, there = timed[name][1], timed[f"{name} (reference)"][1]
+                print(f"{name}: {here:.3f} s with this code, {there:.3f} s with the reference: "
+                      f"{there / here:.2f}x (above 1: this code is faster)")
         model = model.cpu()
     if args.json:
         with open(args.json, "w") as f:

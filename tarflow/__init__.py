@@ -7,11 +7,11 @@ from .data import ImageDataset, load_dataset
 from .demo import demo_checkpoint
 from .model import Model, ModelConfig
 from .noise import sample_noise
-from .plan import BlockPlan, GSJacobi, Jacobi, Plan, PlanError, Sequential, Sliding
+from .plan import BlockPlan, Plan, PlanError
 from .sampling import NonFiniteSampleError, SampleOutput, SampleStats, sample, sample_ids, time_in_turns
 from .schedule import auto_plan
 from .schema import SchemaError
-from .solvers import BlockSolution, JacobiTrace, jacobi_trace, solve_block
+from .solvers import BlockSolution, GSJacobi, Jacobi, JacobiTrace, Sequential, Sliding, jacobi_trace, solve_block
 from .spec import Denoise, Guidance, SamplingSpec, SpecError
 
 __all__ = [

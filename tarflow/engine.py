@@ -1,35 +1,46 @@
-"""The static-shape engine: block solves whose every pass has fixed shapes, eager or as CUDA graphs.
+"""Engines: how one pass of a block solver (`solvers.py`) runs the network. The solvers' loops and pass rules
+are the same on every engine; an engine gives them a run with the state they update and `pass_(rule, L)`.
 
-The eager solvers (`solvers.py`) slice the KV cache to the solved prefix and read convergence
-on the host after every pass: cheap on a CPU, but on a GPU each pass is a few dozen small
-kernels plus two host syncs, so a step is launch- and sync-bound. Here a block run holds
-everything a pass touches in preallocated buffers (iterate, zero-filled KV cache of the full
-length plus one window of padding, positions, flags) and a pass reads its segment start from
-a device tensor, attends over the whole cache under a mask, and updates the convergence flags
-on the device. So one pass of length L has the same shapes and addresses every time and can be
-captured once per (block, batch, L) as a `torch.cuda.CUDAGraph` and replayed (gpt-fast's
-pattern). The host reads the flags every `check_every` passes; a pass after its segment has
-converged (or diverged) is a no-op (iterate and cache keep their values), so checking less
-often costs passes, never changes samples.
+- "eager" (`EagerRun`): the KV cache sliced to the solved prefix, `start` a host integer, the state read on
+  the host after every pass (`live` is True: no pass ever runs after a stop). Cheapest on a CPU: the default.
+- "static" (`StaticRun`): every pass has fixed shapes over preallocated buffers (a `Workspace` per batch
+  shape: iterate, a zero-filled KV cache of the full length plus the widest window's padding, positions,
+  state), reads `start` from a device tensor and updates the flags on the device; the host reads them
+  every `check_every` passes, and a pass after a stop is a no-op (`live` is the `active` flag: iterate,
+  cache and counters keep their values), so checking less often costs passes, never changes samples.
+  A pass attends over a bucket of keys that holds its queries' prefix where the host set `start`
+  (segments, token steps), over every key a window can reach where a window moved it, and with the
+  causal kernel where it starts at token 1 (a full-length Jacobi pass). Under autocast it runs a copy of
+  the block whose Linear weights are already in the autocast dtype (bitwise autocast's own cast, once).
+- "graph": static, each pass captured once as a CUDA graph per (block, pass rule, length, key bucket,
+  dtype, guidance) and replayed for every later batch of that shape (gpt-fast's pattern); all graphs of
+  a workspace share one memory pool. A capture that fails (out of memory, an op that cannot be captured)
+  leaves the state as it was, runs the pass statically, turns capture off for the process (torch's capture
+  bookkeeping can assert after a failed capture) and is named in every later block's stats.
 
-Engines: "eager" (solvers.py), "static" (this module, run eagerly: the CPU tests of the
-captured path's arithmetic) and "graph" (this module, captured; CUDA only). "auto" is graph
-on CUDA and eager elsewhere; a capture that fails falls back to static and says so in
-the block's stats (`BlockStats.engine`).
+"auto" is graph on CUDA and eager elsewhere. Captured graphs read the block's weights where they are:
+a workspace keeps them per block only while the block lives and its parameters keep their addresses,
+dtypes and versions (moving, casting or loading into a model drops them).
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
+import itertools
+import weakref
 from collections import OrderedDict
 
 import torch
+import torch.nn as nn
 
-from .model import MetaBlock
-from .plan import Sliding, segments
+from .model import CAUSAL, KVCache, MetaBlock
 from .spec import Guidance
 
 ENGINES = ("auto", "eager", "static", "graph")
-KEPT = 2  # buffer sets kept (and runs per block), least recently used dropped: a cache is batch x T x width
+KEPT = 2  # workspaces kept, least recently used dropped (with their graphs): a cache is batch x T x width
+BUCKETS = 16  # key lengths a static pass attends over: about T / BUCKETS apart (multiples of 8)
+_CAPTURE_FAILURE: str | None = None  # the first failed capture of this process; capture is off after it
 
 
 def conditioning(block: MetaBlock, labels, guidance: Guidance, batch: int, device):
@@ -47,16 +58,150 @@ def conditioning(block: MetaBlock, labels, guidance: Guidance, batch: int, devic
     return cond, q_scale
 
 
+def _state(device, length: int) -> dict:
+    """The state tensors a solver's pass rules update (see solvers.py); `start` is the engine's own."""
+    return {"active": torch.zeros((), dtype=torch.bool, device=device),
+            "bad": torch.zeros((), dtype=torch.bool, device=device),
+            "iters": torch.zeros((), dtype=torch.long, device=device),
+            "cap": torch.zeros((), dtype=torch.long, device=device),
+            "residual": torch.zeros((), device=device),
+            # float64: a 0-d move compares with tol as exactly as a Python float does
+            "tol": torch.zeros((), dtype=torch.float64, device=device),
+            "bound": torch.zeros((), dtype=torch.float64, device=device),
+            "prev": torch.full((length,), float("inf"), device=device)}  # each token's move in its last pass
+
+
+class _Run:
+    """What a solver's loop calls on either engine: `set` the state per segment, `read` it on the host."""
+
+    KINDS = {"active": bool, "bad": bool, "iters": int, "start": int, "residual": float}
+
+    def set(self, **values) -> None:
+        for name, value in values.items():
+            if name == "start":
+                self._set_start(value)
+            else:
+                getattr(self, name).fill_(value)
+
+    def read(self, *names) -> list:
+        """Host values of state entries, in one device sync."""
+        values = [getattr(self, n) for n in names]
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        host = iter([tensors[0].item()] if len(tensors) == 1 else torch.stack([v.double() for v in tensors]).tolist())
+        return [self.KINDS[n](next(host) if isinstance(v, torch.Tensor) else v) for n, v in zip(names, values)]
+
+
+# ---- eager ---------------------------------------------------------------------------------------------------------
+
+class _Span:
+    """The tokens start..start+L-1 of an eager pass: slices of the state (views: a read is valid until the
+    span is written)."""
+
+    valid = None  # every token of an eager pass is a real one
+
+    def __init__(self, start: int, length: int):
+        self.start, self.length = start, length
+
+    def read(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        return t.narrow(dim, self.start, self.length)
+
+    def write(self, t: torch.Tensor, values: torch.Tensor, when, old=None, dim: int = 1) -> None:
+        if when is not True:
+            values = torch.where(when, values, self.read(t, dim) if old is None else old)
+        self.read(t, dim).copy_(values)
+
+
+class EagerRun(_Run):
+    """One block's inversion on the eager engine: its input z (permuted), the iterate, a KV cache grown
+    over the solved prefix, conditioning and state. `update` is one network pass; `jacobi_trace` and
+    the bounds use it directly."""
+
+    engine_name = "eager"
+    live = True
+
+    def __init__(self, block: MetaBlock, z: torch.Tensor, labels, guidance: Guidance,
+                 bound: float = float("inf"), init: str = "z"):
+        self.block = block
+        self.z = block.permute(z)
+        B, T, _ = self.z.shape
+        self.batch, self.num_tokens = B, T
+        self.pos = block.permute(block.pos_embed, 0)
+        self.guidance = guidance
+        self.cond, self.q_scale = conditioning(block, labels, guidance, B, z.device)
+        if guidance.active:
+            self.g = guidance.weights(T, z.device)
+        self.autocast = torch.is_autocast_enabled(z.device.type)
+        # keys/values in float32 unless the spec is bf16: a bf16 start is polished in float32
+        self.cache = KVCache(len(block.attn_blocks), T, None if self.autocast else torch.float32)
+        self.x = self.initial(init)
+        self.__dict__.update(_state(z.device, T))
+        self.bound.fill_(bound)
+        self.start = 1
+
+    def update(self, x: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        """New values of tokens s..e-1 from the current x (inputs: tokens s-1..e-2)."""
+        inp = x[:, s - 1 : e - 1]
+        L = e - s
+        if self.guidance.active:
+            inp = torch.cat([inp, inp])
+        # query i (position s-1+i) sees cached keys 0..s-1+i
+        if L == 1:
+            mask = None
+        elif s == 1:
+            mask = CAUSAL
+        else:
+            mask = torch.ones(L, s - 1 + L, dtype=torch.bool, device=x.device).tril(s - 1)
+        a, b = self.block.params(inp, self.pos[s - 1 : e - 1], self.cond, mask, self.cache, s - 1, self.q_scale)
+        if self.guidance.active:
+            a, b = self.guidance.combine(a, b, self.g[s:e])
+        return self.z[:, s:e] * a.float().exp() + b.float()
+
+    def initial(self, init: str) -> torch.Tensor:
+        x = self.z.clone() if init == "z" else torch.zeros_like(self.z)
+        x[:, 0] = self.z[:, 0]
+        return x
+
+    def pass_(self, rule, L: int) -> None:
+        s = self.start
+        L = min(L, self.num_tokens - s)  # a window at the end of the block is shorter
+        rule(self, self.update(self.x, s, s + L), _Span(s, L))
+
+    def _set_start(self, value) -> None:
+        self.start = int(value)
+
+    set_start = _set_start
+
+    def reads_every(self, check_every: int) -> int:
+        return 1
+
+    def coarse(self):
+        return torch.autocast(self.x.device.type, dtype=torch.bfloat16)
+
+    def result(self) -> torch.Tensor:
+        return self.x
+
+
+class Eager:
+    name = "eager"
+
+    def start(self, block, z, labels, guidance, bound, init, pad) -> EagerRun:
+        return EagerRun(block, z, labels, guidance, bound, init)
+
+
+# ---- static and graph ----------------------------------------------------------------------------------------------
+
 class StaticKVCache:
     """Keys/values of every layer over the padded length, zero-filled (masked keys must not be NaN:
-    softmax gives them weight 0, and 0 * NaN is NaN). `write` takes device positions; it keeps the
-    old entries where `keep` is False, so a frozen pass leaves the cache as it was."""
+    softmax gives them weight 0, and 0 * NaN is NaN). `write` takes device positions and returns the
+    first `bucket` keys; with `keep` set (a pass that may run frozen) it keeps the old entries where
+    `keep` is False."""
 
     def __init__(self, num_layers: int, batch: int, heads: int, length: int, head_dim: int, dtype, device):
         shape = (batch, heads, length, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.keep: torch.Tensor | None = None
+        self.bucket = length
 
     def write(self, layer: int, idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         K, V = self.k[layer], self.v[layer]
@@ -66,307 +211,280 @@ class StaticKVCache:
             v = torch.where(self.keep, v, V.index_select(2, idx))
         K.index_copy_(2, idx, k)
         V.index_copy_(2, idx, v)
-        return K, V
+        return K[:, :, : self.bucket], V[:, :, : self.bucket]
+
+    def zero_(self) -> None:
+        for t in (*self.k, *self.v):
+            t.zero_()
 
 
-class Buffers:
-    """What every pass reads or writes, shared by all blocks of a model (they have the same shapes and
-    run one after another): iterate, input, KV cache and the device-side solver state."""
+def _weights(block: MetaBlock) -> tuple:
+    """Where and what a block's parameters are: a graph read them there."""
+    return tuple((p.data_ptr(), p.dtype, p.device, p._version) for p in block.parameters())
 
-    def __init__(self, batch: int, num_tokens: int, pad: int, token_dim: int, rows: int, layers: int, heads: int,
-                 head_dim: int, cache_dtype: torch.dtype, bound: float, device):
-        self.batch, self.num_tokens, self.length = batch, num_tokens, num_tokens + pad
+
+_CASTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> (its weights, {dtype: copy})
+
+
+def cast_linears(block: MetaBlock, dtype, weights: tuple | None = None) -> MetaBlock:
+    """The block, or under autocast a copy sharing its parameters except the Linear weights and biases, held
+    in `dtype`: autocast casts exactly those on every call (a captured pass cannot keep its cast cache), and
+    `.to(dtype)` is the same rounding. LayerNorm, positions and classes stay float32. One copy per block and
+    dtype while the block's weights (`_weights`, given or read) stay where and what they were."""
+    if dtype is None:
+        return block
+    weights = weights or _weights(block)
+    made, casts = _CASTS.get(block, (None, {}))
+    if made != weights:
+        casts = {}
+        _CASTS[block] = (weights, casts)
+    if dtype not in casts:
+        with torch.inference_mode(False):
+            memo = {id(t): t for t in itertools.chain(block.parameters(), block.buffers())}
+            for layer in block.modules():
+                if isinstance(layer, nn.Linear):
+                    for p in layer.parameters(recurse=False):
+                        memo[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+            casts[dtype] = copy.deepcopy(block, memo)
+    return casts[dtype]
+
+
+class _BlockGraphs:
+    """What a workspace keeps for one block: its graphs, valid for the parameters (and their casts) they were
+    captured over (`weights`)."""
+
+    def __init__(self, weights: tuple):
+        self.weights = weights
+        self.graphs: dict = {}
+
+
+class Workspace:
+    """Everything a static pass reads or writes, for one shape: shared by the blocks of a model (same shapes,
+    run one after another) and by every later batch of that shape, so captured graphs find their inputs at
+    the same addresses. Per-solve inputs (z, positions, class rows, guidance weights) are copied in. It owns
+    the graphs captured over it, per block (as long as the block lives), and their one memory pool."""
+
+    def __init__(self, batch, num_tokens, token_dim, rows, layers, heads, head_dim, channels, cache_dtype, device, pad):
+        self.pad, self.length = pad, num_tokens + pad
+        self.quantum = 8 * -(-num_tokens // (8 * BUCKETS))
         self.z = torch.zeros(batch, self.length, token_dim, device=device)
         self.x = torch.zeros_like(self.z)
         self.cache = StaticKVCache(layers, rows, heads, self.length, head_dim, cache_dtype, device)
         self.keys = torch.arange(self.length, device=device)
-        # device-side state of the segment being solved; the host sets it per segment, reads it every k passes
+        self.pos = torch.zeros(self.length, channels, device=device)
+        self.cond = torch.zeros(rows, 1, channels, device=device)
+        self.g = torch.zeros(self.length, 1, device=device)
+        self.q_scale = torch.ones(rows, 1, 1, 1, device=device)
         self.start = torch.ones((), dtype=torch.long, device=device)
-        self.active = torch.zeros((), dtype=torch.bool, device=device)
-        self.bad = torch.zeros((), dtype=torch.bool, device=device)
-        self.iters = torch.zeros((), dtype=torch.long, device=device)
-        self.cap = torch.zeros((), dtype=torch.long, device=device)
-        self.residual = torch.zeros((), device=device)
-        self.tol = torch.zeros((), device=device)
-        self.bound = torch.tensor(float(bound), device=device)
-        self.prev = torch.full((self.length,), float("inf"), device=device)  # sliding: each token's last move
-        self.cache.keep = self.active
+        self.__dict__.update(_state(device, self.length))
+        self.blocks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.pool = None  # the graphs' memory pool, made at the first capture
+
+    def graphs(self, block: MetaBlock, weights: tuple) -> _BlockGraphs:
+        entry = self.blocks.get(block)
+        if entry is None or entry.weights != weights:  # moved, cast or loaded into: its graphs read other memory
+            entry = self.blocks[block] = _BlockGraphs(weights)
+        return entry
 
 
-class StaticRun:
-    """One block's inversion over shared `Buffers`, padded by a window past T where a sliding window
-    needs it. Padding tokens are computed like any other but never read by a real token
-    (causality), and are left out of every convergence check."""
+class _DeviceSpan:
+    """The tokens of a static pass by device positions; `valid` says which are real (a window runs past T)."""
 
-    def __init__(self, block: MetaBlock, labels, guidance: Guidance, buffers: Buffers):
-        self.block, self.guidance = block, guidance
-        B, T, dev = buffers.batch, buffers.num_tokens, buffers.z.device
-        self.batch, self.num_tokens, self.length = B, T, buffers.length
-        for name in ("z", "x", "cache", "keys", "start", "active", "bad", "iters", "cap", "residual", "tol", "bound",
-                     "prev"):
-            setattr(self, name, getattr(buffers, name))
-        C = block.pos_embed.shape[1]
-        self.pos = torch.zeros(self.length, C, device=dev, dtype=block.pos_embed.dtype)
-        self.pos[:T] = block.permute(block.pos_embed, 0)
-        self.cond, self.q_scale = conditioning(block, labels, guidance, B, dev)
-        if guidance.active:
-            self.g = torch.zeros(self.length, 1, device=dev)
-            self.g[:T] = guidance.weights(T, dev)
+    def __init__(self, idx: torch.Tensor, num_tokens: int):
+        self.idx, self.valid = idx, idx < num_tokens
 
-    def reset(self, z: torch.Tensor, labels, init: str) -> None:
-        """A new batch, written into the same buffers (captured graphs read them)."""
-        T = self.num_tokens
-        zp = self.block.permute(z).float()
-        self.z[:, :T] = zp
-        self.x.zero_()
-        self.x[:, :T] = zp if init == "z" else 0.0
-        self.x[:, 0] = zp[:, 0]
-        if isinstance(self.cond, torch.Tensor):
-            self.cond.copy_(conditioning(self.block, labels, self.guidance, self.batch, self.x.device)[0])
-        for t in (*self.cache.k, *self.cache.v):
-            t.zero_()  # a stale entry is masked, but a non-finite one would still poison the softmax
-        self.prev.fill_(float("inf"))
+    def read(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        return t.index_select(dim, self.idx)
 
-    def update(self, L: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(new values of tokens start..start+L-1 from x, their positions): `BlockRun.update` with the
-        segment start on the device and attention over the whole (masked) cache."""
-        idx = self.start - 1 + torch.arange(L, device=self.keys.device)  # input positions
-        inp = self.x.index_select(1, idx)
-        if self.guidance.active:
+    def write(self, t: torch.Tensor, values: torch.Tensor, when, old=None, dim: int = 1) -> None:
+        keep = (when & self.valid).view([-1 if d == dim else 1 for d in range(t.dim())])
+        t.index_copy_(dim, self.idx, torch.where(keep, values, self.read(t, dim) if old is None else old))
+
+
+def _autocast(device_type: str, dtype):
+    # the autocast weight cache stays off: a captured graph would keep pointers to casts it frees
+    if dtype is None:
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=dtype, cache_enabled=False)
+
+
+def _static_pass(run: "StaticRun", module: MetaBlock, rule, L: int, bucket: int, causal: bool, dtype) -> None:
+    """One pass over tokens start..start+L-1 (start on the device), then `rule`: what a graph holds. Inputs
+    positions start-1.., queries see keys 0..their position among the first `bucket`."""
+    ws, g = run.ws, run.guidance
+    with _autocast(ws.x.device.type, dtype):
+        idx = ws.start - 1 + ws.keys[:L]
+        inp = ws.x.index_select(1, idx)
+        if g.active:
             inp = torch.cat([inp, inp])
-        mask = self.keys.unsqueeze(0) <= idx.unsqueeze(1)  # query at position p sees keys 0..p
-        a, b = self.block.params(inp, self.pos.index_select(0, idx), self.cond, mask, self.cache, idx, self.q_scale)
+        mask = CAUSAL if causal else ws.keys[:bucket] <= idx.unsqueeze(1)
+        ws.cache.bucket, ws.cache.keep = bucket, ws.active if rule.stops else None
+        a, b = module.params(inp, ws.pos.index_select(0, idx), ws.cond if run.conditional else 0.0, mask, ws.cache,
+                             idx, ws.q_scale if run.q_scaled else None)
         out = idx + 1
-        if self.guidance.active:
-            a, b = self.guidance.combine(a, b, self.g.index_select(0, out))
-        return self.z.index_select(1, out) * a.float().exp() + b.float(), out
+        if g.active:
+            a, b = g.combine(a, b, ws.g.index_select(0, out))
+        rule(run, ws.z.index_select(1, out) * a.float().exp() + b.float(), _DeviceSpan(out, run.num_tokens))
 
-    # ---- the passes (each is what one graph holds) ----------------------------------------------------
 
-    def step(self) -> None:
-        """One sequential token at `start`, then start += 1 (while active)."""
-        new, out = self.update(1)
-        self.x.index_copy_(1, out, torch.where(self.active, new, self.x.index_select(1, out)))
-        self.start.add_(self.active.long())
+class StaticRun(_Run):
+    """One block's inversion over a `Workspace`; passes run statically or replay captured graphs."""
 
-    def _checked(self, new, out):
-        """(current segment values, real-token mask, iterate finite and bounded, per-token move)."""
-        valid = out < self.num_tokens
-        seg = self.x.index_select(1, out)
-        ok = ((new.abs() <= self.bound) | ~valid.view(1, -1, 1)).all()  # also catches NaN/inf
-        moved = torch.where(valid, (new - seg).abs().amax(dim=(0, 2)), 0.0)
-        return seg, valid, ok, moved
+    def __init__(self, engine: "Static", ws: Workspace, block: MetaBlock, z, labels, guidance: Guidance,
+                 bound: float, init: str, dtype):
+        self.capture, self.ws, self.block, self.guidance, self.dtype = engine.capture, ws, block, guidance, dtype
+        self.weights = _weights(block)
+        self.entry = ws.graphs(block, self.weights)
+        for name in ("x", "prev", "active", "bad", "iters", "cap", "residual", "tol", "bound", "start"):
+            setattr(self, name, getattr(ws, name))
+        self.live = ws.active
+        self.num_tokens = T = z.shape[1]
+        self.autocast = dtype is not None
+        self.conditional = block.class_embed is not None
+        self.q_scaled = guidance.active and guidance.attn_temp != 1.0
+        self.known_start: int | None = 1  # `start` where the host knows it
+        zp = block.permute(z).float()
+        ws.z[:, :T] = zp
+        ws.x.zero_()
+        ws.x[:, :T] = zp if init == "z" else 0.0
+        ws.x[:, 0] = zp[:, 0]
+        ws.pos[:T] = block.permute(block.pos_embed, 0)
+        cond, q_scale = conditioning(block, labels, guidance, z.shape[0], z.device)
+        if self.conditional:
+            ws.cond.copy_(cond)  # the mean class for no labels is an expanded view: copied, broadcast
+        if guidance.active:
+            ws.g[:T] = guidance.weights(T, z.device)
+        if q_scale is not None:
+            ws.q_scale.copy_(q_scale)
+        ws.cache.zero_()  # a stale entry is masked, but a non-finite one would still poison the softmax
+        ws.prev.fill_(float("inf"))
+        ws.bound.fill_(bound)
 
-    def jacobi_pass(self, L: int) -> None:
-        """One Jacobi iteration of segment start..start+L-1, stopping it (active = False) at `tol`,
-        at `cap` iterations, or on a diverging iterate (bad = True)."""
-        new, out = self.update(L)
-        seg, _, ok, moved = self._checked(new, out)
-        go = self.active & ok
-        delta = moved.max()
-        self.x.index_copy_(1, out, torch.where(go, new, seg))
-        self.bad.logical_or_(self.active & ~ok)
-        self.iters.add_(self.active.long())
-        self.residual.copy_(torch.where(go, delta, self.residual))
-        self.active.copy_(go & (delta > self.tol) & (self.iters < self.cap))
+    @property
+    def engine_name(self) -> str:
+        if self.capture is None:
+            return "static"
+        return "graph" if _CAPTURE_FAILURE is None else f"static (capture failed: {_CAPTURE_FAILURE})"
 
-    def sliding_pass(self, W: int) -> None:
-        """One pass of the window start..start+W-1; advances `start` past the final tokens (the rule
-        of `solvers.sliding_window`) and stops at the end of the block or on divergence."""
-        new, out = self.update(W)
-        seg, valid, ok, moved = self._checked(new, out)
-        go = self.active & ok
-        prev = self.prev.index_select(0, out)
-        stable = ((moved <= self.tol) & (prev <= self.tol)) | ~valid
-        ar = torch.arange(W, device=out.device)
-        advance = torch.where(stable, W, ar).min().clamp(max=W - 1) + 1  # first unstable token is final too
-        accepted = torch.where(ar < advance - 1, moved, 0.0).max()
-        self.x.index_copy_(1, out, torch.where(go, new, seg))
-        self.prev.index_copy_(0, out, torch.where(go, moved, prev))
-        self.residual.copy_(torch.where(go, torch.maximum(self.residual, accepted), self.residual))
-        self.iters.add_(self.active.long())
-        self.start.copy_(torch.where(go, torch.clamp(self.start + advance, max=self.num_tokens), self.start))
-        self.bad.logical_or_(self.active & ~ok)
-        self.active.copy_(go & (self.start < self.num_tokens))
+    def pass_(self, rule, L: int) -> None:
+        bucket, causal = self._keys(L)
+        key = (rule, L, bucket, causal, self.dtype, self.guidance)
+        capturing = self.capture is not None and _CAPTURE_FAILURE is None
+        replay = self.entry.graphs.get(key) if capturing else None
+        if replay is None:
+            fn = functools.partial(_static_pass, self, cast_linears(self.block, self.dtype, self.weights), rule, L,
+                                   bucket, causal, self.dtype)
+            if capturing:
+                replay = self._captured(key, fn)
+            if replay is None:
+                fn()
+        if replay is not None:
+            replay()
+        if rule.moves_start:  # a live step moves one token; a rule that stops can leave `start` anywhere
+            self.known_start = None if rule.stops or self.known_start is None else self.known_start + L
+
+    def _keys(self, L: int) -> tuple[int, bool]:
+        """(keys the pass attends over, causal): the causal square where the pass starts at token 1, else the
+        keys its queries can see (0..start+L-2, for an unknown start the furthest: T+L-2), in buckets of
+        `quantum` up to T. Only what the host sets counts, never what it reads (reading every pass or every
+        k passes must not change a bit), and never the workspace's padding (another plan's window)."""
+        T = self.num_tokens
+        if self.known_start == 1:
+            return L, True
+        need = T + L - 1 if self.known_start is None else self.known_start + L - 1
+        if need > T:  # a window past the last token
+            return need, False
+        return min(-(-need // self.ws.quantum) * self.ws.quantum, T), False
+
+    def _captured(self, key, fn):
+        """The pass captured (None where capture fails: then off for the process, the first error kept)."""
+        global _CAPTURE_FAILURE
+        was = self.ws.active.clone()
+        self.ws.active.fill_(False)  # frozen: a warm-up leaves iterate, cache (up to equal values) and counters
+        try:
+            replay = self.capture(fn, self.ws)
+        except Exception as e:  # out of memory, an op that cannot be captured: the same pass, not captured
+            _CAPTURE_FAILURE = f"{type(e).__name__}: {e}"[:300]
+            return None
+        finally:
+            self.ws.active.copy_(was)
+        self.entry.graphs[key] = replay
+        return replay
+
+    def _set_start(self, value: int) -> None:
+        self.ws.start.fill_(value)
+        self.known_start = value
+
+    def set_start(self, value: torch.Tensor) -> None:
+        self.ws.start.copy_(value)
+
+    def reads_every(self, check_every: int) -> int:
+        return check_every
+
+    @contextlib.contextmanager
+    def coarse(self):
+        dtype, self.dtype = self.dtype, torch.bfloat16
+        try:
+            yield
+        finally:
+            self.dtype = dtype
 
     def result(self) -> torch.Tensor:
-        return self.x[:, : self.num_tokens]
+        return self.ws.x[:, : self.num_tokens].clone()
 
 
-class Passes:
-    """The passes of one StaticRun, run eagerly or replayed from CUDA graphs captured on first use."""
-
-    def __init__(self, run: StaticRun, capture: bool, autocast_dtype: torch.dtype | None):
-        self.run, self.capture = run, capture
-        self.autocast_dtype = autocast_dtype  # the spec's autocast, re-entered without its weight cache
-        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
-        self.pool = None
-        self.capture_error: str | None = None
-
-    def __call__(self, kind: str, L: int, coarse: bool = False) -> None:
-        """One pass of `kind` ("step", "jacobi", "sliding") over L tokens (bf16 if `coarse`)."""
-        dtype = torch.bfloat16 if coarse else self.autocast_dtype
-        key = (kind, L, dtype)
-        graph = self.graphs.get(key) if self.capture else None
-        if graph is not None:  # the hot path on CUDA: nothing but the replay
-            graph.replay()
-            return
-        fn = self.run.step if kind == "step" else functools.partial(getattr(self.run, f"{kind}_pass"), L)
-        if self.capture:
-            try:
-                self.graphs[key] = self._capture(fn, dtype)
-            except RuntimeError as e:  # an op that cannot be captured on this build: run the same passes eagerly
-                self.capture, self.capture_error = False, f"{type(e).__name__}: {e}"[:300]
-            else:
-                self.graphs[key].replay()
-                return
-        self._under(dtype, fn)
-
-    def _under(self, dtype, fn) -> None:
-        device_type = self.run.x.device.type
-        if dtype is None:
-            with torch.autocast(device_type, enabled=False):
-                fn()
-        else:
-            # the autocast weight cache must stay off under capture: a graph would keep pointers to cast
-            # weights that the cache frees when its context exits
-            with torch.autocast(device_type, dtype=dtype, cache_enabled=False):
-                fn()
-
-    def _capture(self, fn, dtype) -> torch.cuda.CUDAGraph:
-        run = self.run
-        was = run.active.clone()
-        run.active.fill_(False)  # a frozen pass: the warm-up leaves iterate, cache and counters as they are
-        side = torch.cuda.Stream(run.x.device)
-        side.wait_stream(torch.cuda.current_stream(run.x.device))
-        with torch.cuda.stream(side):
-            self._under(dtype, fn)
-        torch.cuda.current_stream(run.x.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self._under(dtype, fn)
-        run.active.copy_(was)
-        return graph
+def capture_cuda_graph(fn, ws: Workspace):
+    """`fn` captured as a CUDA graph in the workspace's pool, after a warm-up on a side stream: its replay."""
+    device = ws.x.device
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    if ws.pool is None:
+        ws.pool = torch.cuda.graph_pool_handle()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=ws.pool):
+        fn()
+    return graph.replay
 
 
-def _solve_steps(P: Passes, start: int, count: int) -> None:
-    run = P.run
-    run.start.fill_(start)
-    run.active.fill_(True)
-    for _ in range(count):
-        P("step", 1)
+class Static:
+    """The static engine; with `capture` (a function (pass, workspace) -> replay) the graph engine."""
+
+    def __init__(self, capture=None):
+        self.capture = capture
+        self.name = "static" if capture is None else "graph"
+
+    def start(self, block, z, labels, guidance, bound, init, pad) -> StaticRun:
+        device = z.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        B, T, D = z.shape
+        attn = block.attn_blocks[0].attention
+        C = block.pos_embed.shape[1]
+        shape = (B, T, D, 2 * B if guidance.active else B, len(block.attn_blocks), attn.num_heads,
+                 C // attn.num_heads, C, dtype or torch.float32, device)
+        ws = _WORKSPACES.pop(shape, None)
+        if ws is None or ws.pad < pad:  # the widest window so far: one workspace serves every plan of a shape
+            ws = Workspace(*shape, max(pad, ws.pad if ws else 0))
+        _WORKSPACES[shape] = ws
+        while len(_WORKSPACES) > KEPT:
+            _WORKSPACES.popitem(last=False)
+        return StaticRun(self, ws, block, z, labels, guidance, bound, init, dtype)
 
 
-def gauss_seidel_jacobi(P: Passes, bp, stats) -> None:
-    """`solvers.gauss_seidel_jacobi` over static passes: the same segments, stops and fallback."""
-    T = P.run.num_tokens
-    if bp.segment_length(T) == 1:
-        _solve_steps(P, 1, T - 1)
-        stats.passes += T - 1
-        stats.iterations.extend([1] * (T - 1))
-        return
-    k = bp.check_every
-    for s, e in segments(bp, T):
-        n = e - s  # the last segment may be shorter: a pass (graph) of its own length
-        if getattr(bp, "coarse", None) and P.autocast_dtype is None:
-            _iterate(P, s, n, bp.coarse_tol, n, k, stats, coarse=True)
-        iters, bad, residual = _iterate(P, s, n, bp.tol, n if bp.max_iters is None else min(bp.max_iters, n), k, stats)
-        if bad:  # a diverging iterate: re-solve this segment token by token, which is exact
-            _solve_steps(P, s, n)
-            stats.passes += n
-            stats.fallbacks += 1
-            residual = 0.0
-        stats.iterations.append(iters)
-        stats.residual = max(stats.residual, 0.0 if iters == n else residual)  # n iterations are exact
+_WORKSPACES: OrderedDict = OrderedDict()
+_BY_NAME = {"eager": Eager(), "static": Static(), "graph": Static(capture_cuda_graph)}
 
 
-def _iterate(P: Passes, s: int, n: int, tol: float, cap: int, k: int, stats, coarse: bool = False):
-    """Jacobi passes on segment s..s+n-1 until the device says stop, read every k passes and at the cap:
-    (iterations that counted, diverged, last move)."""
-    run = P.run
-    run.start.fill_(s)
-    run.tol.fill_(tol)
-    run.cap.fill_(cap)
-    run.iters.zero_()
-    run.bad.fill_(False)
-    run.active.fill_(True)
-    for it in range(1, cap + 1):
-        P("jacobi", n, coarse)
-        if it % k == 0 or it == cap:
-            stats.syncs += 1
-            if not bool(run.active):
-                break
-    stats.passes += it
-    if coarse:
-        stats.coarse_passes += it
-    iters, bad, residual = torch.stack([run.iters.float(), run.bad.float(), run.residual]).tolist()
-    stats.syncs += 1
-    return int(iters), bool(bad), residual
-
-
-def sliding_window(P: Passes, bp: Sliding, stats) -> None:
-    """`solvers.sliding_window` over static passes: the same acceptance rule, the same fallback."""
-    run, T, W, k = P.run, P.run.num_tokens, bp.window, bp.check_every
-    run.tol.fill_(bp.tol)
-    run.start.fill_(1)
-    run.iters.zero_()
-    run.bad.fill_(False)
-    run.active.fill_(True)
-    done = 0
-    while True:
-        P("sliding", W)
-        stats.passes += 1
-        done += 1
-        if done % k and done < T - 1:
-            continue
-        stats.syncs += 1
-        active, bad, s = torch.stack([run.active.long(), run.bad.long(), run.start]).tolist()
-        if bad:
-            e = min(s + W, T)
-            _solve_steps(P, s, e - s)  # leaves start at e
-            stats.passes += e - s
-            stats.fallbacks += 1
-            run.iters.add_(e - s)
-            run.bad.fill_(False)
-            run.active.fill_(e < T)
-            active = e < T
-        if not active:
-            break
-    stats.iterations.append(int(run.iters))
-    stats.residual = max(stats.residual, float(run.residual))
-
-
-_BUFFERS: OrderedDict = OrderedDict()
-
-
-def _lru(store: OrderedDict, key, make):
-    value = store.pop(key, None)
-    store[key] = make() if value is None else value
-    while len(store) > KEPT:
-        store.popitem(last=False)
-    return store[key]
-
-
-def solve(block: MetaBlock, z: torch.Tensor, labels, plan, guidance: Guidance, bound: float, stats) -> torch.Tensor:
-    """The block's input (permuted order) under `plan` on the static engine `stats.engine`, reusing
-    the buffers and graphs of an earlier batch of the same shape; `stats.engine` ends as what ran."""
-    device = z.device
-    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    B, T, D = z.shape
-    pad = plan.window if isinstance(plan, Sliding) else 0  # a window runs past the last token
-    attn = block.attn_blocks[0].attention
-    rows = 2 * B if guidance.active else B
-    shape = (B, T, pad, D, rows, len(block.attn_blocks), attn.num_heads, block.pos_embed.shape[1] // attn.num_heads,
-             autocast or torch.float32, float(bound), str(device))
-    buffers = _lru(_BUFFERS, shape, lambda: Buffers(*shape[:-1], device))
-    runs = block.__dict__.setdefault("_static_runs", OrderedDict())  # a plain attribute, not module state
-    capture = stats.engine == "graph"
-    entry = _lru(runs, (id(buffers), guidance, labels is None, capture),
-                 lambda: Passes(StaticRun(block, labels, guidance, buffers), capture, autocast))
-    entry.run.reset(z, labels, plan.init)
-    (sliding_window if isinstance(plan, Sliding) else gauss_seidel_jacobi)(entry, plan, stats)
-    if capture and not entry.capture:
-        stats.engine = f"static (capture failed: {entry.capture_error})"
-    return entry.run.result().clone()
+def resolve(engine, device: torch.device):
+    """The engine `engine` names on `device` ("auto": graph on CUDA, eager elsewhere), or `engine` itself."""
+    if isinstance(engine, (Eager, Static)):
+        return engine
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}: allowed values are {', '.join(ENGINES)}")
+    if engine == "auto":
+        engine = "graph" if device.type == "cuda" else "eager"
+    if engine == "graph" and device.type != "cuda":
+        raise ValueError(f"engine='graph' captures CUDA graphs; the device here is {device.type}")
+    return _BY_NAME[engine]

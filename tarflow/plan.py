@@ -2,9 +2,9 @@
 
 A plan is indexed by *forward* block index: `plan.blocks[i]` drives `model.blocks[i]`.
 Sampling runs the blocks in reverse, so `plan.blocks[-1]` is the block sampled first.
-Each block plan is one of the solver types below, keyed by its `solver` field, and carries
-only that solver's settings. Tokens are numbered in the block's own (permuted) order;
-token 0 never changes, so segments tile tokens 1..T-1.
+Each block plan is one of the solvers registered in `solvers.SOLVERS` (its class is its plan
+type), keyed by its `solver` field, and carries only that solver's settings. Tokens are numbered
+in the block's own (permuted) order; token 0 never changes, so segments tile tokens 1..T-1.
 
 JSON (version 2)::
 
@@ -16,7 +16,7 @@ JSON (version 2)::
 
 `tol` and `spec` say what an auto plan was certified for: final images within `tol` of
 sequential sampling under that sampling spec (null for hand plans, which are not checked).
-To add a solver: a dataclass here (and in `BlockPlan`), its function in `solvers.SOLVERS`.
+To add a solver: its class and its registry entry in `solvers.py`; `BlockPlan` follows.
 """
 from __future__ import annotations
 
@@ -24,169 +24,22 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field, replace
-from typing import Literal, Union
+from typing import Union
 
-from .schema import STRICT_FIELDS, JSONForm, SchemaError
+from .schema import JSONForm
+from .solvers import INIT_NAMES, SOLVERS, GSJacobi, Jacobi, PlanError, Sequential
 from .spec import SamplingSpec
 
 PLAN_VERSION = 2
-Init = Literal["z", "zeros"]
-INIT_NAMES = ("z", "zeros")
-COARSE_NAMES = ("bf16",)
-
-
-class PlanError(SchemaError):
-    """An invalid plan, or a plan that does not fit the model or spec it is used with."""
-
-
-def _check_iteration(tol, max_iters, init, check_every=1) -> None:
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
-        raise PlanError(f"tol={tol!r}: must be a finite number >= 0")
-    if max_iters is not None and (isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1):
-        raise PlanError(f"max_iters={max_iters!r}: must be a positive integer or null")
-    if init not in INIT_NAMES:
-        raise PlanError(f"init={init!r}: allowed values are {', '.join(INIT_NAMES)}")
-    _check_length(check_every, "check_every")
-
-
-def _check_coarse(coarse, coarse_tol, tol) -> None:
-    if coarse not in (None, *COARSE_NAMES):
-        raise PlanError(f"coarse={coarse!r}: allowed values are {', '.join(COARSE_NAMES)} or null")
-    if isinstance(coarse_tol, bool) or not isinstance(coarse_tol, (int, float)) or not math.isfinite(coarse_tol) \
-            or (coarse is not None and coarse_tol < tol):
-        raise PlanError(f"coarse_tol={coarse_tol!r}: must be a finite number >= tol ({tol:g})")
-
-
-def _check_length(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise PlanError(f"{name}={value!r}: must be a positive integer")
-
-
-@dataclass(frozen=True)
-class Sequential:
-    """One token per step with the KV cache: exact."""
-
-    solver: Literal["sequential"] = "sequential"
-
-    __pydantic_config__ = STRICT_FIELDS
-    init = "z"  # never read: every token is computed before a later one uses it
-
-    def segment_length(self, num_tokens: int) -> int:
-        return 1
-
-    def short(self) -> str:
-        return "sequential"
-
-
-# The Jacobi family stops a segment when no token moved more than `tol` in an iteration (max abs,
-# worst sample) or after `max_iters` iterations (null: the segment length, where Jacobi is exact).
-# `coarse` "bf16": iterate each segment under bf16 autocast until it moves <= `coarse_tol`, then on
-# in float32 to `tol` (a no-op under a bf16 spec). `check_every`: on the static engine (CUDA), read
-# the device-side convergence flags every k passes instead of every pass; passes after a segment
-# converged are no-ops there, so k changes the cost, never the samples (not in the fingerprint).
-
-@dataclass(frozen=True, kw_only=True)
-class Jacobi:
-    """All T-1 unknown tokens of the block at once."""
-
-    solver: Literal["jacobi"] = "jacobi"
-    tol: float = 1e-4
-    max_iters: int | None = None
-    init: Init = "z"
-    coarse: Literal["bf16"] | None = None
-    coarse_tol: float = 1e-2
-    check_every: int = 1
-
-    __pydantic_config__ = STRICT_FIELDS
-
-    def __post_init__(self):
-        _check_iteration(self.tol, self.max_iters, self.init, self.check_every)
-        _check_coarse(self.coarse, self.coarse_tol, self.tol)
-
-    def segment_length(self, num_tokens: int) -> int:
-        return num_tokens - 1
-
-    def short(self) -> str:
-        return _short(self)
-
-
-@dataclass(frozen=True, kw_only=True)
-class GSJacobi:
-    """Segments of `segment_len` tokens in order (Gauss-Seidel), Jacobi inside each."""
-
-    solver: Literal["gs_jacobi"] = "gs_jacobi"
-    segment_len: int
-    tol: float = 1e-4
-    max_iters: int | None = None
-    init: Init = "z"
-    coarse: Literal["bf16"] | None = None
-    coarse_tol: float = 1e-2
-    check_every: int = 1
-
-    __pydantic_config__ = STRICT_FIELDS
-
-    def __post_init__(self):
-        _check_length(self.segment_len, "segment_len")
-        _check_iteration(self.tol, self.max_iters, self.init, self.check_every)
-        _check_coarse(self.coarse, self.coarse_tol, self.tol)
-
-    def segment_length(self, num_tokens: int) -> int:
-        return self.segment_len
-
-    def short(self) -> str:
-        return _short(self, f"L{self.segment_len}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Sliding:
-    """Jacobi over a window of `window` tokens that starts at the first unconverged token; the
-    converged prefix keeps its keys/values. It advances at least one token per pass: no cap.
-    A token is final once every token before it in the window moved <= `tol` in the last two
-    passes (see `solvers.sliding_window`)."""
-
-    solver: Literal["sliding"] = "sliding"
-    window: int
-    tol: float = 1e-4
-    init: Init = "z"
-    check_every: int = 1
-
-    __pydantic_config__ = STRICT_FIELDS
-    max_iters = None
-    coarse = None
-
-    def __post_init__(self):
-        _check_length(self.window, "window")
-        _check_iteration(self.tol, None, self.init, self.check_every)
-
-    def segment_length(self, num_tokens: int) -> int:
-        return self.window
-
-    def short(self) -> str:
-        return _short(self, f"W{self.window}")
-
-
-def _short(bp, *length: str) -> str:
-    """One line for logs: `gs_jacobi/L32/zeros/tol0.001/cap10/bf16to0.01`."""
-    return "/".join([bp.solver, *length, bp.init, f"tol{bp.tol:g}", *([f"cap{bp.max_iters}"] if bp.max_iters else []),
-                     *([f"{bp.coarse}to{bp.coarse_tol:g}"] if bp.coarse else [])])
-
 
 try:  # with pydantic present, JSON block plans are told apart by `solver` (and errors name only that type)
     from typing import Annotated
 
     from pydantic import Discriminator
 
-    BlockPlan = Annotated[Union[Sequential, Jacobi, GSJacobi, Sliding], Discriminator("solver")]
+    BlockPlan = Annotated[Union[tuple(SOLVERS.values())], Discriminator("solver")]
 except ImportError:  # torch-only installs build plans in code
-    BlockPlan = Union[Sequential, Jacobi, GSJacobi, Sliding]
-BLOCK_PLANS = {cls.solver: cls for cls in (Sequential, Jacobi, GSJacobi, Sliding)}
-SOLVER_NAMES = tuple(BLOCK_PLANS)
-
-
-def segments(bp, num_tokens: int) -> list[tuple[int, int]]:
-    """[start, end) token ranges a block plan solves one after the other (tokens 1..T-1)."""
-    L = bp.segment_length(num_tokens)
-    return [(s, min(s + L, num_tokens)) for s in range(1, num_tokens, L)]
+    BlockPlan = Union[tuple(SOLVERS.values())]
 
 
 @dataclass
@@ -219,12 +72,11 @@ class Plan(JSONForm):
             raise PlanError(f"divergence_bound={self.divergence_bound!r}: must be a finite number > 0")
         T = self.num_tokens
         for i, b in enumerate(self.blocks):
-            if type(b) not in BLOCK_PLANS.values():
-                raise PlanError(f"blocks[{i}]={b!r}: not a block plan ({', '.join(SOLVER_NAMES)})")
-            length = getattr(b, "segment_len", None) or getattr(b, "window", None)
-            if length is not None and not 1 <= length <= T - 1:
-                name = "segment_len" if isinstance(b, GSJacobi) else "window"
-                raise PlanError(f"blocks[{i}].{name}={length}: {b.solver} needs an integer in [1, {T - 1}] "
+            if SOLVERS.get(getattr(b, "solver", None)) is not type(b):
+                raise PlanError(f"blocks[{i}]={b!r}: not a block plan ({', '.join(SOLVERS)})")
+            name = b.length_field
+            if name is not None and not 1 <= getattr(b, name) <= T - 1:
+                raise PlanError(f"blocks[{i}].{name}={getattr(b, name)}: {b.solver} needs an integer in [1, {T - 1}] "
                                 f"(T-1 for T={T} tokens)")
 
     # ---- constructors ---------------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ The true pairs come from `tarflow.calibration`.
 """
 from __future__ import annotations
 
+import copy
 import platform
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Literal
 
 import torch
@@ -23,9 +24,9 @@ from .calibration import CalibrationSource, calibrate
 from .checkpoint import ModelRef, model_hash
 from .metrics import CRM, crm, crm_shares, igm
 from .model import Model
-from .plan import INIT_NAMES, BlockPlan, GSJacobi, Jacobi, Sequential, Sliding
+from .plan import INIT_NAMES, BlockPlan
 from .schema import STRICT_FIELDS, JSONForm, SchemaError
-from .solvers import solve_block
+from .solvers import SOLVERS, GSJacobi, Sequential, solve_block
 from .spec import SamplingSpec
 
 PROFILE_VERSION = 2
@@ -137,16 +138,15 @@ def default_segment_lens(num_tokens: int) -> list[int]:
     return sorted({n for n in lens if n >= 2}, reverse=True)
 
 
-def _iterated(T: int, L: int, init: str, tol: float, cap: int | None = None):
-    return Jacobi(tol=tol, max_iters=cap, init=init) if L == T - 1 else \
-        GSJacobi(segment_len=L, tol=tol, max_iters=cap, init=init)
-
-
 def candidate_plans(num_tokens: int, segment_lens, windows) -> list[tuple[int, Callable]]:
-    """(segment length, make(init, tol, cap)) of every setting the profile tries."""
-    out = [(L, lambda init, tol, cap=None, L=L: _iterated(num_tokens, L, init, tol, cap)) for L in segment_lens]
-    return out + [(W, lambda init, tol, cap=None, W=W: Sliding(window=W, tol=tol, init=init))
-                  for W in windows if 2 <= W < num_tokens - 1]
+    """(pass length, make(init, tol, cap)) of every setting the profile tries: each registered solver's
+    candidates (`candidates` of its class in `solvers.SOLVERS`)."""
+    return [c for solver in SOLVERS.values() for c in solver.candidates(num_tokens, segment_lens, windows)]
+
+
+def _passes(L: int) -> GSJacobi:
+    """Segments of L tokens, a few passes each (tol 0 runs them all): what a pass of that length costs."""
+    return GSJacobi(segment_len=L, tol=0.0, max_iters=PASSES_TIMED)
 
 
 @dataclass
@@ -192,9 +192,9 @@ def profile_block(block, index: int, z: torch.Tensor, x: torch.Tensor, labels, s
     if costs is None:
         seq_seconds = timed(Sequential())
         # a few passes per segment (tol 0 runs them all) average out timer and scheduler noise
-        pass_seconds = {L: timed(_iterated(T, L, "z", 0.0, PASSES_TIMED)) for L in lengths}
+        pass_seconds = {L: timed(_passes(L)) for L in lengths}
         if spec.autocast == "fp32":  # whether a bf16 start can pay here: the same passes in bf16
-            coarse_seconds = {L: timed(_iterated(T, L, "z", 0.0, PASSES_TIMED), torch.bfloat16) for L in lengths}
+            coarse_seconds = {L: timed(_passes(L), torch.bfloat16) for L in lengths}
     else:
         seq_seconds, pass_seconds = costs.sequential_step_seconds, dict(costs.pass_seconds)
         coarse_seconds = dict(costs.coarse_pass_seconds)
@@ -221,9 +221,8 @@ def profile_block(block, index: int, z: torch.Tensor, x: torch.Tensor, labels, s
             for tol in sorted(tols, reverse=True):  # loosest first: tighter ones only take longer
                 if measure(make(init, tol)).passes * pass_cost >= sequential_block:
                     break
-            if isinstance(make(init, 0.0), Sliding):
-                continue
-            if L in coarse_lengths:  # bf16 to COARSE_TOL, float32 from there: only tolerances finer than that
+            takes = {f.name for f in fields(make(init, 0.0))}  # a sliding window has no bf16 start and no cap
+            if L in coarse_lengths and "coarse" in takes:  # bf16 to COARSE_TOL, float32 from there: finer tols only
                 for tol in sorted((t for t in tols if t < COARSE_TOL), reverse=True):
                     r = measure(replace(make(init, tol), coarse="bf16", coarse_tol=COARSE_TOL))
                     if r.coarse_passes * coarse_seconds[L] + (r.passes - r.coarse_passes) * pass_cost \
@@ -231,7 +230,7 @@ def profile_block(block, index: int, z: torch.Tensor, x: torch.Tensor, labels, s
                         break
             # fixed iteration counts: no pass is spent detecting convergence; caps >= L are exact
             # Jacobi, which the tightest tolerance already covers for fewer passes
-            for cap in sorted(c for c in caps if c < L):
+            for cap in sorted(c for c in caps if c < L and "max_iters" in takes):
                 r = measure(make(init, 0.0, cap))
                 if r.passes * pass_cost >= sequential_block or r.error <= min(tols, default=0.0):
                     break
@@ -274,14 +273,25 @@ def profile_model(model: Model, spec: SamplingSpec = SamplingSpec(), data: str |
     """Profile every block of `model` under `spec` (made concrete for the model), in this process.
 
     `num_images` calibration rows are solved in chunks of `spec.batch_size` (rounded up to whole
-    chunks) on `device`, with this process's torch threads; `costs`, if given, instead of timing."""
+    chunks) on `device`, with this process's torch threads; `costs`, if given, instead of timing.
+    The caller's model stays where it is (`model_on`)."""
     start = time.perf_counter()
     segment_lens = check_segment_lens(model.num_tokens, segment_lens)
     dev = torch.device(device)
-    source, labels, pairs = calibrate(model, spec, data, num_images, dev)
+    here = model_on(model, dev)
+    source, labels, pairs = calibrate(here, spec, data, num_images, dev)
     labels = None if labels is None else labels.to(dev)
-    blocks = [profile_block(model.blocks[i], i, z.to(dev), x.to(dev), labels, spec, segment_lens, windows, tols, caps,
+    blocks = [profile_block(here.blocks[i], i, z.to(dev), x.to(dev), labels, spec, segment_lens, windows, tols, caps,
                             repeats, costs) for i, (z, x) in enumerate(pairs)]
     threads = torch.get_num_threads()
-    return assemble(model.cpu(), spec, source, blocks, device_name(dev, threads), threads, tols, caps,
+    return assemble(model, spec, source, blocks, device_name(dev, threads), threads, tols, caps,
                     time.perf_counter() - start, model_ref)
+
+
+def model_on(model: Model, device) -> Model:
+    """`model` where it already lives on `device`, else a copy there: profiling and planning never move the
+    caller's model (a move is a side effect nobody asked for, and new storage under its blocks)."""
+    device = torch.empty(0, device=device).device  # "cuda" as the current "cuda:N"
+    if all(p.device == device for p in model.parameters()):
+        return model
+    return copy.deepcopy(model).to(device)

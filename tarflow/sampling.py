@@ -19,7 +19,8 @@ from .denoise import denoise
 from .model import Model
 from .noise import sample_noise
 from .plan import Plan
-from .solvers import BlockRun, BlockStats, solve_block
+from .engine import EagerRun
+from .solvers import BlockStats, solve_block
 from .spec import SamplingSpec
 
 DEFAULT_SPEC = SamplingSpec()
@@ -123,8 +124,8 @@ def one_pass_per_block(model: Model, noise: torch.Tensor, labels=None,
     y = _labels_tensor(labels, noise.shape[0], model.config.num_classes, noise.device)
     with spec.autocast_context(noise.device.type):
         for block in reversed(model.blocks):
-            run = BlockRun(block, x, y, spec.guidance)
-            x = block.permute(torch.cat([run.z[:, :1], run.update(run.initial("z"), 1, T)], dim=1))
+            run = EagerRun(block, x, y, spec.guidance)
+            x = block.permute(torch.cat([run.z[:, :1], run.update(run.x, 1, T)], dim=1))
     return x
 
 
@@ -139,8 +140,9 @@ def sample_ids(model: Model, spec: SamplingSpec, ids, plan: Plan | None = None, 
 
 
 def time_in_turns(model, noise, labels, plans: dict, repeats: int, spec: SamplingSpec = DEFAULT_SPEC) -> dict:
-    """{name: ([SampleOutput per batch], best wall seconds)} of each plan (None: sequential),
-    sampling `noise` in batches of `spec.batch_size`.
+    """{name: ([SampleOutput per batch], best wall seconds)} of each plan (None: sequential; or a callable
+    (noise, labels) -> SampleOutput, e.g. another version's sampler), sampling `noise` in batches of
+    `spec.batch_size`.
 
     Round-robin over the samplers, so a burst of load on a shared machine hits them alike, and
     the minimum over repeats, the least noisy estimate of what the code costs."""
@@ -152,7 +154,8 @@ def time_in_turns(model, noise, labels, plans: dict, repeats: int, spec: Samplin
             for s in range(0, noise.shape[0], B):
                 y = None if labels is None else labels[s:s + B]
                 start = time.perf_counter()
-                outs[name].append(sample(model, noise[s:s + B], y, plan, spec))
+                outs[name].append(plan(noise[s:s + B], y) if callable(plan) else sample(model, noise[s:s + B], y,
+                                                                                         plan, spec))
                 total += time.perf_counter() - start
             best[name] = min(best[name], total)
     return {name: (outs[name], best[name]) for name in plans}

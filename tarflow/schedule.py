@@ -38,9 +38,10 @@ import torch
 from .checkpoint import model_hash
 from .model import Model
 from .noise import sample_noise
-from .plan import BlockPlan, Plan, Sequential, Sliding, segments
+from .plan import BlockPlan, Plan
+from .solvers import Sequential
 from .calibration import NO_DATA, calibration_batch
-from .profile import BlockProfile, Profile, ProfileError, profile_model
+from .profile import BlockProfile, Profile, ProfileError, model_on, profile_model
 from .sampling import sample, time_in_turns
 
 TIE_FRACTION = 0.03  # candidates within 3% of sequential's predicted time are not worth any error
@@ -105,7 +106,7 @@ def _sample_chunks(model, noise, labels, plan, spec, reference=None, limit=math.
 def schedule(profile: Profile, model: Model, tol: float = 1e-3, holdout_seed: int | None = None,
              holdout_images: int | None = None, device=None) -> Plan:
     """The auto plan for `model` from its `profile` (see the module docstring), verified and raced
-    on `device` (default: where the model is; the model is moved there).
+    on `device` (default: where the model is; a copy of the model where it lives elsewhere).
 
     `tol` bounds the max abs deviation of final images (model space) from sequential
     sampling under the profile's spec, on the calibration noise and on a held-out batch of
@@ -119,7 +120,7 @@ def schedule(profile: Profile, model: Model, tol: float = 1e-3, holdout_seed: in
     spec, T = profile.spec, profile.num_tokens
     B = spec.batch_size
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    model = model.to(device)
+    model = model_on(model, device)
     cal = profile.calibration
     conditional = spec.labels != "none"
     calib = calibration_batch(model, None if cal.source == NO_DATA else cal.source, cal.num_images, cal.seed,
@@ -279,8 +280,7 @@ def _with_check_every(o: Option, num_tokens: int) -> BlockPlan:
     bp = o.plan
     if isinstance(bp, Sequential):
         return bp
-    per_segment = o.passes / len(segments(bp, num_tokens)) if not isinstance(bp, Sliding) else o.passes
-    return replace(bp, check_every=max(1, int(per_segment / 4)))
+    return replace(bp, check_every=max(1, int(o.passes / len(bp.segments(num_tokens)) / 4)))
 
 
 def _option_dict(o: Option) -> dict:

@@ -91,3 +91,9 @@ def s3_bucket(s3_server, request):
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(params=["eager", "static"])
+def engine(request):
+    """Every engine for CPU tensors: a sampling test that takes it runs on each (test_cuda.py adds "graph")."""
+    return request.param

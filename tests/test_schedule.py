@@ -8,7 +8,6 @@ from conftest import make_tiny_model
 
 from tarflow import ModelRef, Plan, PlanError, SamplingSpec, Sliding, sample, save_checkpoint
 from tarflow.noise import sample_noise
-from tarflow.plan import segments
 from tarflow.profile import Costs, Profile, ProfileError, profile_model
 from tarflow.plan import GSJacobi, Jacobi, Sequential
 from tarflow.schedule import Option, block_options, candidates, hand_plan, schedule, spend_budget
@@ -146,7 +145,7 @@ def test_paper_notation_meaning():
     assert seq.blocks[0].solver == "sequential"
     # T not divisible by GS: still GS segments, tiling tokens 1..T-1
     odd = Plan.from_paper_notation("3-8-32-10", 4, 196)
-    assert len(segments(odd.blocks[3], 196)) == 8
+    assert len(odd.blocks[3].segments(196)) == 8
 
 
 @pytest.mark.parametrize("spec, message", [

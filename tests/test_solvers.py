@@ -1,3 +1,5 @@
+"""Solvers and plans: exactness, guidance, tolerances, caps, the fallback, bf16, the block-solve API and plan
+JSON. Every sampling test runs on every engine for CPU tensors (the `engine` fixture: eager and static)."""
 import json
 
 import pytest
@@ -41,26 +43,27 @@ FULL_BUDGET_PLANS = {
     dict(scale=1.0, what="a"),
     dict(scale=1.0, what="b", annealed=True, attn_temp=1.3),
 ], ids=["plain", "cfg_annealed", "cfg_attn_temp", "cfg_a", "cfg_b"])
-def test_full_budget_equals_sequential(tiny_model, name, cfg):
+def test_full_budget_equals_sequential(tiny_model, name, cfg, engine):
     noise = noise_for(tiny_model, 3)
     y = torch.tensor([0, 7, 3])
-    seq = sample(tiny_model, noise, y, spec=spec(**cfg))
+    seq = sample(tiny_model, noise, y, spec=spec(**cfg), engine=engine)
     plan = Plan.uniform(len(tiny_model.blocks), tiny_model.num_tokens, FULL_BUDGET_PLANS[name])
-    fast = sample(tiny_model, noise, y, plan=plan, spec=spec(**cfg))
+    fast = sample(tiny_model, noise, y, plan=plan, spec=spec(**cfg), engine=engine)
     assert max_diff(fast.images, seq.images) <= EXACT
     assert fast.stats.fallbacks == 0
 
 
 @pytest.mark.parametrize("cfg", [dict(), dict(scale=2.0, attn_temp=0.7, annealed=True)])
-def test_unconditional_model_with_guidance(cfg):
+def test_unconditional_model_with_guidance(cfg, engine):
     model = make_tiny_model(num_classes=0)
     noise = noise_for(model, 2)
-    seq = sample(model, noise, spec=spec(**cfg))
-    fast = sample(model, noise, plan=Plan.uniform(4, model.num_tokens, Jacobi(tol=0.0)), spec=spec(**cfg))
+    seq = sample(model, noise, spec=spec(**cfg), engine=engine)
+    fast = sample(model, noise, plan=Plan.uniform(4, model.num_tokens, Jacobi(tol=0.0)), spec=spec(**cfg),
+                  engine=engine)
     assert max_diff(fast.images, seq.images) <= EXACT
 
 
-def test_batched_cfg_matches_separate_reference_passes():
+def test_batched_cfg_matches_separate_reference_passes(engine):
     model = make_tiny_model(num_blocks=2, head_dim=64)
     sd = model.state_dict()
     noise = noise_for(model, 2)
@@ -68,85 +71,87 @@ def test_batched_cfg_matches_separate_reference_passes():
     for cfg in [dict(guidance=1.5, attn_temp=0.8, annealed=True, what="ab"), dict(guidance=0.7, what="b")]:
         expected = ref.sample(sd, noise, y, 2, 2, 64, **cfg)
         got = sample(model, noise, y, spec=spec(scale=cfg["guidance"], attn_temp=cfg.get("attn_temp", 1.0),
-                                                annealed=cfg.get("annealed", False), what=cfg["what"])).images
+                                                annealed=cfg.get("annealed", False), what=cfg["what"]),
+                     engine=engine).images
         torch.testing.assert_close(model.patchify(got), expected, atol=1e-5, rtol=1e-5)
-    assert max_diff(sample(model, noise, y, spec=spec(scale=1.5)).images, sample(model, noise, y).images) > 1e-3
+    assert max_diff(sample(model, noise, y, spec=spec(scale=1.5), engine=engine).images,
+                    sample(model, noise, y, engine=engine).images) > 1e-3
 
 
 @pytest.mark.parametrize("segmented", [0, 3])
-def test_segmented_single_block(tiny_model, segmented):
+def test_segmented_single_block(tiny_model, segmented, engine):
     """Block 0 is sampled last (identity order), block 3 first (flipped): each segmented alone."""
     noise = noise_for(tiny_model, 2, seed=4)
     y = torch.tensor([1, 9])
     blocks = [Sequential() for _ in range(4)]
     blocks[segmented] = GSJacobi(segment_len=3, tol=0.0)
     plan = Plan(4, tiny_model.num_tokens, blocks)
-    out = sample(tiny_model, noise, y, plan=plan, spec=spec(scale=1.0, annealed=True))
-    seq = sample(tiny_model, noise, y, spec=spec(scale=1.0, annealed=True))
+    out = sample(tiny_model, noise, y, plan=plan, spec=spec(scale=1.0, annealed=True), engine=engine)
+    seq = sample(tiny_model, noise, y, spec=spec(scale=1.0, annealed=True), engine=engine)
     assert max_diff(out.images, seq.images) <= EXACT
     by_block = {b.block: b for b in out.stats.blocks}
     assert by_block[segmented].iterations == [3] * 5  # 15 tokens in segments of 3, tol=0: full budget
     assert by_block[segmented].residual == 0.0
 
 
-def test_tolerance_is_per_sample_not_batch_average(tiny_model):
+def test_tolerance_is_per_sample_not_batch_average(tiny_model, engine):
     """The batch stops only when its slowest sample has converged."""
     noise = noise_for(tiny_model, 4, seed=3)
     y = torch.tensor([0, 1, 2, 3])
     plan = Plan.uniform(4, tiny_model.num_tokens, Jacobi(tol=1e-3))
-    batch = sample(tiny_model, noise, y, plan=plan).stats
+    batch = sample(tiny_model, noise, y, plan=plan, engine=engine).stats
     for block_index in range(4):
-        alone = [sample(tiny_model, noise[i : i + 1], y[i : i + 1], plan=plan).stats.blocks[block_index].iterations[0]
-                 for i in range(4)]
+        alone = [sample(tiny_model, noise[i : i + 1], y[i : i + 1], plan=plan, engine=engine)
+                 .stats.blocks[block_index].iterations[0] for i in range(4)]
         assert batch.blocks[block_index].iterations[0] == max(alone)
     assert all(b.residual <= 1e-3 for b in batch.blocks)
 
 
-def test_iteration_cap_is_respected_and_reported(tiny_model):
+def test_iteration_cap_is_respected_and_reported(tiny_model, engine):
     noise = noise_for(tiny_model, 2)
     plan = Plan.uniform(4, tiny_model.num_tokens, Jacobi(tol=0.0, max_iters=2))
-    out = sample(tiny_model, noise, [1, 2], plan=plan)
+    out = sample(tiny_model, noise, [1, 2], plan=plan, engine=engine)
     assert all(b.iterations == [2] and b.passes == 2 for b in out.stats.blocks)
-    assert max_diff(out.images, sample(tiny_model, noise, [1, 2]).images) > EXACT  # 2 of 15 is not exact
+    assert max_diff(out.images, sample(tiny_model, noise, [1, 2], engine=engine).images) > EXACT  # 2 of 15 is not exact
 
 
-def test_divergent_iterates_fall_back_to_sequential(tiny_model):
+def test_divergent_iterates_fall_back_to_sequential(tiny_model, engine):
     noise = noise_for(tiny_model, 2)
     y = torch.tensor([4, 4])
-    seq = sample(tiny_model, noise, y)
+    seq = sample(tiny_model, noise, y, engine=engine)
     bound = 0.5 * seq.images.abs().max().item()  # true values exceed it, so every Jacobi segment trips
     plan = Plan(4, tiny_model.num_tokens, [GSJacobi(segment_len=5, tol=0.0)] * 4, divergence_bound=bound)
-    out = sample(tiny_model, noise, y, plan=plan)
+    out = sample(tiny_model, noise, y, plan=plan, engine=engine)
     assert out.stats.fallbacks > 0
     assert max_diff(out.images, seq.images) <= EXACT
 
 
-def test_overflowing_model_raises_a_clear_error():
+def test_overflowing_model_raises_a_clear_error(engine):
     model = make_tiny_model(out_std=0.5)  # a wildly scaled flow that overflows float32
     with pytest.raises(NonFiniteSampleError, match="produced NaN/inf"):
-        sample(model, noise_for(model, 2) * 10, [0, 1])
+        sample(model, noise_for(model, 2) * 10, [0, 1], engine=engine)
 
 
-def test_batch_split_changes_samples_only_within_tolerance(tiny_model):
+def test_batch_split_changes_samples_only_within_tolerance(tiny_model, engine):
     noise = noise_for(tiny_model, 4)
     y = torch.tensor([0, 1, 2, 3])
     plan = Plan.uniform(4, tiny_model.num_tokens, GSJacobi(segment_len=4, tol=1e-6))
-    whole = sample(tiny_model, noise, y, plan=plan).images
-    halves = torch.cat([sample(tiny_model, noise[:2], y[:2], plan=plan).images,
-                        sample(tiny_model, noise[2:], y[2:], plan=plan).images])
+    whole = sample(tiny_model, noise, y, plan=plan, engine=engine).images
+    halves = torch.cat([sample(tiny_model, noise[:2], y[:2], plan=plan, engine=engine).images,
+                        sample(tiny_model, noise[2:], y[2:], plan=plan, engine=engine).images])
     assert max_diff(whole, halves) <= EXACT
-    assert torch.equal(whole, sample(tiny_model, noise, y, plan=plan).images)  # deterministic
+    assert torch.equal(whole, sample(tiny_model, noise, y, plan=plan, engine=engine).images)  # deterministic
 
 
-def test_bf16_autocast_on_cpu(tiny_model):
+def test_bf16_autocast_on_cpu(tiny_model, engine):
     """Under bf16 the fast plan matches bf16 sequential to bf16 rounding, as documented."""
     noise = noise_for(tiny_model, 2)
     y = torch.tensor([3, 8])
-    ref32 = sample(tiny_model, noise, y).images
+    ref32 = sample(tiny_model, noise, y, engine=engine).images
     bf16 = SamplingSpec(autocast="bf16")
-    seq16 = sample(tiny_model, noise, y, spec=bf16)
+    seq16 = sample(tiny_model, noise, y, spec=bf16, engine=engine)
     plan = Plan.uniform(4, tiny_model.num_tokens, GSJacobi(segment_len=5, tol=0.0))
-    fast16 = sample(tiny_model, noise, y, plan=plan, spec=bf16)
+    fast16 = sample(tiny_model, noise, y, plan=plan, spec=bf16, engine=engine)
     scale = ref32.abs().max().item()
     assert seq16.images.dtype == torch.float32
     assert 0 < max_diff(seq16.images, ref32) <= 0.05 * scale  # bf16 really ran, and stays close
@@ -167,25 +172,25 @@ def test_sample_input_validation(tiny_model):
         sample(tiny_model, noise_for(tiny_model, 1), plan=Plan.sequential(3, 16))
 
 
-def test_image_noise_and_label_minus_one(tiny_model):
+def test_image_noise_and_label_minus_one(tiny_model, engine):
     images = noise_for(tiny_model, 2)
     as_images = tiny_model.unpatchify(images)
-    a = sample(tiny_model, as_images, [-1, 2]).images
-    b = sample(tiny_model, images, [-1, 2]).images
+    a = sample(tiny_model, as_images, [-1, 2], engine=engine).images
+    b = sample(tiny_model, images, [-1, 2], engine=engine).images
     assert torch.equal(a, b)
-    mean_class = sample(tiny_model, images, None).images
+    mean_class = sample(tiny_model, images, None, engine=engine).images
     assert torch.equal(a[0], mean_class[0])
 
 
 # ---- the block-solve API ----------------------------------------------------
 
-def test_solve_block_inverts_encode_and_jacobi_trace_reaches_the_solution(tiny_model):
+def test_solve_block_inverts_encode_and_jacobi_trace_reaches_the_solution(tiny_model, engine):
     """One block on its own: solve_block and jacobi_trace against the encoder's true pair."""
     x = noise_for(tiny_model, 2, seed=9)
     y = torch.tensor([1, 6])
     block = tiny_model.blocks[1]  # flipped order: the API takes and returns model token order
     z, _ = block(x, y)
-    solved = solve_block(block, z, y, GSJacobi(segment_len=4, tol=0.0))
+    solved = solve_block(block, z, y, GSJacobi(segment_len=4, tol=0.0), engine=engine)
     assert max_diff(solved.x, x) <= EXACT and solved.stats.iterations == [4, 4, 4, 3]
     trace = jacobi_trace(block, z, y, solution=x)
     # at most T-1 iterations (exact there); it stops earlier at an exact fixed point (residual 0)
