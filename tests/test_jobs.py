@@ -91,3 +91,35 @@ def test_two_processes_appending_at_once_keep_both_rows(tmp_path):
     assert [w.wait(timeout=120) for w in writers] == [0, 0]
     rows = read_history(str(history))
     assert sorted(r.model for r in rows) == ["a"] * 20 + ["b"] * 20
+
+
+def test_a_history_folder_with_a_stray_or_foreign_file_is_named(tmp_path):
+    """A junk file or another table in the history folder: a message naming it (also from `report`), not an
+    Arrow or TypeError traceback; a file from before the accelerator and run-id columns still reads."""
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from workflows.storage.history import SCHEMA, HistoryError, append_history
+
+    history = tmp_path / "history"
+    append_history(str(history), [_row(0, 3.0)])
+    old = [f.name for f in SCHEMA if f.name not in ("accelerator", "run_id")]
+    pq.write_table(pa.table({n: [getattr(_row(1, 2.0), n) if n != "others" else "{}"] for n in old},
+                            schema=pa.schema([SCHEMA.field(n) for n in old])), history / "rows-old.parquet")
+    assert [(r.speedup, r.accelerator, r.run_id) for r in read_history(str(history))] == [(3.0, "", ""), (2.0, "", "")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for name, write in [("notes.txt", lambda p: p.write_text("not parquet")),
+                        ("other.parquet", lambda p: pq.write_table(pa.table({"a": [1]}), p)),
+                        ("typed.parquet", lambda p: pq.write_table(pa.table({f.name: pa.array(
+                            [None if f.name == "timestamp" else "x"], pa.string()) for f in SCHEMA}), p))]:
+        write(history / name)
+        with pytest.raises(HistoryError, match=rf"history {history}: {name} is not a"):
+            read_history(str(history))
+        cli = subprocess.run([sys.executable, "-c", "from workflows.cli import main; main()", "report", "--history", str(history), "--out",
+                              str(tmp_path / "page")], capture_output=True, text=True, env=env, timeout=120)
+        assert cli.returncode == 1 and name in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
+        (history / name).unlink()
