@@ -378,13 +378,14 @@ def test_the_nightly_runs_on_the_fid_sets_cluster():
 @pytest.mark.parametrize("status, exit_code", [("SUCCEEDED", 0), ("FAILED", 1)])
 def test_the_cronjob_names_each_night_and_submits_its_rayjob(tmp_path, status, exit_code):
     """The CronJob forbids overlap; its submitter (run here with a stand-in kubectl: no API server here) applies
-    the nightly RayJob named after the Job, with that name as --run-id, and exits as the Ray job did."""
+    the nightly RayJob named after the scheduled minute, with that name as --run-id, and exits as the Ray job
+    did."""
     [*_, cron] = _documents("nightly-cronjob.yaml")
     assert cron["kind"] == "CronJob" and cron["spec"]["concurrencyPolicy"] == "Forbid"
     pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     [container] = pod["containers"]
     env = {e["name"]: e for e in container["env"]}
-    assert env["NIGHT"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
+    assert env["JOB"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
     [mount] = container["volumeMounts"]
     assert env["RAYJOB"]["value"].startswith(mount["mountPath"] + "/")
     assert {v["name"]: v for v in pod["volumes"]}[mount["name"]]["configMap"]["name"] == "tarflow-gs-nightly"
@@ -395,11 +396,12 @@ def test_the_cronjob_names_each_night_and_submits_its_rayjob(tmp_path, status, e
                        '  get) case "$5" in *jobDeploymentStatus*) printf Complete ;; *) printf "$JOB_STATUS" ;; esac ;;\n'
                        'esac\n')
     kubectl.chmod(0o755)
-    night = "tarflow-gs-nightly-29412345"
+    job_name, night = f"{cron['metadata']['name']}-29412345", "tarflow-gs-nightly-29412345"  # as the CronJob names it
     run = subprocess.run([*container["command"], *container["args"]], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "STANDIN": str(tmp_path),
-                              "JOB_STATUS": status, "NIGHT": night, "RAYJOB": str(CLUSTER / "rayjob-nightly.yaml")})
+                              "JOB_STATUS": status, "JOB": job_name, "RAYJOB": str(CLUSTER / "rayjob-nightly.yaml")})
     assert run.returncode == exit_code, run.stderr
     job = yaml.safe_load((tmp_path / "applied.yaml").read_text())
-    assert job["metadata"]["name"] == night and _kuberay_errors(job) == []
+    # a name of its own: KubeRay names the RayJob's submitter Job after it, which must not be the CronJob's Job
+    assert job["metadata"]["name"] == night != job_name and _kuberay_errors(job) == []
     assert _entrypoint(job)[1]["run_id"] == night and _entrypoint(job)[1]["require_baseline"] is True
