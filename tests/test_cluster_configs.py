@@ -382,6 +382,12 @@ def test_the_cronjob_names_each_night_and_submits_its_rayjob(tmp_path, status, e
     did."""
     [*_, cron] = _documents("nightly-cronjob.yaml")
     assert cron["kind"] == "CronJob" and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    # a night ends before the next is due: every RayJob attempt (KubeRay restarts its clock on a retry) within
+    # the submitter's deadline, and that, started as late as allowed, within the day
+    rayjob, job = _load("rayjob-nightly.yaml")["spec"], cron["spec"]["jobTemplate"]["spec"]
+    assert cron["spec"]["schedule"].split()[2:] == ["*", "*", "*"], "daily"
+    assert (rayjob["backoffLimit"] + 1) * rayjob["activeDeadlineSeconds"] < job["activeDeadlineSeconds"]
+    assert job["activeDeadlineSeconds"] + cron["spec"]["startingDeadlineSeconds"] <= 24 * 3600
     pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     [container] = pod["containers"]
     env = {e["name"]: e for e in container["env"]}
