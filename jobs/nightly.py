@@ -1,8 +1,11 @@
 """`ray job submit` entrypoint (or cron) for the nightly speed/quality job; exits 1 on a regression.
 
-    ray job submit --working-dir . -- python jobs/nightly.py jobs/configs/nightly.yaml [--accept]
+    ray job submit --working-dir . -- python jobs/nightly.py jobs/configs/nightly-gpu.yaml \
+        --output s3://BUCKET/tarflow-gs/nightly [--run-id ID] [--require-baseline] [--accept]
 
-The same as `tarflow-gs nightly`, from the submitted copy of the repository (see jobs/fid_set.py)."""
+The same as `tarflow-gs nightly`, from the submitted copy of the repository (see jobs/fid_set.py). On a
+cluster the history and output must be in a bucket; a retry given the same --run-id appends no second row
+(cluster/nightly-cronjob.yaml gives each night's RayJob its own)."""
 from __future__ import annotations
 
 import sys

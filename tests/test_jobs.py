@@ -1,4 +1,5 @@
 """The nightly job: its regression gate, its history, its config (the job itself runs in test_nightly_job)."""
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import pytest
 import yaml
 
 from workflows.config import ConfigError, NightlyConfig, Thresholds
-from workflows.pipeline.nightly import check_regressions, record
+from workflows.pipeline.nightly import baseline, check_regressions, record, run_nightly, summary_text
 from workflows.storage.history import HistoryRow, read_history
 
 REPO = Path(__file__).resolve().parents[1]
@@ -15,10 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ---- nightly regression gate -------------------------------------------------------------------------------------
 
-def _row(day: int, speedup: float, fid: float | None = 10.0, error: float = 1e-4, model: str = "demo") -> HistoryRow:
+def _row(day: int, speedup: float, fid: float | None = 10.0, error: float = 1e-4, model: str = "demo",
+         accelerator: str = "NVIDIA A10G", batch_size: int = 16) -> HistoryRow:
     t = datetime(2026, 11, 1, 3, tzinfo=timezone.utc) + timedelta(days=day)
-    return HistoryRow(t.isoformat(), model, "abc", "auto plan", "p1", "cpu", 16, 1.0, 1.0 / speedup, speedup, 100,
-                      30, error, 9.9, fid, "mnist5k", 200, {"hand 4-4-8-8": {"speedup": 1.5}})
+    return HistoryRow(t.isoformat(), model, "abc", "auto plan", "p1", "cuda:0", batch_size, 1.0, 1.0 / speedup,
+                      speedup, 100, 30, error, 9.9, fid, "mnist5k", 200, {"hand 4-4-8-8": {"speedup": 1.5}},
+                      accelerator=accelerator)
 
 
 def test_gate_flags_speedup_fid_and_error_regressions():
@@ -32,6 +35,70 @@ def test_gate_flags_speedup_fid_and_error_regressions():
     assert check_regressions(_row(1, 0.1), [_row(0, 3.0, model="other")], t) == [], "first run of a model passes"
     nan = check_regressions(_row(1, float("nan")), base, t)
     assert nan and "speedup nan" in nan[0]
+
+
+def test_the_gate_compares_like_with_like():
+    """A night on another GPU, at another batch size or with another FID sample count is no baseline."""
+    t = Thresholds(max_speedup_drop=0.2)
+    base = [_row(0, 3.0)]
+    assert check_regressions(_row(1, 1.0), base, t)  # the same chip and batch: a regression
+    for other in (_row(1, 1.0, accelerator="NVIDIA H100 80GB HBM3"), _row(1, 1.0, batch_size=64),
+                  replace(_row(1, 1.0), fid_num_samples=50000), replace(_row(1, 1.0), model_hash="new")):
+        assert check_regressions(other, base, t) == [] and baseline(other, base) is None
+    assert baseline(_row(1, 1.0), base + [_row(1, 9.0, accelerator="cpu (AMD EPYC, 2 threads)")]) is base[0]
+
+
+def _nightly_config(tmp_path, **fields) -> NightlyConfig:
+    cfg_file = tmp_path / "nightly.yaml"
+    (tmp_path / "demo.yaml").write_text("output: x\n")
+    cfg_file.write_text(yaml.safe_dump({"output": str(tmp_path / "n"), "models": [{"config": "demo.yaml"}], **fields}))
+    return NightlyConfig.load(cfg_file)
+
+
+def test_a_night_without_a_baseline_says_so_and_can_be_made_to_fail(tmp_path):
+    cfg = _nightly_config(tmp_path)
+    assert cfg.history == str(tmp_path / "n" / "history"), "the history defaults to <output>/history"
+    first = record(cfg, "night0", [_row(0, 3.0)], [])
+    assert first.passed and any("demo: no baseline" in n for n in first.notes)
+    assert "demo: no baseline: no earlier passing night" in Path(first.report).read_text()
+    strict = record(cfg, "night1", [_row(1, 3.0, accelerator="NVIDIA L4")], [], require_baseline=True)
+    assert not strict.passed and "no baseline" in strict.problems[0] and "--accept" in strict.problems[0]
+    accepted = record(cfg, "night2", [_row(2, 3.0, accelerator="NVIDIA L4")], [], accept=True, require_baseline=True)
+    assert accepted.passed and record(cfg, "night3", [_row(3, 2.9, accelerator="NVIDIA L4")], [],
+                                      require_baseline=True).passed
+    assert [r.passed for r in read_history(cfg.history)] == [True, False, True, True]
+
+
+def test_a_retried_night_appends_no_second_row(tmp_path):
+    """A retry (the same run id) of a night whose rows are recorded measures nothing and appends nothing; it
+    exits with the recorded verdict."""
+    cfg = _nightly_config(tmp_path)
+    record(cfg, "night0", [_row(0, 3.0)], [])
+    failed = record(cfg, "night1", [_row(1, 1.0)], [])
+    assert not failed.passed
+    again = record(cfg, "night1", [_row(1, 1.0)], [])
+    assert len(read_history(cfg.history)) == 2, "one row per run"
+    assert not again.passed and "run night1 recorded a regression" in again.problems[0]
+    retry = run_nightly(cfg, run_id="night1")  # before any work: no Ray, no pipeline
+    assert len(read_history(cfg.history)) == 2 and not retry.passed
+    assert retry.report == failed.report and "measured nothing again" in summary_text(retry)
+    assert run_nightly(cfg, run_id="night0").passed
+
+
+def test_joining_a_cluster_with_a_local_history_is_refused_before_any_work(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "demo.yaml").write_text("output: x\n")
+    for fields in ({"output": str(tmp_path / "n")}, {"output": "s3://bucket/n", "history": "runs/history"}):
+        (tmp_path / "nightly.yaml").write_text(yaml.safe_dump({**fields, "models": [{"config": "demo.yaml"}]}))
+        env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "127.0.0.1:9"}  # nothing listens there
+        job = subprocess.run([sys.executable, str(REPO / "jobs" / "nightly.py"), str(tmp_path / "nightly.yaml")],
+                             capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+        assert job.returncode == 1 and "local path" in job.stderr and "Traceback" not in job.stderr, job.stderr
+        assert "joins the Ray cluster at 127.0.0.1:9" in job.stderr and "history" in job.stderr
+        assert not (tmp_path / "n").exists() and not (tmp_path / "runs").exists()
 
 
 def test_nightly_record_appends_history_and_gates_against_last_passing_run(tmp_path):
@@ -91,3 +158,36 @@ def test_two_processes_appending_at_once_keep_both_rows(tmp_path):
     assert [w.wait(timeout=120) for w in writers] == [0, 0]
     rows = read_history(str(history))
     assert sorted(r.model for r in rows) == ["a"] * 20 + ["b"] * 20
+
+
+def test_a_history_folder_with_a_stray_or_foreign_file_is_named(tmp_path):
+    """A junk file or another table in the history folder: a message naming it (also from `report`), not an
+    Arrow or TypeError traceback; a file from before the accelerator and run-id columns still reads."""
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from workflows.storage.history import SCHEMA, HistoryError, append_history
+
+    history = tmp_path / "history"
+    append_history(str(history), [_row(0, 3.0)])
+    old = [f.name for f in SCHEMA if f.name not in ("accelerator", "run_id")]
+    pq.write_table(pa.table({n: [getattr(_row(1, 2.0), n) if n != "others" else "{}"] for n in old},
+                            schema=pa.schema([SCHEMA.field(n) for n in old])), history / "rows-old.parquet")
+    assert [(r.speedup, r.accelerator, r.run_id) for r in read_history(str(history))] == [(3.0, "NVIDIA A10G", ""),
+                                                                                    (2.0, "", "")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for name, write in [("notes.txt", lambda p: p.write_text("not parquet")),
+                        ("other.parquet", lambda p: pq.write_table(pa.table({"a": [1]}), p)),
+                        ("typed.parquet", lambda p: pq.write_table(pa.table({f.name: pa.array(
+                            [None if f.name == "timestamp" else "x"], pa.string()) for f in SCHEMA}), p))]:
+        write(history / name)
+        with pytest.raises(HistoryError, match=rf"history {history}: {name} is not a"):
+            read_history(str(history))
+        cli = subprocess.run([sys.executable, "-c", "from workflows.cli import main; main()", "report", "--history", str(history), "--out",
+                              str(tmp_path / "page")], capture_output=True, text=True, env=env, timeout=120)
+        assert cli.returncode == 1 and name in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
+        (history / name).unlink()

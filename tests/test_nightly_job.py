@@ -1,46 +1,82 @@
-"""The nightly job end to end: `python jobs/nightly.py CONFIG` runs every model fresh (auto plan, a hand
-plan, the sequential FID), appends to the history, writes the report, and exits 1 on a regression."""
+"""The nightly job end to end, as a cluster runs it: `python jobs/nightly.py CONFIG --output s3://... --run-id ID`
+runs every model fresh (auto plan, a hand plan, the sequential FID), writes the report and the history to the
+bucket, gates against the last comparable night, and exits 1 on a regression; a retry appends nothing."""
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import make_tiny_model
 
 from tarflow import save_checkpoint
-from workflows.storage.history import HistoryRow, append_history, read_history
+from workflows.storage.files import read_bytes, resolve
+from workflows.storage.history import read_history
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _night(config: Path, output: str, run_id: str, *flags: str) -> subprocess.CompletedProcess:
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "disabled",
+           "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(REPO / "jobs" / "nightly.py"), str(config), "--output", output,
+                           "--run-id", run_id, *flags], env=env, capture_output=True, text=True, timeout=900)
+
+
+def _text(uri: str) -> str:
+    fs, path = resolve(uri)
+    return read_bytes(fs, path).decode()
+
+
 @pytest.mark.slow
-def test_nightly_job_measures_appends_reports_and_fails_on_a_regression(tmp_path):
+def test_two_nights_on_s3_remember_and_the_second_fails_on_an_injected_regression(tmp_path, s3_bucket):
     ckpt = save_checkpoint(make_tiny_model(), tmp_path / "tiny.safetensors")
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({
         "name": "tiny", "output": "unused", "model": {"checkpoint": str(ckpt), "in_channels": 1},
         "calibration": {"num_images": 2}, "plan": {"tol": 1e-3}, "sampling": {"batch_size": 4},
         "samples": {"num_samples": 16, "shard_size": 8}, "fid": {"reference": "digits"},
         "resources": {"profile": {"num_cpus": 0.5}, "generate": {"num_cpus": 0.5}, "fid": {"num_cpus": 0.5}}}))
-    history = tmp_path / "history.parquet"
     config = tmp_path / "nightly.yaml"
-    config.write_text(yaml.safe_dump({"history": str(history), "output": str(tmp_path / "nights"),
+    config.write_text(yaml.safe_dump({"output": "replaced by --output",
                                       "models": [{"config": "tiny.yaml", "hand_plans": ["3-2-8-4"]}]}))
-    # the last passing night was 1000x faster: tonight's speedup is a regression however the clock runs
-    append_history(str(history), [HistoryRow("2026-11-30T03:00:00+00:00", "tiny", "h", "auto plan", "p", "cpu", 4,
-                                             1.0, 0.001, 1000.0, 60, 1, 0.0, None, None)])
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "disabled"}
-    night = subprocess.run([sys.executable, str(REPO / "jobs" / "nightly.py"), str(config)], env=env,
-                           capture_output=True, text=True, timeout=600)
-    assert night.returncode == 1, night.stdout[-2000:] + night.stderr[-3000:]
-    assert "REGRESSION: tiny: speedup" in night.stdout and "vs sequential" in night.stdout
-    rows = read_history(str(history))
-    assert len(rows) == 2 and rows[-1].passed is False and rows[-1].fid_plan is not None
-    assert rows[-1].fid_sequential is not None and set(rows[-1].others) == {"hand 3-2-8-4"}
-    assert rows[-1].others["hand 3-2-8-4"]["fid"] is not None
-    report = next((tmp_path / "nights").glob("*/report.html")).read_text()
+    output = f"{s3_bucket}/nightly"
+    history = f"{output}/history"  # the default: beside the nights, in the bucket
+
+    first = _night(config, output, "night-1")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    assert "tiny: no baseline" in first.stdout
+    rows = read_history(history)
+    assert len(rows) == 1 and rows[0].passed and rows[0].run_id == "night-1"
+    assert rows[0].accelerator.startswith("cpu (") and rows[0].device == "cpu"
+    assert "tiny: no baseline" in _text(f"{output}/night-1/report.html")
+
+    # the regression: the first night's recorded speedup made 1000x, so tonight's real one is a large drop
+    fs, path = resolve(history)
+    [stored] = [i.path for i in fs.get_file_info(pafs.FileSelector(path))]
+    table = pq.read_table(stored, filesystem=fs)
+    table = table.set_column(table.schema.get_field_index("speedup"), "speedup",
+                             pa.array([rows[0].speedup * 1000]))
+    with fs.open_output_stream(stored) as f:
+        pq.write_table(table, f)
+
+    second = _night(config, output, "night-2")
+    assert second.returncode == 1, second.stdout[-2000:] + second.stderr[-3000:]
+    assert "REGRESSION: tiny: speedup" in second.stdout and "no baseline" not in second.stdout
+    rows = read_history(history)
+    assert [(r.run_id, r.passed) for r in rows] == [("night-1", True), ("night-2", False)], "one row per night"
+    assert rows[-1].fid_plan is not None and rows[-1].fid_sequential is not None
+    assert set(rows[-1].others) == {"hand 3-2-8-4"} and rows[-1].others["hand 3-2-8-4"]["fid"] is not None
+    report = _text(f"{output}/night-2/report.html")
     assert "REGRESSION: tiny: speedup" in report and 'id="history"' in report
-    data = json.loads(next((tmp_path / "nights").glob("*/report-data.json")).read_text())
+    data = json.loads(_text(f"{output}/night-2/report-data.json"))
     assert [r["plan"] for r in data["models"][0]["runs"]] == ["sequential", "auto plan", "hand 3-2-8-4"]
+
+    # a Kubernetes retry of the failed night reruns the entrypoint with the same id: the verdict, no new row
+    retry = _night(config, output, "night-2")
+    assert retry.returncode == 1 and "measured nothing again" in retry.stdout, retry.stderr[-3000:]
+    assert len(read_history(history)) == 2

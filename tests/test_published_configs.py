@@ -33,8 +33,15 @@ def published_architecture(file_name: str, image_size: int, num_classes: int) ->
 
 
 def test_the_shipped_configs_are_the_published_models_and_only_those():
-    shipped = {p.stem for p in CONFIGS.glob("*.yaml")} - {"demo", "nightly"}
+    shipped = {p.stem for p in CONFIGS.glob("*.yaml")} - {"demo", "nightly", "nightly-gpu"}
     assert shipped == set(PUBLISHED)
+
+
+def test_the_gpu_nightly_measures_every_published_model():
+    from workflows.config import NightlyConfig
+
+    nightly = NightlyConfig.load(CONFIGS / "nightly-gpu.yaml", output="s3://bucket/nightly")
+    assert sorted(Path(m.config).stem for m in nightly.models) == sorted(PUBLISHED)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

@@ -18,6 +18,8 @@ from typing import Callable, Iterable, Iterator
 import ray
 import torch
 
+from tarflow.profile import device_name
+
 from .config.stages import Resources
 
 log = logging.getLogger(__name__)
@@ -29,13 +31,19 @@ class ClusterError(RuntimeError):
 
 # ---- connecting ---------------------------------------------------------------------------------------------
 
+def cluster_address() -> str | None:
+    """The cluster this process joins: RAY_ADDRESS (`ray job submit` sets it for the job's driver); None: a
+    private local Ray, whose disks go with this machine only."""
+    return os.environ.get("RAY_ADDRESS") or None
+
+
 def connect(address: str | None = None) -> None:
     """Ray for this process, once. `address` (default: RAY_ADDRESS) `auto` or a GCS address
     (host:port, as `ray job submit` sets it for the job's driver) joins that cluster, `ray://` uses
     Ray Client; none starts a private local Ray for this process alone, never a stray cluster.
     A dashboard address (`http(s)://...:8265`, what `ray job submit --address` takes) is refused
     with the command to use instead: `ray.init` would hand it to Ray Client and fail."""
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = address or cluster_address()
     if address and address.startswith(("http://", "https://")):
         raise ClusterError(
             f"RAY_ADDRESS={address} is a dashboard address, for submitting jobs: run this through "
@@ -101,9 +109,10 @@ def worker_device() -> torch.device:
 def placement(device: torch.device | str | None = None) -> dict:
     """Where this process runs: what `run.json` records for each stage's work."""
     ctx = ray.get_runtime_context() if ray.is_initialized() else None
+    device = torch.device(device or worker_device())
     return {"node_id": ctx.get_node_id() if ctx else None, "hostname": socket.gethostname(), "pid": os.getpid(),
-            "device": str(device or worker_device()), "gpus": [str(g) for g in ray.get_gpu_ids()] if ctx else [],
-            "torch_threads": torch.get_num_threads()}
+            "device": str(device), "accelerator": device_name(device, torch.get_num_threads()),
+            "gpus": [str(g) for g in ray.get_gpu_ids()] if ctx else [], "torch_threads": torch.get_num_threads()}
 
 
 def remote(fn: Callable, res: Resources, num_returns: int = 1):

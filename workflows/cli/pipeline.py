@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import click
 
@@ -61,19 +62,37 @@ def report_command(data_files, history, title, out):
     click.echo(f"report: {html_path}\nfigures: {json_path}")
 
 
+def _check_run_id(value: str | None) -> str | None:
+    # it names a folder and a Kubernetes object: letters, digits, '.', '_', '-'
+    if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", value):
+        raise click.BadParameter(f"{value!r}: letters, digits, '.', '_' and '-', starting with a letter or digit")
+    return value
+
+
 @click.command("nightly")
 @click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--output", default=None,
+              help="Override the config's output (a local path or URI); a history the config leaves unset is "
+                   "<output>/history.")
+@click.option("--run-id", callback=lambda ctx, param, value: _check_run_id(value), default=None,
+              help="This run's id, naming its folder under the output (default: the UTC start stamp). A retry "
+                   "given the same id resumes the run and, once its rows are in the history, appends none.")
 @click.option("--accept", is_flag=True,
               help="Record this night as the new baseline instead of gating it (after a deliberate change).")
-def nightly_command(config, accept):
+@click.option("--require-baseline", is_flag=True,
+              help="Fail a model that has no earlier passing night measured like it (same checkpoint, chip, batch "
+                   "size, FID settings) instead of passing it with a note.")
+def nightly_command(config, output, run_id, accept, require_baseline):
     """Measure every model of the nightly CONFIG, append to the history, write the report.
 
-    Exits 1 when a model's speed, FID or exactness regressed against its last passing night."""
+    Exits 1 when a model's speed, FID or exactness regressed against its last passing night (or, with
+    --require-baseline, has none)."""
     from ..config import NightlyConfig
     from ..pipeline.nightly import run_nightly, summary_text
 
     _setup_logging()
-    result = run_nightly(NightlyConfig.load(config), accept=accept)
+    result = run_nightly(NightlyConfig.load(config, output=output), accept=accept, run_id=run_id,
+                         require_baseline=require_baseline)
     click.echo(summary_text(result))
     if not result.passed:
         raise SystemExit(1)

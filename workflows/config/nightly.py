@@ -2,8 +2,8 @@
 
 Example::
 
-    history: runs/nightly/history              # a folder of Parquet files, one per night (any pyarrow.fs URI)
-    output: runs/nightly                       # each night writes <output>/<UTC stamp>/<model>/ and report.html
+    output: runs/nightly                       # each night writes <output>/<run id>/<model>/ and report.html
+    history: runs/nightly/history              # a folder of Parquet files, one per night (default <output>/history)
     thresholds:
       max_speedup_drop: 0.2                    # fail when speedup < (1 - 0.2) x the last passing run's
       max_fid_rise: 0.1                        # fail when the plan's FID > (1 + 0.1) x the last passing run's
@@ -12,6 +12,10 @@ Example::
       - config: jobs/configs/demo.yaml         # a run config; its output is replaced by the night's folder
         hand_plans: ["3-8-32-10"]              # optional paper-style plans, timed and FID'd beside the auto plan
         fid_sequential: true                   # also the FID of N sequential samples
+        num_samples: null                      # FID over this many samples instead of the run config's
+
+On a cluster the history and output must be URIs (s3://, gs://): the job's driver runs on a pod that goes
+with the cluster (`workflows.pipeline.nightly.check_durable`).
 """
 from __future__ import annotations
 
@@ -37,19 +41,23 @@ class NightlyModel(BaseModel):
     config: str = Field(min_length=1, description="a run config (YAML) with an auto plan")
     hand_plans: list[str] = Field(default_factory=list, description="paper-style plans such as 7-8-32-10")
     fid_sequential: bool = True
+    num_samples: int | None = Field(None, ge=1, description="samples per night for FID (null: the run config's); "
+                                    "fewer than a published 50k make a trend, not a paper's figure")
 
 
 class NightlyConfig(BaseModel):
     model_config = CONFIG
 
-    history: str = Field(min_length=1, description="the history table (local path or URI)")
-    output: str = Field(min_length=1, description="where each night's folder and report go")
+    output: str = Field(min_length=1, description="where each night's folder and report go (local path or URI)")
+    history: str | None = Field(None, min_length=1, description="the history table (local path or URI); "
+                                "null: <output>/history")
     models: list[NightlyModel] = Field(min_length=1)
     thresholds: Thresholds = Thresholds()
 
     @classmethod
-    def load(cls, path) -> "NightlyConfig":
-        """Read and check a nightly config: every model's run config must exist (beside it or above)."""
+    def load(cls, path, output: str | None = None) -> "NightlyConfig":
+        """Read and check a nightly config: every model's run config must exist (beside it or above).
+        `output` replaces the config's (an unset history goes along, under it); local paths are made absolute."""
         path = Path(path)
         cfg = load_yaml(cls, path, "nightly config")
         base = path.resolve().parent
@@ -60,6 +68,7 @@ class NightlyConfig(BaseModel):
                 raise ConfigError(f"{path}: models[{i}].config={m.config!r}: no such run config beside the nightly "
                                   "config or above it")
             models.append(m.model_copy(update={"config": str(found)}))
-        absolute = {k: v if "://" in v else str(Path(v).resolve())
-                    for k, v in (("history", cfg.history), ("output", cfg.output))}
+        output = output or cfg.output
+        absolute = {k: v if "://" in v else str(Path(v).resolve()) for k, v in (
+            ("output", output), ("history", cfg.history or f"{output.rstrip('/')}/history"))}
         return cfg.model_copy(update={"models": models, **absolute})

@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from tarflow import Plan
 
+from .. import runtime
 from ..config import ConfigError, NightlyConfig, ReportSection, RunConfig, Thresholds
 from ..report import ReportData, report_files
 from ..stages import compare
@@ -29,12 +30,24 @@ from .runner import run as run_pipeline
 log = logging.getLogger(__name__)
 
 
+def _measured_like(row: HistoryRow) -> tuple:
+    return (row.model, row.model_hash, row.plan, row.accelerator, row.batch_size, row.fid_extractor,
+            row.fid_num_samples)
+
+
+def baseline(row: HistoryRow, history: list[HistoryRow]) -> HistoryRow | None:
+    """The last passing row measured like `row`: the same model and checkpoint, timed on the same chip (GPU
+    model, or CPU model and threads) at the same batch size, FID by the same extractor over as many samples.
+    Rows measured otherwise say nothing about this one."""
+    return next((r for r in reversed(history) if r.passed and _measured_like(r) == _measured_like(row)), None)
+
+
 def check_regressions(row: HistoryRow, history: list[HistoryRow], t: Thresholds) -> list[str]:
-    """Why `row` fails the gate against the model's last passing row (empty: it passes)."""
+    """Why `row` fails the gate against its baseline (empty: it passes, also when it has none)."""
     problems = []
     if not row.max_abs_error <= t.max_abs_error:  # also catches NaN
         problems.append(f"{row.model}: max |error| vs sequential {row.max_abs_error:.2e} > {t.max_abs_error:.0e}")
-    last = next((r for r in reversed(history) if r.model == row.model and r.passed), None)
+    last = baseline(row, history)
     if last is None:
         return problems
     floor = last.speedup * (1 - t.max_speedup_drop)
@@ -56,6 +69,7 @@ class NightlyResult:
     rows: list[HistoryRow]
     problems: list[str]
     report: str
+    notes: list[str] = field(default_factory=list)  # what the gate could not judge, or that nothing was measured
 
     @property
     def passed(self) -> bool:
@@ -73,10 +87,41 @@ def _fid_of(cfg: RunConfig, label: str, plan: Plan, workdir: Path) -> float | No
     return run_pipeline(other).fid.get("fid")
 
 
-def run_nightly(cfg: NightlyConfig, now: datetime | None = None, accept: bool = False) -> NightlyResult:
-    """Measure every model, append a row each to the history, write the report; returns the gate's verdict."""
+def check_durable(cfg: NightlyConfig) -> None:
+    """Refuse local history and output when joining a cluster: the job's driver runs on a pod that goes with
+    the cluster, so every night would find no history and pass the gate with nothing to compare."""
+    address = runtime.cluster_address()
+    local = [f"{name} {value}" for name, value in (("history", cfg.history), ("output", cfg.output))
+             if "://" not in value or value.startswith("file://")]
+    if address and local:
+        raise ConfigError(f"the nightly joins the Ray cluster at {address}, but its {' and '.join(local)} "
+                          f"{'is a local path' if len(local) == 1 else 'are local paths'}: the driver's disk goes "
+                          "with the cluster, so no night would find the ones before it. Give bucket URIs "
+                          "(s3://..., gs://...): `output:` in the nightly config or --output (the history "
+                          "defaults to <output>/history)")
+
+
+def recorded_run(cfg: NightlyConfig, run_id: str, history: list[HistoryRow] | None = None) -> NightlyResult | None:
+    """The result of run `run_id` if its rows are already in the history (this is a retry of it), else None."""
+    rows = [r for r in (read_history(cfg.history) if history is None else history) if r.run_id == run_id]
+    if not rows:
+        return None
+    problems = [f"{r.model}: run {run_id} recorded a regression (its report names it)" for r in rows if not r.passed]
+    return NightlyResult(rows, problems, Store(f"{cfg.output.rstrip('/')}/{run_id}").path("report.html"),
+                         notes=[f"run {run_id} is already in the history {cfg.history}: measured nothing again, "
+                                "appended nothing"])
+
+
+def run_nightly(cfg: NightlyConfig, now: datetime | None = None, accept: bool = False, run_id: str | None = None,
+                require_baseline: bool = False) -> NightlyResult:
+    """Measure every model, append a row each to the history, write the report; returns the gate's verdict.
+    A `run_id` whose rows the history holds already is not measured again (`recorded_run`)."""
+    check_durable(cfg)
     now = now or datetime.now(timezone.utc)
-    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    stamp = run_id or now.strftime("%Y%m%dT%H%M%SZ")
+    done = recorded_run(cfg, stamp)
+    if done is not None:
+        return done
     night = Store(f"{cfg.output.rstrip('/')}/{stamp}")
     workdir = Path(tempfile.mkdtemp(prefix="tarflow-gs-nightly-"))
     rows, models = [], []
@@ -85,7 +130,10 @@ def run_nightly(cfg: NightlyConfig, now: datetime | None = None, accept: bool = 
         if run_cfg.plan.source != "auto":
             raise ConfigError(f"{entry.config}: the nightly job measures the auto plan; remove plan.path / plan.hand "
                               "and list hand plans under hand_plans")
-        run_cfg = run_cfg.model_copy(update={"output": night.path(run_cfg.name)})  # nothing cached across nights
+        update = {"output": night.path(run_cfg.name)}  # nothing cached across nights; a retry resumes its night
+        if entry.num_samples is not None:
+            update["samples"] = run_cfg.samples.model_copy(update={"num_samples": entry.num_samples})
+        run_cfg = run_cfg.model_copy(update=update)
         log.info("nightly: %s", run_cfg.name)
         result = run_pipeline(run_cfg)
         plans = {"auto plan": result.plan}
@@ -93,11 +141,11 @@ def run_nightly(cfg: NightlyConfig, now: datetime | None = None, accept: bool = 
         for notation in entry.hand_plans:
             plans[f"hand {notation}"] = Plan.from_paper_notation(notation, num_blocks, num_tokens).bound_to(
                 result.plan.model_hash)
-        mr, _ = compare.compare_in_worker(run_cfg.model, plans, result.spec, run_cfg.resources.generate, repeats=3,
-                                          name=run_cfg.name,
-                                          block_metrics=[{"crm_share": b.crm_share, "igm_z": b.igm_z,
-                                                          "igm_zeros": b.igm_zeros}
-                                                         for b in result.model_result.blocks])
+        mr, where = compare.compare_in_worker(run_cfg.model, plans, result.spec, run_cfg.resources.generate,
+                                              repeats=3, name=run_cfg.name,
+                                              block_metrics=[{"crm_share": b.crm_share, "igm_z": b.igm_z,
+                                                              "igm_zeros": b.igm_zeros}
+                                                             for b in result.model_result.blocks])
         mr.scaling = result.model_result.scaling  # measured by the run's report stage, in a generate worker too
         seq, auto = mr.runs[0], mr.run("auto plan")
         auto.fid = result.fid.get("fid")
@@ -112,33 +160,52 @@ def run_nightly(cfg: NightlyConfig, now: datetime | None = None, accept: bool = 
         rows.append(HistoryRow(now.isoformat(timespec="seconds"), run_cfg.name, mr.model_hash, "auto plan",
                                result.plan.fingerprint(), mr.device, result.spec.batch_size, seq.seconds,
                                auto.seconds, auto.speedup, seq.passes, auto.passes, auto.max_abs_error, seq.fid,
-                               auto.fid, mr.fid_extractor, mr.fid_num_samples, others))
+                               auto.fid, mr.fid_extractor, mr.fid_num_samples, others,
+                               accelerator=where["accelerator"]))
         models.append(mr)
-    return record(cfg, stamp, rows, models, accept)
+    return record(cfg, stamp, rows, models, accept, require_baseline)
 
 
-def gate(rows: list[HistoryRow], history: list[HistoryRow], thresholds: Thresholds, accept: bool = False) -> list[str]:
-    """Judge each new row against the history before it (and earlier new rows); sets `row.passed`."""
-    problems = []
+def gate(rows: list[HistoryRow], history: list[HistoryRow], thresholds: Thresholds, accept: bool = False,
+         require_baseline: bool = False) -> tuple[list[str], list[str]]:
+    """Judge each new row against the history before it (and earlier new rows); sets `row.passed`.
+    Returns (problems, notes): a row with no baseline is a note, or with `require_baseline` a problem."""
+    problems, notes = [], []
     for i, row in enumerate(rows):
-        found = [] if accept else check_regressions(row, history + rows[:i], thresholds)
+        before = history + rows[:i]
+        found = [] if accept else check_regressions(row, before, thresholds)
+        if baseline(row, before) is None:
+            missing = (f"{row.model}: no baseline: no earlier passing night of this model and checkpoint on "
+                       f"{row.accelerator or 'an unnamed device'} at batch {row.batch_size} with FID "
+                       f"{row.fid_extractor or 'off'} over {row.fid_num_samples} samples; nothing was compared")
+            if require_baseline and not accept:
+                found.append(f"{missing} (--require-baseline; record a first baseline with --accept)")
+            else:
+                notes.append(missing + (" (accepted as the baseline)" if accept else ""))
         row.passed = not found
         problems += found
-    return problems
+    return problems, notes
 
 
-def record(cfg: NightlyConfig, stamp: str, rows: list[HistoryRow], models: list, accept: bool = False) -> NightlyResult:
-    """Gate the night's rows, append them (failing rows too, marked) to the history, write the report."""
-    problems = gate(rows, read_history(cfg.history), cfg.thresholds, accept)
-    append_history(cfg.history, rows)
-    notes = [f"nightly run {stamp}; history {cfg.history}",
-             "thresholds: " + json.dumps(cfg.thresholds.model_dump()),
-             *(f"REGRESSION: {p}" for p in problems)]
-    data = ReportData(f"tarflow-gs nightly {stamp}", models, read_history(cfg.history), notes)
+def record(cfg: NightlyConfig, stamp: str, rows: list[HistoryRow], models: list, accept: bool = False,
+           require_baseline: bool = False) -> NightlyResult:
+    """Gate the night's rows, write the report, then append the rows (failing rows too, marked) to the
+    history: appended last, they mark the run as recorded, so a retry after that appends none."""
+    history = read_history(cfg.history)
+    done = recorded_run(cfg, stamp, history)
+    if done is not None:
+        return done
+    for row in rows:
+        row.run_id = stamp
+    problems, notes = gate(rows, history, cfg.thresholds, accept, require_baseline)
+    header = [f"nightly run {stamp}; history {cfg.history}", "thresholds: " + json.dumps(cfg.thresholds.model_dump())]
+    data = ReportData(f"tarflow-gs nightly {stamp}", models, history + rows,
+                      header + notes + [f"REGRESSION: {p}" for p in problems])
     night = Store(f"{cfg.output.rstrip('/')}/{stamp}")
     for name, text in report_files(data).items():
         night.write_text(name, text)
-    return NightlyResult(rows, problems, night.path("report.html"))
+    append_history(cfg.history, rows)
+    return NightlyResult(rows, problems, night.path("report.html"), notes)
 
 
 def summary_text(result: NightlyResult) -> str:
@@ -146,6 +213,7 @@ def summary_text(result: NightlyResult) -> str:
              f"FID plan {r.fid_plan if r.fid_plan is None else round(r.fid_plan, 4)} / sequential "
              f"{r.fid_sequential if r.fid_sequential is None else round(r.fid_sequential, 4)}"
              f" -> {'ok' if r.passed else 'REGRESSION'}" for r in result.rows]
+    lines += result.notes
     lines += [f"REGRESSION: {p}" for p in result.problems]
     lines.append(f"report: {result.report}")
     return "\n".join(lines)

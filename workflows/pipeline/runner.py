@@ -107,7 +107,7 @@ def _report(cfg: RunConfig, spec: SamplingSpec, plan: Plan, fid_result: dict, pr
     row = HistoryRow(datetime.now(timezone.utc).isoformat(timespec="seconds"), cfg.name, mr.model_hash, label,
                      plan.fingerprint(), mr.device, spec.batch_size, seq.seconds, planned.seconds,
                      planned.speedup, seq.passes, planned.passes, planned.max_abs_error, None, planned.fid,
-                     mr.fid_extractor, mr.fid_num_samples)
+                     mr.fid_extractor, mr.fid_num_samples, accelerator=where["accelerator"])
     append_history(history_uri, [row])
     notes = [f"config: {cfg.name} -> {cfg.output}", f"sampling: {spec.summary()}", f"plan: {result.plan_path}",
              f"samples: {result.samples}",

@@ -3,7 +3,9 @@ each pipeline run, read back for the report's over-time figures and the regressi
 
 The table is a folder of Parquet files, one per append, written atomically under a unique name:
 appends never rewrite earlier rows, so two runs appending at once both keep their rows, and any
-Parquet reader opens the folder as one table (`pyarrow.dataset`, pandas, DuckDB)."""
+Parquet reader opens the folder as one table (`pyarrow.dataset`, pandas, DuckDB). Reading checks each
+file against the schema and names the one that is not a history file (a stray upload, another tool's
+table) instead of failing somewhere inside Arrow."""
 from __future__ import annotations
 
 import io
@@ -13,7 +15,6 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -39,7 +40,13 @@ SCHEMA = pa.schema([
     ("fid_num_samples", pa.int64()),
     ("others", pa.string()),  # JSON: hand plans' {name: {speedup, passes, max_abs_error, fid}}
     ("passed", pa.bool_()),  # the regression gate's verdict on this row
+    ("accelerator", pa.string()),  # what timed it: the GPU's model name, or the CPU's
+    ("run_id", pa.string()),  # the run that appended the row: a retry of that run finds it and appends none
 ])
+NULLABLE = {"fid_sequential", "fid_plan"}
+# columns that files written before they existed lack: read as their defaults (an unknown accelerator is
+# compared with nothing, so such rows are never a baseline)
+ADDED_LATER = {"accelerator": "", "run_id": ""}
 
 
 class HistoryError(ValueError):
@@ -67,6 +74,8 @@ class HistoryRow:
     fid_num_samples: int = 0
     others: dict = field(default_factory=dict)
     passed: bool = True
+    accelerator: str = ""
+    run_id: str = ""
 
 
 def read_history(uri: str) -> list[HistoryRow]:
@@ -77,9 +86,36 @@ def read_history(uri: str) -> list[HistoryRow]:
         return []
     if info.type != pafs.FileType.Directory:
         raise HistoryError(f"history {uri} is a file: a history is a folder of Parquet files (one per append)")
-    table = ds.dataset(path, filesystem=fs, format="parquet", schema=SCHEMA).to_table()
-    rows = [HistoryRow(**{**r, "others": json.loads(r["others"] or "{}")}) for r in table.to_pylist()]
+    # names starting with "." or "_" (temporaries, markers) are skipped, as every Parquet reader skips them
+    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path))
+                   if i.type == pafs.FileType.File and not i.base_name.startswith((".", "_")))
+    rows = [row for f in files for row in _read_file(fs, f, uri)]
     return sorted(rows, key=lambda r: r.timestamp)
+
+
+def _read_file(fs: pafs.FileSystem, path: str, uri: str) -> list[HistoryRow]:
+    name = path.rsplit("/", 1)[-1]
+    where = f"history {uri}: {name}"
+    try:
+        table = pq.read_table(path, filesystem=fs)
+    except (pa.ArrowException, OSError) as e:
+        raise HistoryError(f"{where} is not a Parquet file ({e}); a history folder holds only the files "
+                           "tarflow-gs appends: move it elsewhere") from None
+    problems = []
+    for f in SCHEMA:
+        if f.name not in table.column_names:
+            if f.name not in ADDED_LATER:
+                problems.append(f"no column {f.name}")
+        elif table.schema.field(f.name).type != f.type:
+            problems.append(f"column {f.name} is {table.schema.field(f.name).type}, not {f.type}")
+        elif f.name not in NULLABLE and table.column(f.name).null_count:
+            problems.append(f"column {f.name} has empty values")
+    if problems:
+        raise HistoryError(f"{where} is not a tarflow-gs history file ({'; '.join(problems)}); a history folder "
+                           "holds only the files tarflow-gs appends: move it elsewhere")
+    names = [f.name for f in SCHEMA if f.name in table.column_names]
+    return [HistoryRow(**{**ADDED_LATER, **r, "others": json.loads(r["others"] or "{}")})
+            for r in table.select(names).to_pylist()]
 
 
 def append_history(uri: str, new_rows: list[HistoryRow]) -> None:
