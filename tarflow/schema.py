@@ -63,9 +63,9 @@ def describe(e, tp, what: str) -> str:
 
 
 def field_errors(e, tp) -> list[tuple[tuple, str]]:
-    """(path of the field, message) per pydantic error, the path down to the field a `__post_init__` check
-    names (`seed=-1: ...` in `guidance` is ("guidance", "seed")): what lets a command name the option that
-    gave the value."""
+    """(path of the field, message) per pydantic error, down to the field a `__post_init__` check names
+    (`scale=-1.0: ...` raised by `guidance` is ("guidance", "scale")): what lets a command name the option
+    that gave the value."""
     out = []
     for path, message, relative in _errors(e, tp):
         named = relative_field(message) if relative else None

@@ -112,7 +112,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_no_file_from_a_user_is_ever_run_as_code(files, case):
+def test_no_file_from_a_user_is_ever_run_as_code(files, ray_local, case):  # some cases reach a Ray stage
     args, message = CASES[case]
     args = [a.format(r=files["root"], ckpt=files["ckpt"]) for a in args]
     result = CliRunner().invoke(main, args)

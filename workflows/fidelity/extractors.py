@@ -165,11 +165,14 @@ class DigitClassifierFeatures(_Extractor):
         return tuple(out[name] for name in self.features_list)
 
 
+# the project's own extractor classes (inception-v3-compat is torch-fidelity's network, built by CompatInception)
+OWN_EXTRACTORS = {"inception-v3-torchscript": TorchScriptInception, "mnist5k-classifier": DigitClassifierFeatures}
+
+
 def register_extractors() -> None:
     """Add the project's own extractors to torch-fidelity's registry, so its `calculate_metrics` takes them by
     name (idempotent)."""
-    for name, cls in (("inception-v3-torchscript", TorchScriptInception),
-                      ("mnist5k-classifier", DigitClassifierFeatures)):
+    for name, cls in OWN_EXTRACTORS.items():
         if name not in FEATURE_EXTRACTORS_REGISTRY:
             register_feature_extractor(name, cls)
 
@@ -192,8 +195,7 @@ def build_extractor(name: str, weights_path: str | None = None, device: str = "c
     if name == "inception-v3-compat":
         extractor = CompatInception(name, layers, load_compat_weights(weights_path))
     else:
-        extractor = {"inception-v3-torchscript": TorchScriptInception,
-                     "mnist5k-classifier": DigitClassifierFeatures}[name](name, layers)
+        extractor = OWN_EXTRACTORS[name](name, layers)
     extractor.requires_grad_(False).eval()
     fc = getattr(extractor, "fc", None)
     if len(layers) > 1 and fc is not None and not fc.weight.any():

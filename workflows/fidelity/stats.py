@@ -46,6 +46,10 @@ class StatsMismatchError(StatsError):
     """Two sets of statistics that cannot be compared (different extractor, image size or dimension)."""
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _network(extractor: str) -> str:
     """Extractors of one network give statistics that compare with each other's features."""
     return EXTRACTORS[extractor].network if extractor in EXTRACTORS else extractor
@@ -113,11 +117,9 @@ class FIDStats:
         for name, value in (("mu", self.mu), ("sigma", self.sigma)):
             if not np.isfinite(value).all():
                 raise StatsError(f"{where}: {name} holds NaN or inf")
-        if self.count is not None and (isinstance(self.count, bool) or not isinstance(self.count, int)
-                                       or self.count < 2):
+        if self.count is not None and (not _is_int(self.count) or self.count < 2):
             raise StatsError(f"{where}: count={self.count!r}, a covariance needs at least 2 images")
-        if len(self.image_size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1
-                                            for s in self.image_size):
+        if len(self.image_size) != 2 or any(not _is_int(s) or s < 1 for s in self.image_size):
             raise StatsError(f"{where}: image_size={self.image_size!r}, not a positive (H, W)")
         if self.kid is not None:
             index, features = np.asarray(self.kid.index), np.asarray(self.kid.features)
@@ -128,7 +130,11 @@ class FIDStats:
     @classmethod
     def from_features(cls, stats: FeatureStats, extractor: str, image_size, dataset: str,
                       kid: "KeptFeatures | None" = None) -> "FIDStats":
-        return cls(stats.mu, stats.sigma, stats.count, extractor, tuple(int(s) for s in image_size), str(dataset), kid)
+        try:
+            sigma = stats.sigma
+        except StatsError as e:
+            raise StatsError(f"{dataset}: {e}") from None
+        return cls(stats.mu, sigma, stats.count, extractor, tuple(int(s) for s in image_size), str(dataset), kid)
 
     def save(self, path) -> Path:
         path = Path(path)
