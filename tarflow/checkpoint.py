@@ -1,8 +1,9 @@
 """Checkpoint I/O: raw apple/ml-tarflow `.pth` state dicts and the project's own format.
 
 The project's format is one safetensors file whose string metadata carries the model
-config and provenance as JSON. Raw `.pth` files are read with `weights_only=True`:
-checkpoints are data, never code.
+config and provenance as JSON. Raw `.pth` files are read with `weights_only=True`
+(`load_torch_data`, which every torch file a user gives goes through): checkpoints are data,
+never code, and a TorchScript program is refused where one is given.
 
 A checkpoint is named by a reference: `demo` (the shipped demo model), a local path, a
 `file://` URI, or any other URI an installed fsspec filesystem reads (s3://, gs://, ...;
@@ -16,6 +17,7 @@ import json
 import math
 import os
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from .model import Model, ModelConfig
-from .schema import STRICT_FIELDS
+from .schema import STRICT_FIELDS, input_file
 
 FORMAT_NAME = "tarflow-gs"
 FORMAT_VERSION = 1
@@ -32,6 +34,34 @@ FORMAT_VERSION = 1
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not match the model it claims to be."""
+
+
+def _is_torchscript(path: Path) -> bool:
+    # what torch.load itself looks for before handing an archive to torch.jit.load
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+
+
+def load_torch_data(path, what: str, error: type[Exception] = CheckpointError):
+    """A `torch.save`d file as data: tensors, numbers, strings and containers of them
+    (`torch.load(weights_only=True)`). A pickle that names any other Python object could run it, and a
+    TorchScript archive is a program: both are refused with `error` naming the file, as is anything
+    unreadable. A missing path is FileNotFoundError, a directory IsADirectoryError."""
+    path = input_file(path, what)
+    if _is_torchscript(path):
+        raise error(f"{path} is a TorchScript program, i.e. code: refused as {what}, which must be data "
+                    "(tensors only)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise error(f"{path} holds a Python object ({found.group(1)}), not only tensors: refused as {what}, "
+                        "which is read as data (torch.load with weights_only=True), never run as code") from None
+        detail = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+        raise error(f"{path} is not a readable {what} ({type(e).__name__}: {' '.join(detail.split())})") from None
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -143,9 +173,7 @@ def load_checkpoint(ref, in_channels: int = 3, head_dim: int = 64, with_metadata
     `ref` is a checkpoint reference (`demo`, a path or a URI). `in_channels` only matters for
     raw files (it resolves patch and image size). With `with_metadata=True` returns (model,
     metadata dict) where metadata holds the provenance of the project format ({} for raw files)."""
-    path = resolve_checkpoint(ref)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ref}")
+    path = input_file(resolve_checkpoint(ref), "checkpoint")
     if _is_safetensors(path):
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -164,10 +192,7 @@ def load_checkpoint(ref, in_channels: int = 3, head_dim: int = 64, with_metadata
         model = _build(config, state_dict)
         provenance = json.loads(meta.get("provenance", "{}"))
     else:
-        try:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises several types for truncated or foreign files
-            raise CheckpointError(f"{path}: not a readable PyTorch state dict ({type(e).__name__}: {e})") from e
+        state_dict = load_torch_data(path, "checkpoint")
         if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
             raise CheckpointError(f"{path}: expected a flat state dict of tensors")
         model = _build(infer_config(state_dict, in_channels, head_dim), state_dict)

@@ -70,6 +70,10 @@ class Plan(JSONForm):
             raise PlanError(f"blocks has {len(self.blocks)} entries but num_blocks={self.num_blocks}")
         if not (isinstance(self.divergence_bound, (int, float)) and 0 < self.divergence_bound < math.inf):
             raise PlanError(f"divergence_bound={self.divergence_bound!r}: must be a finite number > 0")
+        tol = self.tol  # checked here: the plan's pydantic config lets inf through for the evidence
+        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol)
+                                or tol < 0):
+            raise PlanError(f"tol={tol!r}: must be a finite number >= 0 (0: a hand plan's fixed budgets) or null")
         T = self.num_tokens
         for i, b in enumerate(self.blocks):
             if SOLVERS.get(getattr(b, "solver", None)) is not type(b):

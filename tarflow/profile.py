@@ -45,6 +45,15 @@ class ProfileError(SchemaError):
     """An invalid profile, or a profile that does not fit the model it is used with."""
 
 
+def _at_least(low: float, **values) -> None:
+    """Each value >= low (NaN and inf never reach here from a file: STRICT_FIELDS refuses them)."""
+    for name, value in values.items():
+        for key, v in value.items() if isinstance(value, dict) else ((None, value),):
+            if v < low:
+                where = name if key is None else f"{name}[{key}]" if isinstance(key, int) else f"{name}.{key}"
+                raise ProfileError(f"{where}={v!r}: must be >= {low:g}")
+
+
 @dataclass
 class ConvergenceRun:
     """One block plan run on the calibration rows in chunks of the batch size: per chunk, its
@@ -61,6 +70,10 @@ class ConvergenceRun:
     engine: str = "eager"
 
     __pydantic_config__ = STRICT_FIELDS
+
+    def __post_init__(self):
+        _at_least(0, passes=self.passes, max_iters=self.max_iters, error=self.error, seconds=self.seconds,
+                  coarse_passes=self.coarse_passes)
 
 
 @dataclass
@@ -82,6 +95,13 @@ class BlockProfile:
     def __post_init__(self):
         if set(self.igm) != set(INIT_NAMES):
             raise ProfileError(f"igm has keys {sorted(self.igm)}; expected {list(INIT_NAMES)}")
+        t = self.crm_terms
+        _at_least(0, block=self.block, crm=self.crm, crm_share=self.crm_share, igm=self.igm,
+                  sequential_step_seconds=self.sequential_step_seconds, sequential_error=self.sequential_error,
+                  pass_seconds=self.pass_seconds, coarse_pass_seconds=self.coarse_pass_seconds,
+                  **{f"crm_terms.{k}": getattr(t, k) for k in ("mean_alpha_x", "scale_weight", "shift_weight")})
+        if self.crm_share > 1:
+            raise ProfileError(f"crm_share={self.crm_share!r}: a share is in [0, 1]")
 
 
 @dataclass
@@ -109,6 +129,12 @@ class Profile(JSONForm):
         if self.version != PROFILE_VERSION:
             raise ProfileError(f"version={self.version!r}: this build reads version {PROFILE_VERSION} (re-run "
                                "`tarflow-gs profile` to make one)")
+        _at_least(1, num_blocks=self.num_blocks, token_dim=self.token_dim, threads=self.threads, caps=dict(
+            enumerate(self.caps)), **{"calibration.num_images": self.calibration.num_images})
+        _at_least(2, num_tokens=self.num_tokens)
+        _at_least(0, seconds=self.seconds, **{"calibration.seed": self.calibration.seed})
+        if any(not t > 0 for t in self.tols):
+            raise ProfileError(f"tols={self.tols}: every tolerance must be > 0")
         if len(self.blocks) != self.num_blocks:
             raise ProfileError(f"blocks has {len(self.blocks)} entries, num_blocks={self.num_blocks}")
         for j, b in enumerate(self.blocks):

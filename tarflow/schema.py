@@ -25,7 +25,10 @@ _RELATIVE = re.compile(r"[a-z_][\w.\[\]]*( has |=)")
 
 
 class SchemaError(ValueError):
-    """Input that does not fit its schema; the message names every bad field by its dotted path."""
+    """Input that does not fit its schema; the message names every bad field by its dotted path.
+    `fields` holds (path, message) of each bad field where pydantic found them (`field_errors`)."""
+
+    fields: list[tuple[tuple, str]] = []
 
 
 @functools.cache
@@ -42,29 +45,61 @@ def validate(tp, data, what: str, error: type[SchemaError] = SchemaError):
     try:
         return _adapter(tp).validate_python(data)
     except ValidationError as e:
-        raise error(describe(e, tp, what)) from None
+        found = error(describe(e, tp, what))
+        found.fields = field_errors(e, tp)
+        raise found from None
 
 
 def describe(e, tp, what: str) -> str:
     """One line per pydantic error: `what.a.b[2].c: message (got value)`."""
     lines = []
+    for path, message, relative in _errors(e, tp):
+        where = (what + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)).lstrip(".") or what
+        if relative:  # a __post_init__ check names its field relative to the object: `segment_len=16: ...`
+            lines.append(f"{where}.{message}" if where else message)
+        else:
+            lines.append(f"{where}: {message}" if where else message)
+    return "; ".join(lines)
+
+
+def field_errors(e, tp) -> list[tuple[tuple, str]]:
+    """(path of the field, message) per pydantic error, down to the field a `__post_init__` check names
+    (`scale=-1.0: ...` raised by `guidance` is ("guidance", "scale")): what lets a command name the option
+    that gave the value."""
+    out = []
+    for path, message, relative in _errors(e, tp):
+        named = relative_field(message) if relative else None
+        out.append((path + named[0], named[1]) if named else (path, message))
+    return out
+
+
+def relative_field(message: str) -> tuple[tuple, str] | None:
+    """The field a check's message starts with and the rest: `labels=3,99: class 99 ...` -> (("labels",),
+    "3,99: class 99 ..."); None when it names none."""
+    found = _RELATIVE.match(message)
+    if found is None:
+        return None
+    name = message[:found.start(1)]
+    path = tuple(int(p[1:-1]) if p.startswith("[") else p for p in re.findall(r"[a-z_]\w*|\[\d+\]", name))
+    return path, message[found.end(1):] if found.group(1) == "=" else message
+
+
+def _errors(e, tp):
+    """(path as the file reads, message, whether the message starts with the field it names) per error."""
     for err in e.errors(include_url=False):
         loc, path = _strip_tags(tp, err["loc"])
-        where = (what + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)).lstrip(".") or what
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            where += "." + str(err.get("ctx", {}).get("discriminator", "")).strip("'")
+            path += (str(err.get("ctx", {}).get("discriminator", "")).strip("'"),)
         if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             allowed = _field_names(tp, loc[:-1])
             message = "unknown field" + (f"; allowed here: {', '.join(allowed)}" if allowed else "")
         elif err["type"] == "value_error" and _RELATIVE.match(message):
-            # a __post_init__ check names its field relative to the object: `segment_len=16: ...`
-            lines.append(f"{where}.{message}" if where else message)
+            yield path, message, True
             continue
         elif err["type"] != "value_error" and "input" in err and not isinstance(err["input"], (dict, list)):
             message += f" (got {err['input']!r})"
-        lines.append(f"{where}: {message}" if where else message)
-    return "; ".join(lines)
+        yield path, message, False
 
 
 def _members(tp) -> list:
@@ -116,6 +151,35 @@ def _strip_tags(tp, loc) -> tuple[tuple, tuple]:
     return tuple(loc), tuple(path)
 
 
+REQUIRED = object()  # the default of a field that has none
+
+
+def field_spec(tp, path: tuple) -> tuple[object, object]:
+    """(annotation, default) of the field at `path` under the dataclass or pydantic model `tp`; the default is
+    REQUIRED where the field has none. What lets a command line take its options' types, choices and
+    defaults from the types they fill."""
+    for key in path[:-1]:
+        tp = _members(_child(tp, key))[0]
+    name = path[-1]
+    if dataclasses.is_dataclass(tp):
+        f = {f.name: f for f in dataclasses.fields(tp)}[name]
+        default = f.default if f.default is not dataclasses.MISSING else \
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else REQUIRED
+        return typing.get_type_hints(tp, include_extras=True)[name], default
+    info = tp.model_fields[name]
+    return info.annotation, REQUIRED if info.is_required() else info.get_default(call_default_factory=True)
+
+
+def input_file(path, what: str) -> Path:
+    """`path` as a Path if it is a file; else FileNotFoundError `{what} not found: ...` or IsADirectoryError."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a directory; give the file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
 def _field_names(tp, loc) -> list[str]:
     current = tp
     for key in loc:
@@ -154,9 +218,7 @@ def loads(tp, text: str, what: str, error: type[SchemaError] = SchemaError):
 
 def load(tp, path, what: str, error: type[SchemaError] = SchemaError):
     """Read and validate a JSON file; a missing file is a FileNotFoundError, a bad one `error` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+    path = input_file(path, what)
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:

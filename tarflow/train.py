@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import save_checkpoint
+from .checkpoint import load_torch_data, save_checkpoint
 from .data import ImageDataset, load_dataset
 from .model import Model
 from .schema import STRICT_FIELDS, JSONForm, SchemaError
@@ -157,10 +157,7 @@ def load_train_state(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"resume state not found: {path} (written next to the checkpoint by `train`)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated or foreign files
-        raise TrainConfigError(f"{path}: not a readable training state ({type(e).__name__}: {e})") from e
+    state = load_torch_data(path, "training state", TrainConfigError)
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise TrainConfigError(f"{path}: not a tarflow-gs training state of version {STATE_VERSION}")
     return state

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -55,6 +56,15 @@ def files(tmp_path_factory):
     shards.mkdir()
     (shards / "_manifest.json").write_bytes(b"\xff\xfe garbage")
     (root / "bad.npz").write_bytes(b"PK\x03\x04 not a zip")
+    # statistics files a reader could take for real: sigma of another shape than mu, NaN in mu
+    meta = {"n": 300, "extractor": "mnist5k-classifier", "image_size": [28, 28], "dataset": "x"}
+    np.savez(root / "badsigma.npz", mu=np.zeros(64), sigma=np.eye(63), **meta)
+    np.savez(root / "nan.npz", mu=np.full(64, np.nan), sigma=np.eye(64), **meta)
+    # a key given twice (YAML keeps the last one silently), and a checkpoint path that is a directory
+    (root / "dup.yaml").write_text(f"output: {root / 'o'}\nsamples: {{num_samples: 8}}\nsamples: {{num_samples: 9}}\n")
+    (root / "nightly-dup.yaml").write_text("history: h\noutput: o\nhistory: h2\nmodels: [{config: c.yaml}]\n")
+    (root / "ckpt-dir").mkdir()
+    (root / "dirckpt.yaml").write_text(yaml.safe_dump({**run, "model": {"checkpoint": str(root / "ckpt-dir")}}))
     return {k: str(v) for k, v in {"root": root, "ckpt": ckpt, "raw": raw, "plan": plan, "other_plan": other_plan,
                                     "profile": profile, "shards": shards, "overflow": overflow}.items()}
 
@@ -69,7 +79,8 @@ def _cases(f):
          "in_channels=3: give the image channels of this raw checkpoint (--in-channels"),
         (["profile", "--checkpoint", f["ckpt"], "--num-images", "0", "--out", f"{r}/p.json"],
          "Invalid value for '--num-images'"),
-        (["profile", "--checkpoint", f["ckpt"], "--guidance", "nan", "--out", f"{r}/p.json"], "scale=nan"),
+        (["profile", "--checkpoint", f["ckpt"], "--guidance", "nan", "--out", f"{r}/p.json"],
+         "Invalid value for '--guidance': Input should be a finite number"),
         (["profile", "--checkpoint", f["ckpt"], "--labels", "3,x", "--out", f"{r}/p.json"],
          "Invalid value for '--labels'"),
         # plan
@@ -94,12 +105,13 @@ def _cases(f):
         (["generate", "--checkpoint", f["ckpt"], "--num-samples", "4", "--batch-size", "2", "--out",
           f"{r}/a_file"], "is a file"),
         (["generate", "--checkpoint", f["ckpt"], "--denoise", "inf", "--num-samples", "4", "--batch-size", "2",
-          "--out", f"{r}/g"], "multiplier=inf"),
+          "--out", f"{r}/g"], "Invalid value for '--denoise': Input should be a finite number"),
         # sample
         (["sample", "--checkpoint", f["ckpt"], "--plan", f["other_plan"], "--out", f"{r}/s.png"],
          "plan is for 2 blocks"),
         (["sample", "--checkpoint", f["raw"], "--in-channels", "1", "--denoise", "1", "--out", f"{r}/s.png"],
          "does not record the training noise_std"),
+        (["sample", "--checkpoint", f"{r}/ckpt-dir", "--out", f"{r}/s.png"], "ckpt-dir is a directory"),
         (["sample", "--checkpoint", f["ckpt"], "--batch-size", "0", "--out", f"{r}/s.png"],
          "Invalid value for '--batch-size'"),
         (["sample", "--checkpoint", f["ckpt"], "--autocast", "fp8", "--out", f"{r}/s.png"],
@@ -107,7 +119,7 @@ def _cases(f):
         (["sample", "--checkpoint", f["overflow"], "--num-samples", "2", "--out", f"{r}/s.png"],
          "produced NaN/inf for batch rows"),
         (["generate", "--checkpoint", f["ckpt"], "--guidance", "nan", "--num-samples", "4", "--batch-size", "2",
-          "--out", f"{r}/g"], "scale=nan: must be a finite number"),
+          "--out", f"{r}/g"], "Invalid value for '--guidance'"),
         # fid
         (["fid", "--samples", f"{r}/nothing", "--reference", "mnist5k"], "neither a shard set"),
         (["fid", "--samples", f["shards"], "--reference", "mnist5k"], "_manifest.json is corrupt"),
@@ -115,6 +127,9 @@ def _cases(f):
         (["fid", "--samples", f["root"], "--reference", "mnist5k", "--extractor", "inception"],
          "Invalid value for '--extractor'"),
         (["fid-export-inception", f["root"]], "Invalid value for 'OUT'"),
+        (["fid", "--samples", "mnist5k", "--reference", f"{r}/badsigma.npz"],
+         "sigma has shape (63, 63), mu has 64 features"),
+        (["fid", "--samples", "mnist5k", "--reference", f"{r}/nan.npz"], "mu holds NaN or inf"),
         # run
         (["run", f"{r}/none.yaml"], "run config not found"),
         (["run", f"{r}/corrupt.yaml"], "run config is not valid YAML"),
@@ -127,12 +142,16 @@ def _cases(f):
         (["run", f"{r}/noweights.yaml"], "extractor weights"),
         (["run", f"{r}/badckpt.yaml"], "junk.safetensors: corrupt safetensors file"),
         (["run", f"{r}/otherplan.yaml"], "plan is for 2 blocks x 16 tokens"),
+        (["run", f"{r}/dup.yaml"], "duplicate key 'samples' (first at line 2)"),
+        (["run", f"{r}/dirckpt.yaml"], "ckpt-dir is a directory"),
         # report, nightly
         (["report", "--data", f"{r}/corrupt.json", "--out", f"{r}/rep"], "report data is not valid JSON"),
         (["report", "--history", f["plan"], "--out", f"{r}/rep"], "is a file: a history is a folder"),
         (["report", "--out", f"{r}/rep"], "give at least one --data file or a --history table"),
         (["nightly", f"{r}/nightly.yaml"], "models: List should have at least 1 item"),
         (["nightly", f"{r}/none.yaml"], "nightly config not found"),
+        (["nightly", f"{r}/nightly-dup.yaml"], "duplicate key 'history' (first at line 1)"),
+        (["report", "--data", f"{r}/binary.json", "--out", f"{r}/rep"], "cannot read the report data"),
         # train
         (["train", "--dataset", f"{r}/no-such-folder", "--out", f"{r}/t.safetensors"], "no-such-folder"),
         (["train", "--lr", "0", "--out", f"{r}/t.safetensors"], "Invalid value for '--lr'"),
@@ -212,7 +231,45 @@ def test_every_option_of_every_command_has_help():
     (["fid", "--samples", "a", "--reference", "b", "--reference-image-size", "0"], "--reference-image-size"),
     (["generate", "--checkpoint", "demo", "--out", "x", "--autocast", "fp8"], "--autocast"),
     (["run", "c.yaml", "--stop-after", "never"], "--stop-after"),
+    (["generate", "--checkpoint", "demo", "--num-samples", "4", "--batch-size", "2", "--out", ""], "--out"),
+    (["generate", "--checkpoint", "demo", "--num-samples", "4", "--batch-size", "2", "--out", "x", "--labels", "99"],
+     "--labels"),
+    (["generate", "--checkpoint", "demo", "--num-samples", "4", "--batch-size", "2", "--out", "x", "--guidance",
+      "nan"], "--guidance"),
+    (["sample", "--checkpoint", "demo", "--out", "x.png", "--attn-temp", "0"], "--attn-temp"),
+    (["sample", "--checkpoint", "", "--out", "x.png"], "--checkpoint"),
+    (["profile", "--checkpoint", "demo", "--out", "p.json", "--seed", "-1"], "--seed"),
+    (["plan", "--profile", "p.json", "--tol", "nan", "--out", "x.json"], "--tol"),
+    (["fid", "--samples", "a", "--reference", "b", "--extractor-weights", "w.pth"], "--extractor-weights"),
+    (["fid", "--samples", "a", "--reference", "b", "--num-gpus", "-1"], "--num-gpus"),
 ])
 def test_bad_option_values_exit_2_naming_the_option(args, option):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, result.output
+
+
+def test_options_take_type_choices_and_default_from_the_field_they_fill():
+    """The sampling spec's, a stage's resources', the model reference's and the FID settings' options are
+    derived from those types: the same defaults and choices, nothing restated."""
+    import typing
+
+    from tarflow import SamplingSpec
+    from tarflow.schema import field_spec
+    from workflows.cli.options import SPEC_OPTIONS
+    from workflows.config import FidSettings, Resources
+
+    spec = {param.name: param for param in main.commands["sample"].params}
+    for path, decl, _ in SPEC_OPTIONS:
+        param = spec[f"spec__{'__'.join(path)}"]
+        annotation, default = field_spec(SamplingSpec, path)
+        assert param.opts[0] == decl.split("/")[0]
+        if path != ("batch_size",):  # each command sets its own batch size
+            assert param.default == default, decl
+        if typing.get_origin(annotation) is typing.Literal:
+            assert list(param.type.choices) == list(typing.get_args(annotation)), decl
+    generate = {param.name: param for param in main.commands["generate"].params}
+    for name in Resources.model_fields:
+        assert generate[f"resources__{name}"].default == Resources.model_fields[name].default
+    fid = {param.name: param for param in main.commands["fid"].params}
+    for name, decl in (("batch_size", "batch_size"), ("kid_samples", "kid_samples"), ("extractor", "extractor")):
+        assert fid[decl].default == FidSettings.model_fields[name].default

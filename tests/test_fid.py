@@ -3,6 +3,7 @@ mismatch errors, the offline TorchScript Inception and the CLI. Real local Ray, 
 import json
 import shutil
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +15,8 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from workflows.config import FidSettings, Resources
 from workflows.fidelity.extractors import build_extractor, export_compat_weights, extract_features, has_isc, \
     register_extractors
-from workflows.fidelity.stats import FeatureStats, FIDStats, StatsMismatchError, frechet_distance
-from workflows.stages.fid import EvaluateError, FeaturePool, evaluate_fid, reference_stats
+from workflows.fidelity.stats import FeatureStats, FIDStats, StatsError, StatsMismatchError, frechet_distance
+from workflows.stages.fid import EvaluateError, FeaturePool, check_reference, evaluate_fid, reference_stats
 from workflows.storage import files, shards as sh
 
 from fid_data import UInt8Images, write_shards
@@ -130,7 +131,7 @@ def test_bad_sources_and_settings_are_errors(tmp_path):
 
     with pytest.raises(ValidationError, match="Input should be 'mnist5k-classifier'"):
         FidSettings(extractor="inception")
-    with pytest.raises(FileNotFoundError, match="do not exist"):
+    with pytest.raises(FileNotFoundError, match="reference statistics not found"):
         FIDStats.load(tmp_path / "none.npz")
 
 
@@ -172,3 +173,68 @@ def test_cli_prints_fid_and_writes_json(ray_local, shard_sets, tmp_path):
 
     bad = CliRunner().invoke(main, ["fid", "--samples", samples, "--reference", str(tmp_path / "nothing")])
     assert bad.exit_code != 0 and "neither a shard set" in bad.output
+
+
+@pytest.fixture
+def unreadable_samples(shard_sets, tmp_path):
+    """The samples with every shard's bytes zeroed (same size): any pass that reads one fails on its checksum,
+    so an error about anything else was raised before a single sample was read."""
+    broken = tmp_path / "broken"
+    shutil.copytree(shard_sets[0], broken)
+    for shard in broken.glob("data/train-*.parquet"):
+        shard.write_bytes(b"\x00" * shard.stat().st_size)
+    return str(broken)
+
+
+@pytest.mark.parametrize("mu, sigma, message", [
+    (np.zeros(32), np.eye(32), "have 32 features, extractor mnist5k-classifier gives 64"),
+    (np.zeros(64), np.eye(63), r"sigma has shape \(63, 63\), mu has 64 features"),
+    (np.full(64, np.nan), np.eye(64), "mu holds NaN or inf"),
+    (np.zeros(64), np.full((64, 64), np.inf), "sigma holds NaN or inf"),
+])
+def test_reference_statistics_are_checked_before_any_sample_is_read(ray_local, unreadable_samples, tmp_path, mu,
+                                                                    sigma, message):
+    path = tmp_path / "ref.npz"
+    np.savez(path, mu=mu, sigma=sigma, n=300, extractor="mnist5k-classifier", image_size=[28, 28], dataset="x")
+    with pytest.raises(StatsError, match=message):
+        evaluate_fid(unreadable_samples, str(path), FidSettings(), cache_dir=None)
+    with pytest.raises(StatsError, match=message):  # and by the run, before generating
+        check_reference(str(path), FidSettings(), 28)
+
+
+def test_a_listed_shard_that_is_gone_is_found_before_the_pass(ray_local, unreadable_samples, shard_sets, tmp_path):
+    (Path(unreadable_samples) / "data" / "train-00004-of-00005.parquet").unlink()
+    with pytest.raises(sh.ShardError, match="train-00004-of-00005.parquet is listed in the manifest but missing"):
+        evaluate_fid(unreadable_samples, "mnist5k", FidSettings(), cache_dir=None)
+    # a reference shard set: before the samples' pass, and before the run generates
+    with pytest.raises(sh.ShardError, match="train-00004-of-00005.parquet is listed in the manifest but missing"):
+        evaluate_fid(shard_sets[1], unreadable_samples, FidSettings(), cache_dir=None)
+    with pytest.raises(sh.ShardError, match="is listed in the manifest but missing"):
+        check_reference(unreadable_samples, FidSettings(), 28)
+    resized = Path(unreadable_samples) / "data" / "train-00001-of-00005.parquet"
+    resized.write_bytes(resized.read_bytes()[:-10])
+    with pytest.raises(sh.ShardError, match="train-00001-of-00005.parquet has .* bytes, the manifest says"):
+        check_reference(unreadable_samples, FidSettings(), 28)
+
+
+def test_a_fid_that_is_not_finite_is_an_error_not_a_number():
+    a = FIDStats(np.zeros(2), np.eye(2), 10, "x", (1, 1), "a")
+    b = FIDStats(np.full(2, 1e200), np.eye(2), 10, "x", (1, 1), "b")
+    with pytest.raises(StatsError, match="FID of a vs b is inf, not a number"):
+        frechet_distance(a, b)
+
+
+def test_one_extractor_registry_gives_the_configs_and_cli_choices_and_the_docs_table():
+    import re
+    import typing
+
+    from workflows.cli import main
+    from workflows.fidelity.registry import DEFAULT_EXTRACTOR, EXTRACTORS
+
+    assert typing.get_args(FidSettings.model_fields["extractor"].annotation) == tuple(EXTRACTORS)
+    assert FidSettings().extractor == DEFAULT_EXTRACTOR
+    option = next(p for p in main.commands["fid"].params if p.name == "extractor")
+    assert list(option.type.choices) == list(EXTRACTORS) and option.default == DEFAULT_EXTRACTOR
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z0-9-]+)`(?: \(default\))? \| (\d+)-d", readme, re.M))
+    assert rows == {name: str(info.dim) for name, info in EXTRACTORS.items()}, "README's extractor table"

@@ -155,3 +155,25 @@ def test_every_guidance_setting_keys_the_profile(tiny, ray_local, tmp_path):
         keys.append(stage.key)
         assert Profile.from_json(Path(stage.output).read_text()).spec.guidance == cfg.sampling.guidance
     assert len(set(keys)) == 3
+
+
+def test_an_output_holds_one_kind_of_thing(tiny, ray_local, tmp_path):
+    """A run refuses a shard set as its output, and generate a run's folder, naming what is there; neither
+    writes anything into the other."""
+    from workflows.config import GenerateConfig
+    from workflows.stages.generate import GenerateError, generate
+
+    _, d = tiny
+    runs = _config({**d, "output": str(tmp_path / "run")})
+    pipeline.run(runs, stop_after="generate")
+    samples = next((tmp_path / "run").glob("samples-*"))
+    before = sorted(p.name for p in samples.iterdir())
+    with pytest.raises(pipeline.PipelineError, match=r"is a shard set \(it holds _manifest.json, data\)"):
+        pipeline.run(_config({**d, "output": str(samples)}), stop_after="plan")
+    assert sorted(p.name for p in samples.iterdir()) == before
+
+    cfg = GenerateConfig(model=runs.model, out=str(tmp_path / "run"), samples=runs.samples, spec=runs.sampling,
+                         resources=runs.resources.generate)
+    with pytest.raises(GenerateError, match=r"is the folder of a `tarflow-gs run` \(it holds run.json\)"):
+        generate(cfg)
+    assert not list((tmp_path / "run").glob("_*")) and not (tmp_path / "run" / "data").exists()

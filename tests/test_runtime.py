@@ -1,12 +1,16 @@
 """workflows.runtime: one way to reach Ray, and a private Ray that leaves nothing behind."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from workflows import runtime
 from workflows.config import Resources
@@ -64,3 +68,80 @@ def test_a_pool_never_claims_every_cpu(ray_local):
         cpus, gpus, threads = runtime.worker_options(Resources(actors=actors))
         assert cpus * actors < total and cpus <= 1.0 and (gpus, threads) == (0.0, 1)
     assert runtime.worker_options(Resources(actors=2, num_cpus=0.25, num_gpus=1)) == (0.25, 1, 1)
+
+
+def test_a_pool_whose_workers_cannot_start_ends_at_once_with_their_error(ray_local):
+    """A constructor that raises kills a Ray actor, and a pool that kept asking it to start spun for good (the
+    driver's Ray log grew by GBs a minute). The pool ends with the worker's own error, in seconds."""
+    class Broken(runtime.Worker):  # local: Ray ships it by value to the actors
+        def __init__(self, path, threads):
+            super().__init__(threads)
+            raise ValueError(f"{path} is not what this worker needs")
+
+    start = time.monotonic()
+    with pytest.raises(runtime.ClusterError, match="test worker could not start: ValueError: W.pth is not what"):
+        with runtime.ActorPool(Broken, ("W.pth",), Resources(actors=2, num_cpus=0.5), "test",
+                               start_timeout_s=60) as pool:
+            list(pool.map_unordered([("ready", ())]))
+    assert time.monotonic() - start < 20
+
+
+def _ray_temp_dir() -> str:
+    # a short path of our own: Ray's socket paths have a length limit, and its logs are measured and removed
+    return tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+
+
+def _size(root: str) -> int:
+    return sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file())
+
+
+def test_fid_with_weights_that_are_not_inception_weights_ends_with_a_message_within_a_minute(tmp_path):
+    """`fid --extractor inception-v3-compat --extractor-weights W` with W a harmless wrong file stayed at 0/N
+    forever while the driver's Ray log filled the disk. It ends within 60 s naming the file and what it lacks,
+    and its Ray writes under 50 MB (its own RAY_TMPDIR, removed after)."""
+    weights = tmp_path / "W.pth"
+    torch.save({"a": torch.zeros(1)}, weights)
+    ray_tmp = _ray_temp_dir()
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp}
+    command = [shutil.which("tarflow-gs"), "fid", "--samples", "mnist5k", "--reference", "mnist5k", "--extractor",
+               "inception-v3-compat", "--extractor-weights", str(weights), "--no-progress"]
+    start = time.monotonic()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"still running after 60 s; its Ray wrote {_size(ray_tmp) >> 20} MB")
+    finally:
+        written = _size(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert time.monotonic() - start < 60 and proc.returncode == 1 and "Traceback" not in err, err
+    assert f"{weights} is not torch-fidelity's Inception-v3 weights" in " ".join(err.split()), err
+    assert written < 50 << 20
+
+
+def test_ctrl_c_twice_ends_without_a_traceback(tmp_path):
+    """Ctrl-C during generation, then again and again while Ray shuts down: no traceback from Ray's atexit
+    shutdown, no crash by a signal; the command says it was aborted."""
+    ray_tmp = _ray_temp_dir()
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp}
+    proc = subprocess.Popen([shutil.which("tarflow-gs"), "generate", "--checkpoint", "demo", "--num-samples", "64",
+                             "--batch-size", "4", "--out", str(tmp_path / "out"), "--progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    try:
+        seen = b""
+        while b"generate:" not in seen and proc.poll() is None:  # the bar: the pool is sampling
+            seen += proc.stderr.read1(4096)
+        proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 5
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            proc.send_signal(signal.SIGINT)
+        err = (seen + proc.communicate(timeout=60)[1]).decode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 1 and "Traceback" not in err and "Aborted!" in err, (proc.returncode, err[-2000:])

@@ -5,12 +5,15 @@ Every command, job and stage goes through here; nothing else calls `ray.init` or
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from typing import Callable, Iterable, Iterator
@@ -61,6 +64,16 @@ def connect(address: str | None = None) -> None:
             _start_reaper()
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise ClusterError(f"cannot connect to Ray at {address or 'a new local instance'}: {e}") from None
+    atexit.register(shutdown)  # after ray.init's own: atexit runs it first
+
+
+def shutdown() -> None:
+    """Disconnect from Ray (stopping a private one) with Ctrl-C ignored: a Ctrl-C inside `ray.shutdown`
+    (Ray's atexit handler, which waits) leaves Ray half stopped and prints a traceback. Once the process
+    is ending, a second Ctrl-C has nothing left to interrupt."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ray.shutdown()
 
 
 _reaper: subprocess.Popen | None = None
@@ -164,6 +177,32 @@ class Worker:
         return getattr(self, method)(*args)
 
 
+class WorkerStartError(ClusterError):
+    """A pool's worker could not start: its constructor raised (bad weights, a missing file)."""
+
+
+class _Host:
+    """The actor a pool runs: it builds one `Worker` and, if the constructor raises, keeps the error for
+    `ready` to raise. A constructor that raises inside a Ray actor kills it, and every later call on it
+    fails at once, so a pool that retried would spin (its driver's Ray log grew by GBs a minute); a live
+    actor that answers with the error ends the pool with it."""
+
+    def __init__(self, cls: type, threads: int, *args):  # args at the top level: Ray resolves refs there only
+        self.worker, self.error = None, None
+        try:
+            self.worker = cls(*args, threads)
+        except Exception as e:  # any error of a constructor is the pool's answer
+            self.error = e
+
+    def ready(self) -> dict:
+        if self.error is not None:
+            raise self.error
+        return self.worker.ready()
+
+    def call(self, method: str, *args):
+        return self.worker.call(method, *args)
+
+
 class ActorPool:
     """Actors of one `Worker` class running idempotent units, on whatever the cluster can place.
 
@@ -173,16 +212,21 @@ class ActorPool:
     (killed, out of memory, its node gone) is restarted by Ray (`max_restarts`); its unit goes back
     to the queue for whichever actor is ready first, rather than waiting on the restart, which may
     never be placed once a node is gone. A unit that loses its actor `max_attempts` times stops the
-    pool. `replacements` counts the deaths."""
+    pool. `replacements` counts the deaths.
+
+    A worker whose constructor raises ends the pool at once with that error (`WorkerStartError`); one
+    that dies while starting `max_attempts` times in a row (its process killed each time) ends it too."""
 
     def __init__(self, cls: type, args: tuple, res: Resources, label: str, start_timeout_s: float = 300.0,
                  max_attempts: int = 3, num_actors: int | None = None):
         num_cpus, num_gpus, threads = worker_options(res)
         self.label, self.start_timeout_s, self.max_attempts = label, start_timeout_s, max_attempts
         self.asked = f"{num_cpus:g} CPU + {num_gpus:g} GPU per worker"
-        remote = ray.remote(cls).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0)
-        self.actors = [remote.remote(*args, threads) for _ in range(num_actors or res.actors)]
+        host = type(cls.__name__, (_Host,), {})  # Ray titles actor processes ray::<class>: the worker's name
+        remote = ray.remote(host).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0)
+        self.actors = [remote.remote(cls, threads, *args) for _ in range(num_actors or res.actors)]
         self._ready = {a.ready.remote(): slot for slot, a in enumerate(self.actors)}
+        self._start_deaths = [0] * len(self.actors)  # deaths while starting, in a row, per slot
         self._idle: list[int] = []  # slots of started actors with no unit
         self.placements: list[dict] = []
         self.replacements = 0
@@ -206,10 +250,18 @@ class ActorPool:
         for ref in done:
             slot = self._ready.pop(ref)
             try:
-                self.placements.append(get(ref))
-            except ray.exceptions.RayActorError:
+                self.placements.append(ray.get(ref))
+            except ray.exceptions.RayTaskError as e:
+                raise WorkerStartError(f"{self.label} worker could not start: {type(e.cause).__name__}: "
+                                       f"{e.cause}") from e.cause
+            except ray.exceptions.RayActorError as e:
+                self._start_deaths[slot] += 1
+                if e.actor_init_failed or self._start_deaths[slot] >= self.max_attempts:
+                    raise WorkerStartError(f"{self.label} worker died {self._start_deaths[slot]} time(s) while "
+                                           f"starting: {' '.join(str(e).split())[:500]}") from None
                 self._ready[self.actors[slot].ready.remote()] = slot  # died while starting: Ray restarts it
                 continue
+            self._start_deaths[slot] = 0
             slots.append(slot)
         return slots
 

@@ -16,6 +16,12 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except expected_errors() as e:
             raise click.ClickException(" ".join(str(e).split()) or type(e).__name__) from None
+        except KeyboardInterrupt:
+            # stop Ray now, deaf to a second Ctrl-C (one inside Ray's own atexit shutdown prints a traceback)
+            from ..runtime import shutdown
+
+            shutdown()
+            raise click.Abort() from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

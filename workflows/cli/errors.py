@@ -9,6 +9,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from tarflow import CheckpointError, SchemaError
     from tarflow.data import DatasetError
 
+    from ..fidelity.registry import ExtractorError
     from ..fidelity.stats import StatsError
     from ..pipeline import PipelineError
     from ..runtime import ClusterError
@@ -18,5 +19,6 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from ..storage.lease import LeaseError
     from ..storage.shards import ShardError
 
-    return (SchemaError, CheckpointError, DatasetError, FloatingPointError, StatsError, PipelineError,
-            ClusterError, EvaluateError, GenerateError, HistoryError, LeaseError, ShardError, ValidationError, OSError)
+    return (SchemaError, CheckpointError, DatasetError, FloatingPointError, ExtractorError, StatsError,
+            PipelineError, ClusterError, EvaluateError, GenerateError, HistoryError, LeaseError, ShardError,
+            ValidationError, OSError)

@@ -3,29 +3,32 @@ from __future__ import annotations
 
 import click
 
-from .options import checkpoint_options, progress_option, resources_options, spec_options
+from ..config import GenerateConfig
+from .options import build, checkpoint_options, field_option, progress_option, resources_options, spec_options
+
+OPTIONS = {("out",): "--out", ("samples", "num_samples"): "--num-samples", ("samples", "shard_size"): "--shard-size"}
 
 
 @click.command("generate")
 @checkpoint_options
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False), default=None,
               help="Plan JSON (from `tarflow-gs plan`); default sequential.")
-@click.option("--num-samples", type=click.IntRange(min=1), required=True, help="Sample ids 0..N-1.")
+@field_option(GenerateConfig, ("samples", "num_samples"), "--num-samples", "Sample ids 0..N-1.", required=True,
+              default=None, show_default=False)
 @spec_options(batch_size=None)
-@click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Samples per Parquet shard.")
+@field_option(GenerateConfig, ("samples", "shard_size"), "--shard-size", "Samples per Parquet shard.")
 @resources_options("generate")
-@click.option("--out", required=True, help="Output directory or URI (file://, s3://, gs://).")
+@field_option(GenerateConfig, ("out",), "--out", "Output directory or URI (file://, s3://, gs://).")
 @progress_option
 def generate_command(model_ref, plan_path, num_samples, spec, shard_size, resources, out, progress):
     """Generate NUM_SAMPLES images into Parquet shards; re-running the same command resumes."""
     from tarflow import Plan
 
-    from ..config import GenerateConfig, SampleSet
     from ..stages.generate import generate
 
-    cfg = GenerateConfig(model=model_ref, out=out, samples=SampleSet(num_samples=num_samples, shard_size=shard_size),
-                         spec=spec, plan=Plan.load(plan_path) if plan_path else None, resources=resources)
+    cfg = build(GenerateConfig, {("model",): model_ref, ("out",): out, ("samples", "num_samples"): num_samples,
+                                 ("samples", "shard_size"): shard_size, ("spec",): spec, ("resources",): resources,
+                                 ("plan",): Plan.load(plan_path) if plan_path else None}, OPTIONS)
     click.echo(generate(cfg, progress=progress).text())
 
 

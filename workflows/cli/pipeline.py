@@ -43,8 +43,6 @@ def run_command(config, output, stop_after, progress):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for report.html / report.json.")
 def report_command(data_files, history, title, out):
     """Render a self-contained HTML report (and its figures as JSON) from run results and a history table."""
-    from pathlib import Path
-
     from ..report import ReportData, write_report
     from ..storage.history import read_history
 
@@ -52,7 +50,7 @@ def report_command(data_files, history, title, out):
         raise click.UsageError("give at least one --data file or a --history table")
     data = ReportData(title)
     for f in data_files:
-        part = ReportData.from_json(Path(f).read_text())
+        part = ReportData.load(f)
         data.models += part.models
         data.history += part.history
         data.notes += part.notes

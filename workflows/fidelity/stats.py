@@ -15,6 +15,7 @@ size the user must state.
 """
 from __future__ import annotations
 
+import math
 import re
 import zipfile
 from dataclasses import dataclass
@@ -25,12 +26,15 @@ import numpy as np
 import torch
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 
+from tarflow.checkpoint import load_torch_data
+from tarflow.schema import input_file
+
+from .registry import EXTRACTORS
+
 if TYPE_CHECKING:
     from .metrics import KeptFeatures
 
 STATS_FORMAT = "tarflow-gs-fid-stats-v1"
-# extractors that are one network: statistics of one compare with features of the other
-NETWORKS = {name: "inception-v3 (TF 2015-12-05)" for name in ("inception-v3-compat", "inception-v3-torchscript")}
 TORCHMETRICS_KEYS = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
 
@@ -40,6 +44,15 @@ class StatsError(ValueError):
 
 class StatsMismatchError(StatsError):
     """Two sets of statistics that cannot be compared (different extractor, image size or dimension)."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _network(extractor: str) -> str:
+    """Extractors of one network give statistics that compare with each other's features."""
+    return EXTRACTORS[extractor].network if extractor in EXTRACTORS else extractor
 
 
 @dataclass
@@ -74,7 +87,7 @@ class FeatureStats:
     def sigma(self) -> np.ndarray:
         """Sample covariance with n - 1 in the denominator, as `np.cov(features, rowvar=False)`."""
         if self.count < 2:
-            raise ValueError(f"a covariance needs at least 2 images; have {self.count}")
+            raise StatsError(f"a covariance needs at least 2 images; have {self.count}")
         return (self.sum_outer - np.outer(self.sum, self.sum) / self.count) / (self.count - 1)
 
 
@@ -90,10 +103,38 @@ class FIDStats:
     dataset: str  # where the images came from (dataset name, folder, shard URI)
     kid: "KeptFeatures | None" = None  # the strided feature subset KID compares (None: a file without one)
 
+    def __post_init__(self):
+        """Statistics that torch-fidelity's distance can take: shapes that agree and finite numbers, so a
+        malformed file is named when it is read, not as an assertion after the samples' pass."""
+        where = f"statistics of {self.dataset}"
+        self.mu, self.sigma = np.asarray(self.mu, np.float64), np.asarray(self.sigma, np.float64)
+        if self.mu.ndim != 1 or self.mu.shape[0] < 1:
+            raise StatsError(f"{where}: mu has shape {self.mu.shape}, not (D,)")
+        dim = self.mu.shape[0]
+        if self.sigma.shape != (dim, dim):
+            raise StatsError(f"{where}: sigma has shape {self.sigma.shape}, mu has {dim} features: sigma must be "
+                             f"({dim}, {dim})")
+        for name, value in (("mu", self.mu), ("sigma", self.sigma)):
+            if not np.isfinite(value).all():
+                raise StatsError(f"{where}: {name} holds NaN or inf")
+        if self.count is not None and (not _is_int(self.count) or self.count < 2):
+            raise StatsError(f"{where}: count={self.count!r}, a covariance needs at least 2 images")
+        if len(self.image_size) != 2 or any(not _is_int(s) or s < 1 for s in self.image_size):
+            raise StatsError(f"{where}: image_size={self.image_size!r}, not a positive (H, W)")
+        if self.kid is not None:
+            index, features = np.asarray(self.kid.index), np.asarray(self.kid.features)
+            if index.ndim != 1 or features.shape != (len(index), dim) or not np.isfinite(features).all():
+                raise StatsError(f"{where}: KID's kept features are {features.shape} for {index.shape} indices, "
+                                 f"not ({len(index)}, {dim}) finite values")
+
     @classmethod
     def from_features(cls, stats: FeatureStats, extractor: str, image_size, dataset: str,
                       kid: "KeptFeatures | None" = None) -> "FIDStats":
-        return cls(stats.mu, stats.sigma, stats.count, extractor, tuple(int(s) for s in image_size), str(dataset), kid)
+        try:
+            sigma = stats.sigma
+        except StatsError as e:
+            raise StatsError(f"{dataset}: {e}") from None
+        return cls(stats.mu, sigma, stats.count, extractor, tuple(int(s) for s in image_size), str(dataset), kid)
 
     def save(self, path) -> Path:
         path = Path(path)
@@ -113,10 +154,14 @@ class FIDStats:
         return load_stats(path)
 
     def check_extractor(self, extractor: str, where: str = "reference statistics") -> None:
-        if NETWORKS.get(self.extractor, self.extractor) != NETWORKS.get(extractor, extractor):
+        """Raise StatsMismatchError unless these stats come from `extractor`'s network, with its dimension."""
+        if _network(self.extractor) != _network(extractor):
             raise StatsMismatchError(f"{where} ({self.dataset}) were computed with extractor {self.extractor!r}, "
                                      f"the samples with {extractor!r}: recompute the reference with --extractor "
                                      f"{extractor}")
+        if extractor in EXTRACTORS and self.mu.shape[0] != EXTRACTORS[extractor].dim:
+            raise StatsMismatchError(f"{where} ({self.dataset}) have {self.mu.shape[0]} features, extractor "
+                                     f"{extractor} gives {EXTRACTORS[extractor].dim}: they are not its statistics")
 
     def check_comparable(self, extractor: str, image_size, where: str = "reference statistics") -> None:
         """Raise StatsMismatchError unless these stats were made by `extractor` on images of `image_size`."""
@@ -133,13 +178,17 @@ class FIDStats:
 
 def frechet_distance(a: FIDStats, b: FIDStats) -> float:
     """FID between two sets of statistics, by torch-fidelity's own formula."""
-    if NETWORKS.get(a.extractor, a.extractor) != NETWORKS.get(b.extractor, b.extractor):
+    if _network(a.extractor) != _network(b.extractor):
         raise StatsMismatchError(f"statistics from different extractors: {a.extractor!r} vs {b.extractor!r}")
     if a.mu.shape != b.mu.shape:
         raise StatsMismatchError(f"feature dimensions differ: {a.mu.shape[0]} vs {b.mu.shape[0]}")
-    # torch-fidelity asserts equal dtypes; float64 on both sides keeps the merged precision.
-    stat_a, stat_b = ({"mu": np.asarray(s.mu, np.float64), "sigma": np.asarray(s.sigma, np.float64)} for s in (a, b))
-    return float(fid_statistics_to_metric(stat_a, stat_b, verbose=False)[KEY_METRIC_FID])
+    # float64 on both sides (FIDStats holds float64): torch-fidelity asserts equal dtypes
+    fid = float(fid_statistics_to_metric({"mu": a.mu, "sigma": a.sigma}, {"mu": b.mu, "sigma": b.sigma},
+                                         verbose=False)[KEY_METRIC_FID])
+    if not math.isfinite(fid):
+        raise StatsError(f"FID of {a.dataset} vs {b.dataset} is {fid}, not a number: their statistics are too "
+                         "large, or their covariances have no real square root")
+    return fid
 
 
 def _size(path: Path, image_size) -> tuple[int, int] | None:
@@ -152,9 +201,7 @@ def _size(path: Path, image_size) -> tuple[int, int] | None:
 def load_stats(path, extractor: str | None = None, image_size=None) -> FIDStats:
     """Reference statistics from any of the forms in the module docstring. `extractor` and `image_size`
     (an int or (H, W)) say what made a file that does not record it; a file that does is read as it says."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"reference statistics {path} do not exist")
+    path = input_file(path, "reference statistics")
     if path.suffix in (".pth", ".pt"):
         return _torchmetrics_state(path, extractor, image_size)
     try:
@@ -177,17 +224,21 @@ def load_stats(path, extractor: str | None = None, image_size=None) -> FIDStats:
                                  "--reference-image-size), e.g. inception-v3-compat at the dataset's resolution")
             return FIDStats(np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64), None, extractor,
                             size, path.name)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, TypeError, KeyError, EOFError, zipfile.BadZipFile) as e:
         if isinstance(e, StatsError):
             raise
+        if "allow_pickle" in str(e):
+            raise StatsError(f"{path} holds pickled Python objects, not only arrays: refused, statistics are read "
+                             "as data (numpy with allow_pickle=False), never run as code") from None
         raise StatsError(f"{path} is not a readable statistics .npz ({type(e).__name__}: {e})") from None
 
 
-def _torchmetrics_state(path: Path, extractor: str | None, image_size) -> FIDStats:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for foreign or truncated files
-        raise StatsError(f"{path} is not a readable torch file ({type(e).__name__}: {e})") from None
+def _shapes(*values) -> str:
+    return ", ".join(str(tuple(v.shape)) if isinstance(v, torch.Tensor) else type(v).__name__ for v in values)
+
+
+def _torchmetrics_state(path, extractor: str | None, image_size) -> FIDStats:
+    state = load_torch_data(path, "a torchmetrics FID state", StatsError)
     found = {k: next((v for name, v in state.items() if name.endswith(k)), None) for k in TORCHMETRICS_KEYS} \
         if isinstance(state, dict) else {}
     if not found or any(v is None for v in found.values()):
@@ -197,7 +248,11 @@ def _torchmetrics_state(path: Path, extractor: str | None, image_size) -> FIDSta
     if size is None:
         raise StatsError(f"{path} does not say the image size its statistics were computed at: give "
                          "fid.reference_image_size (--reference-image-size)")
-    features = FeatureStats(int(found["real_features_num_samples"]), found["real_features_sum"].double().numpy(),
-                            found["real_features_cov_sum"].double().numpy())
+    total, outer, count = (found[k] for k in TORCHMETRICS_KEYS)
+    if not all(isinstance(v, torch.Tensor) for v in (total, outer, count)) or total.dim() != 1 \
+            or outer.shape != (len(total), len(total)) or count.numel() != 1 or not count >= 2:
+        raise StatsError(f"{path}: real_features_sum, real_features_cov_sum and real_features_num_samples must be "
+                         f"tensors (D,), (D, D) and a count >= 2; got {_shapes(total, outer, count)}")
+    features = FeatureStats(int(count), total.double().numpy(), outer.double().numpy())
     # torchmetrics' FID network is torch-fidelity's Inception: the implied extractor
     return FIDStats.from_features(features, extractor or "inception-v3-compat", size, path.name)

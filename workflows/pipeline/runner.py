@@ -26,6 +26,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
+import pyarrow.fs as pafs
+
 from tarflow import Plan, SamplingSpec, model_hash
 from tarflow.profile import Profile
 from tarflow.schedule import hand_plan
@@ -35,7 +37,8 @@ from ..report import ModelResult, ReportData, report_files
 from ..runtime import worker_threads as runtime_threads
 from ..stages import compare, fid, generate, plan as plan_stage, profile as profile_stage
 from ..storage import shards as sh
-from ..storage.files import Store
+from ..storage.files import Store, resolve
+from ..storage.manifest import DATA_DIR, MANIFEST_NAME, RECORDS_DIR
 from ..storage.history import HistoryRow, append_history, read_history
 
 log = logging.getLogger(__name__)
@@ -136,6 +139,7 @@ def run(cfg: RunConfig, stop_after: str | None = None, progress: bool | None = N
         given_plan.check_spec(spec)
     if cfg.fid.enabled:
         fid.check_reference(cfg.fid.reference, cfg.fid, model.config.img_size)
+    _check_not_a_shard_set(cfg.output)
     store = Store(cfg.output)
     store.check_writable()
     result = RunResult(cfg, spec)
@@ -244,6 +248,20 @@ def run(cfg: RunConfig, stop_after: str | None = None, progress: bool | None = N
     result.report = store.path("report.html")
     _write_index(store, result)
     return result
+
+
+def _check_not_a_shard_set(output: str) -> None:
+    """A run's output is a folder of stages and sample sets: written into a shard set, run.json and stages/
+    would sit among its shards, and Parquet readers of the set would choke on them."""
+    fs, base = resolve(output)
+    if fs.get_file_info(base).type != pafs.FileType.Directory:
+        return
+    found = sorted({i.base_name for i in fs.get_file_info(pafs.FileSelector(base))}
+                   & {DATA_DIR, MANIFEST_NAME, RECORDS_DIR})
+    if found:
+        raise PipelineError(f"output {output} is a shard set (it holds {', '.join(found)}), as `tarflow-gs "
+                            "generate` writes them: a run writes its own folder (stages, samples-<key>/, reports); "
+                            "give it another output")
 
 
 def _write_index(store: Store, result: RunResult) -> None:

@@ -25,7 +25,7 @@ from ..fidelity.metrics import kid
 from ..fidelity.stats import FIDStats, frechet_distance, load_stats
 from ..storage import shards as sh
 from ..storage.files import join, resolve, write_atomic
-from .features import EvaluateError, FeaturePool, ImageSource, IMAGE_SUFFIXES, compute_stats
+from .features import EvaluateError, FeaturePool, ImageSource, IMAGE_SUFFIXES, check_shards, compute_stats
 
 __all__ = ["EvaluateError", "FeaturePool", "FIDResult", "ImageSource", "check_reference", "evaluate_fid",
            "reference_stats", "result_name"]
@@ -75,10 +75,12 @@ def reference_stats(reference: str, settings: FidSettings, image_size: tuple[int
     return stats, None if path is None else str(stats.save(path))
 
 
-def check_reference(reference: str, settings: FidSettings, image_size: int | None = None) -> None:
-    """Raise now, before hours of generation, where the FID stage would fail on its inputs: extractor
-    weights missing, a reference that is no source, statistics unreadable, from another extractor or
-    (given the samples' `image_size`) of other-sized images, a shard set that is incomplete."""
+def check_reference(reference: str, settings: FidSettings, image_size: int | None = None) -> FIDStats | None:
+    """Raise now, before hours of generation or of the samples' pass, where the FID stage would fail on its
+    inputs: extractor weights missing or not the extractor's, a reference that is no source, statistics
+    unreadable, malformed, not finite, from another extractor or of its dimension or (given the samples'
+    `image_size`) of other-sized images, a shard set that is incomplete or lacks a listed shard. Returns
+    the statistics a statistics file holds."""
     check_extractor(settings.extractor, settings.weights)
     source = ImageSource.parse(reference)
     if source.kind == "stats":
@@ -88,8 +90,10 @@ def check_reference(reference: str, settings: FidSettings, image_size: int | Non
             stats.check_extractor(settings.extractor, where)
         else:
             stats.check_comparable(settings.extractor, (image_size, image_size), where)
-    elif source.kind == "shards" and not sh.read_manifest(source.location).complete:
-        raise sh.ShardError(f"FID reference {reference} is an incomplete shard set: finish its generation first")
+        return stats
+    if source.kind == "shards":
+        check_shards(source.location)
+    return None
 
 
 @dataclass
@@ -139,15 +143,13 @@ def evaluate_fid(samples: str, reference: str, settings: FidSettings = FidSettin
 
     With `write_result`, the result JSON goes next to the shards (`_fid-<extractor>.json` in the
     shard directory or URI, or in the image folder)."""
-    check_extractor(settings.extractor, settings.weights)
     start = time.perf_counter()
     source = ImageSource.parse(samples)
     if source.kind == "stats":
         raise EvaluateError(f"--samples {samples!r} is a statistics file; samples must be images (shards or a folder)")
-    ref_source, given, where = ImageSource.parse(reference), None, f"reference statistics {reference}"
-    if ref_source.kind == "stats":  # read once; a mismatched or unreadable file fails before any sample is read
-        given = load_reference_file(ref_source.location, settings)
-        given.check_extractor(settings.extractor, where)
+    # every input checked before any sample is read; a statistics file is read once, here
+    given, where = check_reference(reference, settings), f"reference statistics {reference}"
+    ref_source = ImageSource.parse(reference)
     with FeaturePool(settings, resources, progress) as pool:
         passed, description = pool.run(source)
         sample_stats = passed.fid_stats(settings.extractor, description)

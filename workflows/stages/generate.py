@@ -108,10 +108,13 @@ def _inputs(cfg: GenerateConfig) -> Job:
 
 
 def _output_type(out: str, fs: pafs.FileSystem, base: str) -> pafs.FileType:
-    """What is at the output now (a directory or nothing); a file there is an error."""
+    """What is at the output now (a directory or nothing); a file there, or a run's folder, is an error."""
     kind = fs.get_file_info(base).type
     if kind == pafs.FileType.File:
         raise GenerateError(f"output {out} is a file; give a directory (or URI prefix) for the shards")
+    if kind == pafs.FileType.Directory and fs.get_file_info(join(base, "run.json")).type == pafs.FileType.File:
+        raise GenerateError(f"output {out} is the folder of a `tarflow-gs run` (it holds run.json): its sample "
+                            "sets are its samples-<key>/ folders; give generate a new or empty output")
     return kind
 
 

@@ -1,0 +1,237 @@
+"""Files from users are data, never code: every option and config field that takes a file is given a pickle
+that would create a marker file if anything unpickled it, and a TorchScript program where data is expected.
+Each is refused with a message; the marker never appears."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from conftest import make_tiny_model
+
+from tarflow import Jacobi, Plan, save_checkpoint
+from workflows.cli import main
+
+
+class Bomb:
+    """Unpickling this creates `path`: proof that a file was run as code instead of read as data."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("untrusted")
+    marker = root / "EXECUTED"
+    bomb = Bomb(marker)
+    ckpt = save_checkpoint(make_tiny_model(), root / "tiny.safetensors")
+    plan = Plan.uniform(4, 16, Jacobi(tol=1e-5)).save(root / "plan.json")
+    f = {"root": root, "marker": marker, "ckpt": ckpt, "plan": plan}
+    # torch files: a raw checkpoint, extractor weights, a torchmetrics-style statistics state, a training state
+    torch.save({"var": bomb}, root / "ckpt.pth")
+    torch.save({"Conv2d_1a_3x3.conv.weight": bomb}, root / "weights.pth")
+    torch.save({"real_features_sum": bomb}, root / "stats_28_fid_stats.pth")
+    torch.save({"real_features_sum": bomb}, root / "stats_28_fid_stats.pt")
+    torch.save({"version": bomb}, root / "resume.safetensors.state.pt")
+    # numpy: an object array in an .npz is a pickle
+    np.savez(root / "stats.npz", mu=np.array([bomb], dtype=object), sigma=np.eye(2))
+    # JSON files (plans, profiles, report data) holding a pickle instead of JSON
+    for name in ("bomb-plan.json", "bomb-profile.json", "bomb-report.json"):
+        (root / name).write_bytes(pickle.dumps(bomb))
+    # YAML with a tag that would run a function
+    tag = f"!!python/object/apply:builtins.open [{str(marker)!r}, w]"
+    (root / "run.yaml").write_text(f"output: {root / 'out'}\nname: {tag}\n")
+    (root / "nightly.yaml").write_text(f"history: h\noutput: o\nmodels: [{{config: {tag}}}]\n")
+    # image folders with a pickle named as an image: calibration data and FID samples
+    for folder in ("data/class0", "images"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "0.png").write_bytes(pickle.dumps(bomb))
+    # TorchScript programs where data is expected
+    script = torch.jit.script(torch.nn.Linear(2, 2))
+    for name in ("script.pth", "script_28_fid_stats.pt", "script-weights.pth"):
+        script.save(str(root / name))
+    run = {"model": {"checkpoint": str(ckpt)}, "plan": {"path": str(plan)},
+           "fid": {"enabled": False}}
+    configs = {"checkpoint": {"model": {"checkpoint": str(root / "ckpt.pth")}},
+               "plan": {"plan": {"path": str(root / "bomb-plan.json")}},
+               "calibration": {"plan": {"tol": 1e-3}, "calibration": {"data": str(root / "data")}},
+               "reference": {"fid": {"reference": str(root / "stats_28_fid_stats.pth")}},
+               "reference-npz": {"fid": {"reference": str(root / "stats.npz"),
+                                         "reference_extractor": "mnist5k-classifier", "reference_image_size": 8}},
+               "weights": {"fid": {"extractor": "inception-v3-compat", "weights": str(root / "weights.pth"),
+                                   "reference": str(root / "data")}}}
+    for name, patch in configs.items():
+        (root / f"run-{name}.yaml").write_text(yaml.safe_dump({"output": str(root / f"never-{name}"), **run, **patch}))
+    return {k: str(v) for k, v in f.items()}
+
+
+GEN = ["--num-samples", "4", "--batch-size", "2", "--out", "{r}/g"]
+CASES = {
+    # options
+    "sample --checkpoint": (["sample", "--checkpoint", "{r}/ckpt.pth", "--in-channels", "1", "--out", "{r}/s.png"],
+                            "io.open"),
+    "profile --checkpoint": (["profile", "--checkpoint", "{r}/ckpt.pth", "--out", "{r}/p.json"], "io.open"),
+    "generate --checkpoint": (["generate", "--checkpoint", "{r}/ckpt.pth", *GEN], "io.open"),
+    "plan --checkpoint": (["plan", "--hand", "1-2-8-4", "--checkpoint", "{r}/ckpt.pth", "--out", "{r}/x.json"],
+                          "io.open"),
+    "plan --profile": (["plan", "--profile", "{r}/bomb-profile.json", "--out", "{r}/x.json"],
+                       "cannot read the profile"),
+    "generate --plan": (["generate", "--checkpoint", "{ckpt}", "--plan", "{r}/bomb-plan.json", *GEN],
+                        "cannot read the plan"),
+    "sample --plan": (["sample", "--checkpoint", "{ckpt}", "--plan", "{r}/bomb-plan.json", "--out", "{r}/s.png"],
+                      "cannot read the plan"),
+    "profile --data": (["profile", "--checkpoint", "{ckpt}", "--data", "{r}/data", "--out", "{r}/p.json"],
+                       "not a readable image"),
+    "train --resume": (["train", "--resume", "{r}/resume.safetensors"], "io.open"),
+    "fid --reference .pth": (["fid", "--samples", "{r}/images", "--reference", "{r}/stats_28_fid_stats.pth"],
+                             "io.open"),
+    "fid --reference .pt": (["fid", "--samples", "{r}/images", "--reference", "{r}/stats_28_fid_stats.pt"],
+                            "io.open"),
+    "fid --reference .npz": (["fid", "--samples", "{r}/images", "--reference", "{r}/stats.npz", "--reference-extractor",
+                              "mnist5k-classifier", "--reference-image-size", "28"], "pickle"),
+    "fid --extractor-weights": (["fid", "--samples", "{r}/images", "--reference", "mnist5k", "--extractor",
+                                 "inception-v3-compat", "--extractor-weights", "{r}/weights.pth"], "io.open"),
+    "fid --samples": (["fid", "--samples", "{r}/images", "--reference", "mnist5k"], "cannot identify image file"),
+    "report --data": (["report", "--data", "{r}/bomb-report.json", "--out", "{r}/rep"], "report data"),
+    "run CONFIG": (["run", "{r}/run.yaml"], "could not determine a constructor for the tag"),
+    "nightly CONFIG": (["nightly", "{r}/nightly.yaml"], "could not determine a constructor for the tag"),
+    # run config fields
+    "model.checkpoint": (["run", "{r}/run-checkpoint.yaml"], "io.open"),
+    "plan.path": (["run", "{r}/run-plan.yaml"], "cannot read the plan"),
+    "calibration.data": (["run", "{r}/run-calibration.yaml"], "not a readable image"),
+    "fid.reference .pth": (["run", "{r}/run-reference.yaml"], "io.open"),
+    "fid.reference .npz": (["run", "{r}/run-reference-npz.yaml"], "pickle"),
+    "fid.weights": (["run", "{r}/run-weights.yaml"], "io.open"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_no_file_from_a_user_is_ever_run_as_code(files, ray_local, case):  # some cases reach a Ray stage
+    args, message = CASES[case]
+    args = [a.format(r=files["root"], ckpt=files["ckpt"]) for a in args]
+    result = CliRunner().invoke(main, args)
+    where = f"{' '.join(args)}\n{result.output}"
+    assert not os.path.exists(files["marker"]), f"a file was unpickled as code: {where}"
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), f"{where}\n{result.exception!r}"
+    assert message in " ".join(result.output.split()), where
+    if args[0] == "run" and case not in ("run CONFIG", "calibration.data"):  # the profile stage reads its data
+        assert not os.path.exists(yaml.safe_load(open(args[1]))["output"]), "a refused run writes nothing"
+
+
+def test_every_command_that_reads_a_file_is_covered():
+    assert {args[0] for args, _ in CASES.values()} >= {"sample", "profile", "generate", "plan", "train", "fid",
+                                                        "report", "run", "nightly"}
+
+
+def test_the_extractor_cache_of_a_library_is_read_as_data_too(files, tmp_path, monkeypatch):
+    """Without --extractor-weights, inception-v3-compat's weights come from torch hub's cache: read with
+    weights_only as well (torch-fidelity would unpickle the cached file)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    from workflows.fidelity.extractors import build_extractor
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = tmp_path / "hub" / "checkpoints" / URL_INCEPTION_V3.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True)
+    torch.save({"fc.weight": Bomb(files["marker"])}, cached)
+    with pytest.raises(ValueError, match="io.open"):
+        build_extractor("inception-v3-compat")
+    assert not os.path.exists(files["marker"])
+
+
+@pytest.mark.parametrize("args, status, message", [
+    (["sample", "--checkpoint", "{r}/script.pth", "--out", "{r}/s.png"], 1, "TorchScript program, i.e. code"),
+    (["fid", "--samples", "{r}/images", "--reference", "{r}/script_28_fid_stats.pt"], 1, "TorchScript program"),
+    (["fid", "--samples", "{r}/images", "--reference", "mnist5k", "--extractor", "inception-v3-compat",
+      "--extractor-weights", "{r}/script-weights.pth"], 1, "TorchScript program"),
+    (["fid", "--samples", "{r}/images", "--reference", "mnist5k", "--extractor", "inception-v3-torchscript",
+      "--extractor-weights", "{r}/script-weights.pth"], 2,
+     "Invalid value for '--extractor-weights': extractor inception-v3-torchscript takes no weights file"),
+    (["fid", "--samples", "{r}/images", "--reference", "mnist5k", "--extractor-weights", "{r}/weights.pth"], 2,
+     "Invalid value for '--extractor-weights': extractor mnist5k-classifier takes no weights file"),
+])
+def test_a_torchscript_program_is_refused_where_data_is_expected(files, args, status, message):
+    result = CliRunner().invoke(main, [a.format(r=files["root"]) for a in args])
+    assert result.exit_code == status and isinstance(result.exception, SystemExit), result.output
+    assert message in " ".join(result.output.split()), result.output
+
+
+# ---- every number in a file is checked by its model -------------------------------------------------------------
+
+@pytest.mark.parametrize("tol", [-1.0, float("nan"), float("inf")])
+def test_a_plans_tol_is_a_finite_number_at_least_0(tol):
+    from tarflow import PlanError
+
+    d = Plan.sequential(2, 16).to_dict()
+    with pytest.raises(PlanError, match=f"plan.tol={tol!r}: must be a finite number >= 0"):
+        Plan.from_dict({**d, "tol": tol})
+
+
+@pytest.fixture(scope="module")
+def profile_dict():
+    import json
+
+    from tarflow import SamplingSpec
+    from tarflow.profile import profile_model
+
+    prof = profile_model(make_tiny_model(num_blocks=2), SamplingSpec(batch_size=1), num_images=1, segment_lens=[15],
+                         windows=[], tols=[1e-2], caps=[1], repeats=1)
+    return json.loads(prof.to_json())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(seconds=-1.0), r"profile.seconds=-1.0: must be >= 0"),
+    (lambda d: d.update(threads=0), r"profile.threads=0: must be >= 1"),
+    (lambda d: d.update(tols=[0.0]), r"profile.tols=\[0.0\]: every tolerance must be > 0"),
+    (lambda d: d.update(caps=[0]), r"profile.caps\[0\]=0: must be >= 1"),
+    (lambda d: d["calibration"].update(num_images=0), r"profile.calibration.num_images=0: must be >= 1"),
+    (lambda d: d["blocks"][0].update(crm_share=1.5), r"profile.blocks\[0\].crm_share=1.5: a share is in \[0, 1\]"),
+    (lambda d: d["blocks"][0].update(sequential_step_seconds=-1e-3), r"blocks\[0\].sequential_step_seconds=-0.001"),
+    (lambda d: d["blocks"][0]["pass_seconds"].update({"15": -2.0}), r"blocks\[0\].pass_seconds\[15\]=-2.0"),
+    (lambda d: d["blocks"][0]["igm"].update(z=-1.0), r"blocks\[0\].igm.z=-1.0: must be >= 0"),
+    (lambda d: d["blocks"][0]["crm_terms"].update(scale_weight=-1.0), r"blocks\[0\].crm_terms.scale_weight=-1.0"),
+    (lambda d: d["blocks"][0]["convergence"][0].update(passes=-1.0), r"convergence\[0\].passes=-1.0: must be >= 0"),
+    (lambda d: d["blocks"][0]["convergence"][0].update(error=-1e-3), r"convergence\[0\].error=-0.001: must be >= 0"),
+])
+def test_every_number_of_a_profile_is_range_checked(profile_dict, edit, message):
+    import copy
+
+    from tarflow.profile import Profile, ProfileError
+
+    d = copy.deepcopy(profile_dict)
+    edit(d)
+    with pytest.raises(ProfileError, match=message):
+        Profile.from_dict(d)
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"n": 1}, "count=1, a covariance needs at least 2 images"),
+    ({"image_size": [28]}, r"image_size=\(28,\), not a positive \(H, W\)"),
+    ({"image_size": [28, 0]}, r"image_size=\(28, 0\), not a positive \(H, W\)"),
+    ({"kid_index": np.arange(3), "kid_features": np.zeros((3, 5))}, r"KID's kept features are \(3, 5\)"),
+    ({"kid_index": np.arange(2), "kid_features": np.full((2, 4), np.nan)}, r"KID's kept features"),
+    ({"sigma": np.eye(3)}, r"sigma has shape \(3, 3\), mu has 4 features"),
+])
+def test_every_number_of_a_statistics_file_is_checked(tmp_path, patch, message):
+    from workflows.fidelity.stats import StatsError, load_stats
+
+    fields = {"mu": np.zeros(4), "sigma": np.eye(4), "n": 10, "extractor": "mnist5k-classifier",
+              "image_size": [28, 28], "dataset": "x", **patch}
+    np.savez(tmp_path / "s.npz", **fields)
+    with pytest.raises(StatsError, match=message):
+        load_stats(tmp_path / "s.npz")
+
+
+def test_a_weights_file_only_for_the_extractor_that_takes_one():
+    from tarflow.schema import validate
+    from workflows.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="fid.weights: extractor inception-v3-torchscript takes no weights file"):
+        validate(RunConfig, {"output": "o", "fid": {"extractor": "inception-v3-torchscript", "weights": "w.pt"}},
+                 "", ConfigError)
