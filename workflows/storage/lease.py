@@ -10,8 +10,10 @@ depends on what the store guarantees, never on timing:
   `ifGenerationMatch=0`) and renewed every `heartbeat_s` by compare-and-swap on the version that
   this run wrote (S3 `If-Match: <ETag>`, GCS `ifGenerationMatch=<generation>`). A lease is stale
   when its last write is older than `timeout_s` by the store's own clock (the object's modification
-  time against the Date of the same answer: no host's clock is read), and is taken over by a
-  compare-and-swap on the version judged stale, so of two runs that both find it stale one wins.
+  time against the Date of the same answer: no host's clock is read), or at once when its holder
+  ran on this host (same host name and boot) and its process is gone (a killed run resumed where it
+  ran). It is taken over by a compare-and-swap on the version judged stale, so of two runs that both
+  find it stale one wins.
 
 A refused run is told who holds the output; the holder finds out at its next heartbeat that it lost
 the lease (a swap refused) and stops writing. The conditional writes go through the store's own
@@ -42,6 +44,24 @@ LEASE_NAME = "_lease.json"
 
 class LeaseError(RuntimeError):
     """The output is being written by another run, or this run lost its lease."""
+
+
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class _LocalLock:
@@ -238,7 +258,7 @@ class Lease:
                              "cannot be guaranteed there; write to a local disk, S3 or GCS")
         self.run_id = uuid.uuid4().hex[:12]
         self.timeout_s, self.heartbeat_s = timeout_s, heartbeat_s
-        self.me = {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid()}
+        self.me = {"run_id": self.run_id, "host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid()}
         self.taken_over: list[str] = []  # run ids of dead holders this run replaced
         self.version: str | None = None  # the object version this run wrote last (object stores)
         self.lost: str | None = None
@@ -267,12 +287,12 @@ class Lease:
             if found is None:
                 continue
             held, version, age = found
-            if age <= self.timeout_s:
+            why = self._stale(held, age)
+            if why is None:
                 raise LeaseError(self._refusal(held, age))
             self.version = self.store.swap(self._payload(), version)
             if self.version is not None:
-                self._took_over(held, f"its last heartbeat was {age:.0f}s ago by the store's clock "
-                                      f"(timeout {self.timeout_s:.0f}s)")
+                self._took_over(held, why)
                 break
         else:
             found = self.store.read() or ({}, None, 0.0)
@@ -280,6 +300,15 @@ class Lease:
         self._thread = threading.Thread(target=self._beat, name="tarflow-gs-lease", daemon=True)
         self._thread.start()
         return self
+
+    def _stale(self, held: dict, age: float) -> str | None:
+        """Why an object store's lease no longer holds (None: its holder may be alive)."""
+        if age > self.timeout_s:
+            return f"its last heartbeat was {age:.0f}s ago by the store's clock (timeout {self.timeout_s:.0f}s)"
+        here = held.get("host") == self.me["host"] and held.get("boot") == self.me["boot"] is not None
+        if here and isinstance(held.get("pid"), int) and not _alive(held["pid"]):
+            return f"its process {held['pid']} on this host is gone"
+        return None
 
     def _took_over(self, held: dict, why: str) -> None:
         log.warning("%s: taking over the lease of run %s (%s, pid %s): %s", self.uri, held.get("run_id"),
