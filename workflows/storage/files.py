@@ -69,8 +69,13 @@ def translated(uri: str, what: str):
     except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, StoreError):
         raise
     except Exception as e:  # clients raise their own types (botocore's, aiohttp's, asyncio's timeouts)
-        raise StoreError(f"{store_of(uri)} failed to {what} ({type(e).__name__}: {e or 'no answer'}); "
-                         f"check {_hint(uri)}") from e
+        raise StoreError(f"{store_of(uri)} could not {what}: {_reason(e)}; check {_hint(uri)}") from e
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, TimeoutError) or "Timeout" in type(e).__name__:
+        return f"no answer within the deadline ({STORE_TIMEOUT_S:g}s a try, TARFLOW_GS_STORE_TIMEOUT_S)"
+    return f"{type(e).__name__}: {str(e)[:300]}"
 
 
 class _StoreHandler(pafs.FSSpecHandler):
@@ -85,7 +90,9 @@ def _translating(name: str):
     call = getattr(pafs.FSSpecHandler, name)
 
     def method(self, *args):
-        with translated(self.uri, f"{name.replace('_', ' ')} {args[0] if args else ''}".strip()):
+        target = args[0] if args else ""
+        target = ", ".join(map(str, target)) if isinstance(target, list) else getattr(target, "base_dir", target)
+        with translated(self.uri, f"{name.replace('_', ' ')} {target}".strip()):
             return call(self, *args)
 
     method.__name__ = name
@@ -117,7 +124,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     except ValueError as e:  # fsspec: an unknown protocol
         raise StoreError(f"{uri}: no filesystem for {scheme}:// ({e})") from None
     except Exception as e:  # a client that fails to start (hdfs without libhdfs, bad options)
-        raise StoreError(f"{uri}: cannot open {store_of(uri)} ({type(e).__name__}: {e}); check {_hint(uri)}") from None
+        raise StoreError(f"{store_of(uri)} could not be opened: {_reason(e)}; check {_hint(uri)}") from None
     return pafs.PyFileSystem(_StoreHandler(fs, uri)), path.rstrip("/")
 
 
