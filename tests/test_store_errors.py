@@ -55,7 +55,7 @@ def _env(silent_server, closed_port, **extra):
             "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": "/nonexistent",
             "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{silent_server}",
             "GCE_METADATA_HOST": f"127.0.0.1:{closed_port}", "GCE_METADATA_IP": f"127.0.0.1:{closed_port}",
-            "NO_GCE_CHECK": "True", "CLOUDSDK_CONFIG": "/nonexistent",
+            "NO_GCE_CHECK": "true", "CLOUDSDK_CONFIG": "/nonexistent", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
             "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{silent_server}", **extra}
 
 

@@ -167,7 +167,7 @@ class _S3Object:
             except FileNotFoundError:
                 return None
         now = email.utils.parsedate_to_datetime(answer["ResponseMetadata"]["HTTPHeaders"]["date"])
-        return _parse(data) or {}, answer["ETag"], (now - answer["LastModified"]).total_seconds()
+        return _parse(data) or {}, answer["ETag"], max(0.0, (now - answer["LastModified"]).total_seconds())
 
     def delete(self, version: str) -> None:
         with translated(self.uri, f"remove {LEASE_NAME}"):
@@ -186,14 +186,19 @@ class _GCSObject:
         self.bucket, _, self.key = path.partition("/")
 
     def _put(self, payload: bytes, generation: str) -> str | None:
+        """The new generation, or None if the object's generation was not `generation` ("0": absent)."""
         upload = self.fs.base.replace("/storage/v1/", "/upload/storage/v1/")
+        # a multipart upload as gcsfs's own writes send it (the lease is JSON: the boundary cannot occur in it)
+        body = (f'--==0==\nContent-Type: application/json; charset=UTF-8\n\n{json.dumps({"name": self.key})}\n'
+                "--==0==\nContent-Type: application/json\n\n").encode() + payload + b"\n--==0==--"
         with translated(self.uri, f"write {LEASE_NAME}"):
             try:
-                _, body = self.fs.call("POST", f"{upload}b/{quote(self.bucket)}/o", uploadType="media",
-                                       name=self.key, ifGenerationMatch=generation, data=payload)
+                written = self.fs.call("POST", f"{upload}b/{quote(self.bucket)}/o", uploadType="multipart",
+                                       ifGenerationMatch=generation, data=body, json_out=True,
+                                       headers={"Content-Type": 'multipart/related; boundary="==0=="'})
             except FileExistsError:  # gcsfs's name for 412: the precondition failed
                 return None
-        return str(json.loads(body)["generation"])
+        return str(written["generation"])
 
     def create(self, payload: bytes) -> str | None:
         return self._put(payload, "0")
@@ -214,7 +219,8 @@ class _GCSObject:
                 return self.read()
         now = email.utils.parsedate_to_datetime(headers["Date"])
         updated = datetime.fromisoformat(meta["updated"])  # RFC 3339, the server's clock
-        return _parse(data) or {}, str(meta["generation"]), (now - updated).total_seconds()
+        # the Date header has whole seconds: a write in this second would look written in the future
+        return _parse(data) or {}, str(meta["generation"]), max(0.0, (now - updated).total_seconds())
 
     def delete(self, version: str) -> None:
         with translated(self.uri, f"remove {LEASE_NAME}"):
@@ -246,12 +252,13 @@ class Lease:
         fs, base = resolve(uri)
         path = join(base, LEASE_NAME)
         remote = client(fs)
+        protocols = set(getattr(remote, "protocol", ()))
         if is_local(fs):
             self.store = None
             self.lock = _LocalLock(path)
-        elif type(remote).__name__ == "S3FileSystem":
+        elif "s3" in protocols:
             self.store = _S3Object(remote, path, uri)
-        elif type(remote).__name__ == "GCSFileSystem":
+        elif "gs" in protocols:
             self.store = _GCSObject(remote, path, uri)
         else:
             raise LeaseError(f"output {uri}: {store_of(uri)} offers no create-if-absent write, so one writer "
