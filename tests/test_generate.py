@@ -3,15 +3,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_tiny_model
+from conftest import holding_lease, make_tiny_model
 
 from tarflow import CheckpointError, GSJacobi, Guidance, ModelRef, Plan, PlanError, SamplingSpec, SpecError, \
     load_checkpoint, sample, sample_ids, save_checkpoint
@@ -223,18 +221,10 @@ def test_one_writer_per_output(ray_local, assets, tmp_path):
     """A live run's lease refuses a second writer, naming it; a dead run's lease and temporaries are taken over."""
     out = tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (  # a live process on this host holds the lease
-        "import time\nfrom workflows.storage.lease import Lease\n"
-        f"print(Lease({str(out)!r}).acquire().run_id, flush=True)\ntime.sleep(120)\n")],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        run_id = holder.stdout.readline().strip()
-        with pytest.raises(LeaseError, match=f"being written by run {run_id} on host .* \\(pid {holder.pid}"):
+    with holding_lease(out) as (run_id, pid):  # a live process on this host holds the lease
+        with pytest.raises(LeaseError, match=f"being written by run {run_id} on host .* \\(pid {pid}"):
             generate(_cfg(assets, out, num_samples=16, shard_size=8), progress=False)
         assert sorted(p.name for p in out.iterdir()) == ["_lease.json"]  # nothing else was touched
-    finally:
-        holder.kill()
-        holder.wait()
     # the holder died: its lease is taken over at once (same host), its leftover temporary removed
     (out / "data").mkdir()
     (out / "data" / f".train-00000-of-00002.parquet.tmp-{run_id}-abc123").write_bytes(b"half a shard")

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from conftest import holding_lease
 
 from workflows.storage.lease import LEASE_NAME, Lease, LeaseError
 
@@ -94,17 +95,9 @@ def test_a_local_lease_is_free_the_moment_its_process_dies(tmp_path):
     """A live holder (another process) is refused by name; killed, its lock is gone and the lease is
     taken over at once, whatever its file says."""
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom workflows.storage.lease import Lease\n"
-        f"lease = Lease({str(out)!r}).acquire()\nprint(lease.run_id, flush=True)\ntime.sleep(120)\n")],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        run_id = holder.stdout.readline().strip()
-        with pytest.raises(LeaseError, match=f"being written by run {run_id} on host .*pid {holder.pid}"):
+    with holding_lease(out) as (run_id, pid):
+        with pytest.raises(LeaseError, match=f"being written by run {run_id} on host .*pid {pid}"):
             Lease(str(out)).acquire()
-    finally:
-        holder.kill()
-        holder.wait()
     lease = Lease(str(out)).acquire()
     assert lease.taken_over == [run_id]
     lease.check()
