@@ -23,7 +23,7 @@ import os
 import re
 import uuid
 
-import fsspec.config
+import fsspec
 import pyarrow.fs as pafs
 
 STORE_TIMEOUT_S = float(os.environ.get("TARFLOW_GS_STORE_TIMEOUT_S", "60"))
@@ -143,8 +143,8 @@ def join(base: str, name: str) -> str:
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
-    handler = getattr(fs, "handler", None)
-    with translated(handler.uri if isinstance(handler, _StoreHandler) else path, f"read {path}"):
+    # a remote read fails while streaming too, after the handler's open: name the store then as well
+    with translated(fs.handler.uri, f"read {path}") if client(fs) else contextlib.nullcontext():
         with fs.open_input_stream(path) as f:
             return f.read()
 
@@ -175,9 +175,8 @@ def write_atomic(fs: pafs.FileSystem, path: str, data: bytes, owner: str = "") -
     two more requests for nothing). On a local disk: a hidden temporary in the same directory, renamed
     over `path`; its name carries `owner` (a run id), so a run removes only its own leftovers."""
     directory, name = path.rsplit("/", 1)
-    if not is_local(fs):
-        handler = fs.handler
-        with translated(handler.uri, f"write {path}"):
+    if not is_local(fs):  # the PUT happens when the stream closes: name the store for its errors too
+        with translated(fs.handler.uri, f"write {path}"):
             with fs.open_output_stream(path) as f:
                 f.write(data)
         return
