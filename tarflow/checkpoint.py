@@ -7,7 +7,7 @@ never code, and a TorchScript program is refused where one is given.
 
 A checkpoint is named by a reference: `demo` (the shipped demo model), a local path, a
 `file://` URI, or any other URI an installed fsspec filesystem reads (s3://, gs://, ...;
-copied once into a local cache). `ModelRef` is that reference plus what a raw file needs
+copied once into a local cache; `workflows` gives those clients their deadlines). `ModelRef` is that reference plus what a raw file needs
 to be read, so a profile or plan can reload its model from what it recorded.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from .atomic import write_atomic
 from .model import Model, ModelConfig
 from .schema import STRICT_FIELDS, input_file
 
@@ -149,21 +150,22 @@ def resolve_checkpoint(ref) -> Path:
     try:
         import fsspec
     except ImportError:
-        raise CheckpointError(f"checkpoint {ref}: reading URIs needs fsspec (pip install fsspec, plus s3fs/gcsfs "
-                              "for s3:// and gs://), or copy the file to a local path") from None
+        raise CheckpointError(f"checkpoint {ref}: reading a URI needs the store's client (pip install "
+                              "'tarflow-gs[s3]' or 'tarflow-gs[gcs]'), or copy the file to a local path") from None
     local = CACHE_DIR / hashlib.sha256(ref.encode()).hexdigest()[:16] / ref.rstrip("/").rsplit("/", 1)[-1]
     if not local.is_file():
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(local.name + ".part")
-        try:
+        def copy(tmp: Path) -> None:
             with fsspec.open(ref, "rb") as src, open(tmp, "wb") as dst:
                 while chunk := src.read(1 << 24):
                     dst.write(chunk)
+
+        try:
+            write_atomic(local, copy)
         except FileNotFoundError:
             raise FileNotFoundError(f"checkpoint not found: {ref}") from None
-        except (OSError, ValueError, ImportError) as e:
-            raise CheckpointError(f"checkpoint {ref}: cannot read it ({type(e).__name__}: {e})") from None
-        tmp.replace(local)
+        except Exception as e:  # the store's client raises its own types (no credentials, timeouts, ...)
+            raise CheckpointError(f"checkpoint {ref}: cannot read it ({type(e).__name__}: {e}); check the store's "
+                                  "credentials and endpoint") from None
     return local
 
 
@@ -202,8 +204,6 @@ def load_checkpoint(ref, in_channels: int = 3, head_dim: int = 64, with_metadata
 
 def save_checkpoint(model: Model, path, provenance: dict | None = None) -> Path:
     """Write the project format: safetensors weights + JSON config and provenance in the header."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {
         "format": FORMAT_NAME,
@@ -211,10 +211,7 @@ def save_checkpoint(model: Model, path, provenance: dict | None = None) -> Path:
         "config": json.dumps(model.config.to_dict()),
         "provenance": json.dumps(provenance or {}, default=str),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state_dict, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return write_atomic(path, lambda tmp: save_file(state_dict, str(tmp), metadata=meta))
 
 
 def model_hash(model: Model) -> str:

@@ -19,6 +19,8 @@ import types
 import typing
 from pathlib import Path
 
+from .atomic import write_atomic
+
 # unknown fields are errors; NaN and inf are never valid numbers in a config or a plan
 STRICT_FIELDS = {"extra": "forbid", "allow_inf_nan": False}
 _RELATIVE = re.compile(r"[a-z_][\w.\[\]]*( has |=)")
@@ -231,12 +233,8 @@ def load(tp, path, what: str, error: type[SchemaError] = SchemaError):
 
 def save(obj, path) -> Path:
     """Write `obj` as JSON atomically (a crash leaves the old file or none, never half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(to_json(obj) + "\n")
-    tmp.replace(path)
-    return path
+    text = to_json(obj) + "\n"
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 class JSONForm:

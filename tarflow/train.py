@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .atomic import write_atomic
 from .checkpoint import load_torch_data, save_checkpoint
 from .data import ImageDataset, load_dataset
 from .model import Model
@@ -170,9 +171,7 @@ def resume_config(checkpoint) -> TrainConfig:
 
 
 def _save_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> Path:

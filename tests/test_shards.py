@@ -109,8 +109,6 @@ def test_atomic_write_replaces_whole_file_and_cleans_temporaries(tmp_path):
 def test_shard_records_cost_the_same_for_the_first_shard_and_the_last(tmp_path):
     """Per-shard bookkeeping is one small record: bytes per commit do not grow with the set, readers see
     records and folded entries alike, and folding leaves one manifest (bench/manifest.py times 10,000)."""
-    from workflows.storage import manifest as mf
-
     uri = str(tmp_path / "set")
     m = sh.Manifest({"seed": 1}, num_samples=2000 * 4, shard_size=4)
     sh.write_manifest(uri, m)
@@ -124,7 +122,7 @@ def test_shard_records_cost_the_same_for_the_first_shard_and_the_last(tmp_path):
     seen = sh.read_manifest(uri)
     assert seen.complete and [e.index for e in seen.shards] == list(range(2000))
     sh.write_manifest(uri, seen)  # fold
-    assert not (tmp_path / "set" / mf.RECORDS_DIR).exists()
+    assert not (tmp_path / "set" / sh.RECORDS_DIR).exists()
     assert sh.read_manifest(uri).shards == seen.shards
 
 

@@ -15,6 +15,7 @@ size the user must state.
 """
 from __future__ import annotations
 
+import io
 import math
 import re
 import zipfile
@@ -29,6 +30,7 @@ from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 from tarflow.checkpoint import load_torch_data
 from tarflow.schema import input_file
 
+from ..storage.files import resolve, write_atomic
 from .registry import EXTRACTORS
 
 if TYPE_CHECKING:
@@ -138,14 +140,13 @@ class FIDStats:
 
     def save(self, path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
         kid = {} if self.kid is None else {"kid_index": self.kid.index, "kid_features": self.kid.features}
-        np.savez(tmp, mu=self.mu, sigma=self.sigma, n=np.int64(-1 if self.count is None else self.count),
+        buffer = io.BytesIO()
+        np.savez(buffer, mu=self.mu, sigma=self.sigma, n=np.int64(-1 if self.count is None else self.count),
                  extractor=np.str_(self.extractor),
                  image_size=np.asarray(self.image_size, np.int64), dataset=np.str_(self.dataset),
                  format=np.str_(STATS_FORMAT), **kid)
-        tmp.replace(path)  # a crash mid-write never leaves a truncated file under the real name
+        write_atomic(*resolve(str(path)), buffer.getvalue())  # a crash never leaves a truncated file
         return path
 
     @classmethod

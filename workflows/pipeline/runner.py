@@ -38,7 +38,6 @@ from ..runtime import worker_threads as runtime_threads
 from ..stages import compare, fid, generate, plan as plan_stage, profile as profile_stage
 from ..storage import shards as sh
 from ..storage.files import Store, resolve
-from ..storage.manifest import DATA_DIR, MANIFEST_NAME, RECORDS_DIR
 from ..storage.history import HistoryRow, append_history, read_history
 
 log = logging.getLogger(__name__)
@@ -257,7 +256,7 @@ def _check_not_a_shard_set(output: str) -> None:
     if fs.get_file_info(base).type != pafs.FileType.Directory:
         return
     found = sorted({i.base_name for i in fs.get_file_info(pafs.FileSelector(base))}
-                   & {DATA_DIR, MANIFEST_NAME, RECORDS_DIR})
+                   & {sh.DATA_DIR, sh.MANIFEST_NAME, sh.RECORDS_DIR})
     if found:
         raise PipelineError(f"output {output} is a shard set (it holds {', '.join(found)}), as `tarflow-gs "
                             "generate` writes them: a run writes its own folder (stages, samples-<key>/, reports); "

@@ -61,7 +61,7 @@ class Job:
     config: GenerateConfig
     spec: SamplingSpec
     plan: Plan
-    identity: dict
+    identity: sh.RunIdentity
     model_config: dict
     state_dict: dict
     manifest: sh.Manifest
@@ -98,13 +98,12 @@ def _inputs(cfg: GenerateConfig) -> Job:
     plan.check_model(len(model.blocks), model.num_tokens, mhash)
     plan.check_spec(spec)
     c = model.config
-    identity = {"model_hash": mhash, "plan_hash": plan.fingerprint(), "spec": spec.to_dict(),
-                "num_samples": cfg.samples.num_samples, "shard_size": cfg.samples.shard_size,
-                "image_shape": [c.in_channels, c.img_size, c.img_size], "num_classes": c.num_classes,
-                # what else decides pixels: the workers' torch threads and the device they sample on
-                "numerics": {"threads": runtime.worker_threads(cfg.resources), "device": None}}
+    identity = sh.RunIdentity(model_hash=mhash, plan_hash=plan.fingerprint(), spec=spec.to_dict(),
+                              num_samples=cfg.samples.num_samples, shard_size=cfg.samples.shard_size,
+                              image_shape=[c.in_channels, c.img_size, c.img_size], num_classes=c.num_classes,
+                              numerics=sh.Numerics(threads=runtime.worker_threads(cfg.resources)))
     return Job(cfg, spec, plan, identity, c.to_dict(), {k: v.detach().cpu() for k, v in model.state_dict().items()},
-               sh.Manifest(identity, cfg.samples.num_samples, cfg.samples.shard_size), [])
+               sh.Manifest(identity.to_dict(), cfg.samples.num_samples, cfg.samples.shard_size), [])
 
 
 def _output_type(out: str, fs: pafs.FileSystem, base: str) -> pafs.FileType:
@@ -120,7 +119,7 @@ def _output_type(out: str, fs: pafs.FileSystem, base: str) -> pafs.FileType:
 
 def _read_output(job: Job) -> None:
     """Fill `job.manifest` from an existing output, checking it holds this run, and find what to redo."""
-    cfg, identity = job.config, job.identity
+    cfg = job.config
     fs, base = resolve(cfg.out)
     if _output_type(cfg.out, fs, base) == pafs.FileType.NotFound:
         try:
@@ -139,16 +138,18 @@ def _read_output(job: Job) -> None:
         existing = sh.read_manifest(cfg.out)
     except sh.ShardError as e:
         # a lost manifest: keep the shards that prove on their own they belong to this run
-        recovered = sh.recover_entries(cfg.out, identity, job.manifest)
+        recovered, device = sh.recover_entries(cfg.out, job.identity, job.manifest)
         job.notes.append(f"{e}; recovered {len(recovered)} shard(s) that verify on their own")
         for entry in recovered:
             job.manifest.add(entry)
+        job.identity = job.identity.with_device(device)
         return
-    diff = sh.identity_difference(existing.settings, identity)
+    there = sh.RunIdentity.from_settings(existing.settings, f"{cfg.out}/{sh.MANIFEST_NAME}")
+    diff = there.difference(job.identity)
     if diff:
         raise GenerateError(f"output {cfg.out} already holds a run with different settings ({diff}); "
                             "re-run with the original settings to resume, or choose another output")
-    identity["numerics"]["device"] = existing.settings.get("numerics", {}).get("device")
+    job.identity = job.identity.with_device(there.numerics.device)
     budget = LOCAL_VERIFY_BYTES
     for entry in existing.shards:
         if budget < entry.size_bytes:  # listed until an actor says otherwise: a crash before then loses nothing
@@ -166,16 +167,21 @@ def _read_output(job: Job) -> None:
 class ShardWorker(runtime.Worker):
     """Ray actor: holds the model once and writes whole shards (Ray's batch-inference pattern)."""
 
-    def __init__(self, model_config: dict, state_dict: dict, spec: SamplingSpec, plan: Plan, identity: dict,
-                 provenance: dict, out: str, run_id: str, threads: int):
+    def __init__(self, work: list, out: str, run_id: str, threads: int):
         super().__init__(threads)
-        model = Model.from_config(ModelConfig(**model_config))
-        model.load_state_dict(state_dict)
+        # `work` is [a reference to the driver's put of model, spec, plan, identity, provenance], nested in a
+        # list so that it is no constructor argument in the object store (ray#53727: a restart needs those,
+        # and Ray does not keep them for it). The driver holds the reference while the pool lives, so a
+        # restarted actor finds it; losing it means losing the driver's node, and with it the run.
+        job = ray.get(work[0])
+        model = Model.from_config(ModelConfig(**job["model_config"]))
+        model.load_state_dict(job["state_dict"])
         self.model = model.eval().to(self.device)
-        self.spec, self.plan, self.provenance, self.out, self.run_id = spec, plan, provenance, out, run_id
-        # the shard's metadata names the numerics it was made with: this actor's device
-        self.identity = {**identity, "numerics": {**identity["numerics"], "device": self.device.type}}
-        self.layout = sh.Manifest(identity, identity["num_samples"], identity["shard_size"])
+        self.spec, self.plan, self.provenance, self.out, self.run_id = (job["spec"], job["plan"], job["provenance"],
+                                                                          out, run_id)
+        identity: sh.RunIdentity = job["identity"]
+        self.identity = identity.with_device(self.device.type)  # a shard names the device it was made on
+        self.layout = sh.Manifest(identity.to_dict(), identity.num_samples, identity.shard_size)
 
     def verify(self, entry: dict) -> str | None:
         """Why a listed shard fails its checks (streaming sha256), or None."""
@@ -205,7 +211,7 @@ class ShardWorker(runtime.Worker):
         table = sh.shard_table(ids_all, np.concatenate(labels), self.spec.seed, pngs, passes, fallbacks, residual)
         stats = {"batches": -(-len(ids_all) // B), "block_passes": block_passes, "fallbacks": total_fallbacks,
                  "device": self.device.type}
-        meta = {"settings": self.identity, "provenance": self.provenance, "shard": index, "stats": stats,
+        meta = {"settings": self.identity.to_dict(), "provenance": self.provenance, "shard": index, "stats": stats,
                 "first_id": int(ids_all[0]), "last_id": int(ids_all[-1])}
         entry = sh.write_shard(self.out, self.layout, index, table, meta, stats, owner=self.run_id)
         entry.stats["seconds"] = time.perf_counter() - start  # sampling, encoding and the write
@@ -253,14 +259,20 @@ def _summarize(job: Job, written: int, samples: int, seconds: float, pool: runti
 
 def _check_device(job: Job, device: str, where: str) -> None:
     """Every shard of a run is made on one device type: the first worker's, recorded in the manifest."""
-    numerics = job.identity["numerics"]
-    if numerics["device"] is None:
-        numerics["device"] = device
-        _write("write the manifest", job.config, sh.write_manifest, job.config.out, job.manifest)
-    elif numerics["device"] != device:
-        raise GenerateError(f"{where} samples on {device}, but {job.config.out} is made on {numerics['device']} "
-                            f"(numerics.device={numerics['device']!r} there vs {device!r} now): images would depend "
+    made_on = job.identity.numerics.device
+    if made_on is None:
+        job.identity = job.identity.with_device(device)
+        _write_manifest(job)
+    elif made_on != device:
+        raise GenerateError(f"{where} samples on {device}, but {job.config.out} is made on {made_on} "
+                            f"(numerics.device={made_on!r} there vs {device!r} now): images would depend "
                             "on where each shard ran; give every worker the same kind of device")
+
+
+def _write_manifest(job: Job) -> None:
+    """The manifest as the run stands: its identity (the device, once known) and the shards so far."""
+    job.manifest.settings = job.identity.to_dict()
+    _write("write the manifest", job.config, sh.write_manifest, job.config.out, job.manifest)
 
 
 def generate(cfg: GenerateConfig, progress: bool | None = None,
@@ -298,7 +310,7 @@ def _generate(job: Job, lease: Lease, progress: bool | None, on_shard) -> Genera
     provenance = {"checkpoint": cfg.model.checkpoint, "plan": job.plan.to_dict(), "software": software_versions()}
     job.manifest.provenance = {**provenance, "writer": lease.me}  # shards stay free of per-run ids: a redo is the same bytes
     fs, base = resolve(cfg.out)
-    _write("write the manifest", cfg, sh.write_manifest, cfg.out, job.manifest)
+    _write_manifest(job)
     # this run holds the lease: any temporary left here belongs to a run that died
     for directory in (base, join(base, sh.DATA_DIR)):
         _write("remove stale temporaries", cfg, remove_temporaries, fs, directory)
@@ -306,8 +318,9 @@ def _generate(job: Job, lease: Lease, progress: bool | None, on_shard) -> Genera
         return _summarize(job, 0, 0, 0.0, None)
     runtime.connect()
     start = time.perf_counter()  # from here: actor start, model loads, sampling, writes
-    args = (ray.put(job.model_config), ray.put(job.state_dict), job.spec, job.plan, job.identity, provenance,
-            cfg.out, lease.run_id)
+    work = ray.put({"model_config": job.model_config, "state_dict": job.state_dict, "spec": job.spec,
+                    "plan": job.plan, "identity": job.identity, "provenance": provenance})
+    args = ([work], cfg.out, lease.run_id)
     bar = Progress(job.manifest.num_samples, "generate", "img", progress, initial=job.manifest.rows)
     written = samples = 0
     with runtime.ActorPool(ShardWorker, args, cfg.resources, "generate", cfg.start_timeout_s, cfg.max_attempts,
@@ -338,5 +351,5 @@ def _generate(job: Job, lease: Lease, progress: bool | None, on_shard) -> Genera
                     on_shard(entry)
         finally:
             bar.close()
-        _write("write the manifest", cfg, sh.write_manifest, cfg.out, job.manifest)  # fold the records in
+        _write_manifest(job)  # fold the records in
         return _summarize(job, written, samples, time.perf_counter() - start, pool)

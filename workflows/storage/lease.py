@@ -1,15 +1,28 @@
-"""One writer per output: a lease file with its holder's identity and a heartbeat, on any `pyarrow.fs`.
+"""One writer per output: `_lease.json`, exclusive by construction on every store.
 
-`_lease.json` names the run that writes a shard set (run id, host, pid) and when it last said it
-was alive. A second run is refused, naming the holder, while the heartbeat is fresh. A lease is
-stale when its holder's process is gone (same host) or its heartbeat is older than the timeout
-(any host: object stores have no locks, so time is the only signal there); a stale lease is taken
-over with a warning. Object stores also have no create-if-absent: a writer writes its lease, waits
-a moment, and reads it back; if another run's lease is there, the later writer won and this one
-backs off. The holder checks at every heartbeat that the lease is still its own.
+The lease names the run that writes a shard set (run id, host, pid). How a second writer is kept out
+depends on what the store guarantees, never on timing:
+
+- a local disk: the lease is created with O_EXCL and its holder keeps an exclusive `flock` on it for
+  the whole run. The kernel drops the lock when the holder's process ends however it ends, so a lock
+  that can be taken means its holder is gone: the lease is taken over at once, with a warning.
+- an object store (S3, GCS): the lease is created only if absent (S3 `If-None-Match: *`, GCS
+  `ifGenerationMatch=0`) and renewed every `heartbeat_s` by compare-and-swap on the version that
+  this run wrote (S3 `If-Match: <ETag>`, GCS `ifGenerationMatch=<generation>`). A lease is stale
+  when its last write is older than `timeout_s` by the store's own clock (the object's modification
+  time against the Date of the same answer: no host's clock is read), or at once when its holder
+  ran on this host (same host name and boot) and its process is gone (a killed run resumed where it
+  ran). It is taken over by a compare-and-swap on the version judged stale, so of two runs that both
+  find it stale one wins.
+
+A refused run is told who holds the output; the holder finds out at its next heartbeat that it lost
+the lease (a swap refused) and stops writing. The conditional writes go through the store's own
+client (s3fs's botocore for S3, gcsfs for GCS), the same one every other byte goes through.
 """
 from __future__ import annotations
 
+import email.utils
+import fcntl
 import json
 import logging
 import os
@@ -17,8 +30,12 @@ import socket
 import threading
 import time
 import uuid
+from datetime import datetime
+from urllib.parse import quote
 
-from .files import join, read_bytes, resolve, write_atomic
+from fsspec.asyn import sync
+
+from .files import client, is_local, join, resolve, store_of, translated
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +44,14 @@ LEASE_NAME = "_lease.json"
 
 class LeaseError(RuntimeError):
     """The output is being written by another run, or this run lost its lease."""
+
+
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def _alive(pid: int) -> bool:
@@ -39,74 +64,290 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class _LocalLock:
+    """The lease file on a local disk: created with O_EXCL, held with an exclusive flock."""
+
+    def __init__(self, path: str):
+        self.path, self.fd = path, None
+
+    def take(self, payload: bytes) -> tuple[bool, dict | None]:
+        """(won, the holder it replaced or refused); won with None: created afresh."""
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        while True:
+            try:
+                fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                try:
+                    fd, created = os.open(self.path, os.O_RDWR), False
+                except FileNotFoundError:
+                    continue  # released between the two opens: try to create it again
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False, self._holder()
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # we locked a lease its holder released (unlinked) meanwhile: start over
+                os.close(fd)
+                continue
+            replaced = None if created else _parse(os.pread(fd, 1 << 16, 0))
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, payload, 0)
+            os.fsync(fd)
+            self.fd = fd
+            return True, replaced
+
+    def _holder(self) -> dict:
+        # the winner writes its name right after it takes the lock: give it a moment
+        for _ in range(50):
+            try:
+                with open(self.path, "rb") as f:
+                    held = _parse(f.read())
+            except FileNotFoundError:
+                held = None
+            if held:
+                return held
+            time.sleep(0.02)
+        return {}
+
+    def lost(self) -> str | None:
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                return None
+        except FileNotFoundError:
+            pass
+        return f"{self.path} was removed or replaced while this run held it"
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        if self.lost() is None:
+            os.unlink(self.path)  # while still locked: nobody can take a lease we are removing
+        os.close(self.fd)
+        self.fd = None
+
+
+class _S3Object:
+    """The lease as an S3 object, written with conditional PUTs through s3fs's botocore client."""
+
+    def __init__(self, fs, path: str, uri: str):
+        self.fs, self.uri = fs, uri
+        self.bucket, _, self.key = path.partition("/")
+
+    def _put(self, payload: bytes, **condition) -> str | None:
+        """The new ETag, or None if the condition failed (another writer got there first)."""
+        with translated(self.uri, f"write {LEASE_NAME}"):
+            try:
+                return self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=payload,
+                                       **condition)["ETag"]
+            except OSError as e:
+                if _conflict(e):
+                    return None
+                raise
+
+    def create(self, payload: bytes) -> str | None:
+        return self._put(payload, IfNoneMatch="*")
+
+    def swap(self, payload: bytes, version: str) -> str | None:
+        return self._put(payload, IfMatch=version)
+
+    def read(self) -> tuple[dict, str, float] | None:
+        """(holder, ETag, seconds since its last write by the store's clock), or None if there is none."""
+        async def get():
+            answer = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self.key)
+            async with answer["Body"] as body:
+                return answer, await body.read()
+
+        with translated(self.uri, f"read {LEASE_NAME}"):
+            try:
+                answer, data = sync(self.fs.loop, get)
+            except FileNotFoundError:
+                return None
+        now = email.utils.parsedate_to_datetime(answer["ResponseMetadata"]["HTTPHeaders"]["date"])
+        return _parse(data) or {}, answer["ETag"], max(0.0, (now - answer["LastModified"]).total_seconds())
+
+    def delete(self, version: str) -> None:
+        with translated(self.uri, f"remove {LEASE_NAME}"):
+            try:
+                if self.fs.call_s3("head_object", Bucket=self.bucket, Key=self.key)["ETag"] == version:
+                    self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key)
+            except FileNotFoundError:
+                pass
+
+
+class _GCSObject:
+    """The lease as a GCS object, written with generation preconditions through gcsfs."""
+
+    def __init__(self, fs, path: str, uri: str):
+        self.fs, self.uri = fs, uri
+        self.bucket, _, self.key = path.partition("/")
+
+    def _put(self, payload: bytes, generation: str) -> str | None:
+        """The new generation, or None if the object's generation was not `generation` ("0": absent)."""
+        upload = self.fs.base.replace("/storage/v1/", "/upload/storage/v1/")
+        # a multipart upload as gcsfs's own writes send it (the lease is JSON: the boundary cannot occur in it)
+        body = (f'--==0==\nContent-Type: application/json; charset=UTF-8\n\n{json.dumps({"name": self.key})}\n'
+                "--==0==\nContent-Type: application/json\n\n").encode() + payload + b"\n--==0==--"
+        with translated(self.uri, f"write {LEASE_NAME}"):
+            try:
+                written = self.fs.call("POST", f"{upload}b/{quote(self.bucket)}/o", uploadType="multipart",
+                                       ifGenerationMatch=generation, data=body, json_out=True,
+                                       headers={"Content-Type": 'multipart/related; boundary="==0=="'})
+            except FileExistsError:  # gcsfs's name for 412: the precondition failed
+                return None
+        return str(written["generation"])
+
+    def create(self, payload: bytes) -> str | None:
+        return self._put(payload, "0")
+
+    def swap(self, payload: bytes, version: str) -> str | None:
+        return self._put(payload, version)
+
+    def read(self) -> tuple[dict, str, float] | None:
+        with translated(self.uri, f"read {LEASE_NAME}"):
+            try:
+                headers, meta = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key)
+                meta = json.loads(meta)
+                _, data = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, alt="media",
+                                       ifGenerationMatch=meta["generation"])
+            except FileNotFoundError:
+                return None
+            except FileExistsError:  # rewritten between the two reads: read what is there now
+                return self.read()
+        now = email.utils.parsedate_to_datetime(headers["Date"])
+        updated = datetime.fromisoformat(meta["updated"])  # RFC 3339, the server's clock
+        # the Date header has whole seconds: a write in this second would look written in the future
+        return _parse(data) or {}, str(meta["generation"]), max(0.0, (now - updated).total_seconds())
+
+    def delete(self, version: str) -> None:
+        with translated(self.uri, f"remove {LEASE_NAME}"):
+            try:
+                self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key, ifGenerationMatch=version)
+            except (FileNotFoundError, FileExistsError):
+                pass
+
+
+def _conflict(e: OSError) -> bool:
+    """S3's answer that a conditional write lost: 412 Precondition Failed, or 409 for a concurrent one."""
+    response = getattr(e.__cause__, "response", None) or {}
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return status in (409, 412) or response.get("Error", {}).get("Code") in ("PreconditionFailed",
+                                                                              "ConditionalRequestConflict")
+
+
+def _parse(data: bytes) -> dict | None:
+    try:
+        held = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return None  # empty (being written) or foreign
+    return held if isinstance(held, dict) else None
+
+
 class Lease:
-    def __init__(self, uri: str, timeout_s: float = 300.0, heartbeat_s: float = 20.0, settle_s: float = 0.5):
+    def __init__(self, uri: str, timeout_s: float = 300.0, heartbeat_s: float = 20.0):
         self.uri = uri
-        self.fs, base = resolve(uri)
-        self.path = join(base, LEASE_NAME)
+        fs, base = resolve(uri)
+        path = join(base, LEASE_NAME)
+        remote = client(fs)
+        protocols = set(getattr(remote, "protocol", ()))
+        if is_local(fs):
+            self.store = None
+            self.lock = _LocalLock(path)
+        elif "s3" in protocols:
+            self.store = _S3Object(remote, path, uri)
+        elif "gs" in protocols:
+            self.store = _GCSObject(remote, path, uri)
+        else:
+            raise LeaseError(f"output {uri}: {store_of(uri)} offers no create-if-absent write, so one writer "
+                             "cannot be guaranteed there; write to a local disk, S3 or GCS")
         self.run_id = uuid.uuid4().hex[:12]
-        self.timeout_s, self.heartbeat_s, self.settle_s = timeout_s, heartbeat_s, settle_s
-        self.me = {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid()}
-        self.taken_over: list[str] = []  # run ids of stale holders this run replaced
+        self.timeout_s, self.heartbeat_s = timeout_s, heartbeat_s
+        self.me = {"run_id": self.run_id, "host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid()}
+        self.taken_over: list[str] = []  # run ids of dead holders this run replaced
+        self.version: str | None = None  # the object version this run wrote last (object stores)
+        self.lost: str | None = None
+        self._beats = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.lost: str | None = None
 
-    def _read(self) -> dict | None:
-        try:
-            return json.loads(read_bytes(self.fs, self.path))
-        except FileNotFoundError:
-            return None
-        except (ValueError, UnicodeDecodeError):
-            return {}  # a torn or foreign file: nobody's lease
-
-    def _write(self) -> None:
-        write_atomic(self.fs, self.path, json.dumps({**self.me, "heartbeat": time.time()}).encode(), self.run_id)
-
-    def _stale(self, lease: dict) -> str | None:
-        """Why `lease` no longer holds (None: its holder is alive)."""
-        age = time.time() - float(lease.get("heartbeat", 0))
-        if lease.get("host") == self.me["host"] and isinstance(lease.get("pid"), int) and not _alive(lease["pid"]):
-            return f"its process {lease['pid']} on this host is gone"
-        if age > self.timeout_s:
-            return f"its last heartbeat was {age:.0f}s ago (timeout {self.timeout_s:.0f}s)"
-        return None
+    def _payload(self) -> bytes:
+        # every write differs (a beat count), so a renewal changes the version a stale judgement saw
+        self._beats += 1
+        return json.dumps({**self.me, "beat": self._beats, "written": time.time()}).encode()
 
     def acquire(self) -> "Lease":
-        held = self._read()
-        if held:
-            why = self._stale(held)
-            if why is None:
+        if self.store is None:
+            won, held = self.lock.take(self._payload())
+            if not won:
                 raise LeaseError(self._refusal(held))
-            log.warning("%s: taking over the lease of run %s (%s, pid %s): %s", self.uri, held.get("run_id"),
-                        held.get("host"), held.get("pid"), why)
-            self.taken_over.append(str(held.get("run_id")))
-        self._write()
-        time.sleep(self.settle_s)
-        held = self._read() or {}
-        if held.get("run_id") != self.run_id:
-            raise LeaseError(self._refusal(held))
+            if held is not None:
+                self._took_over(held, "its process ended (its lock on the lease is gone)")
+            return self
+        for _ in range(3):  # each round ends in a win, a refusal, or a lease released meanwhile
+            self.version = self.store.create(self._payload())
+            if self.version is not None:
+                break
+            found = self.store.read()
+            if found is None:
+                continue
+            held, version, age = found
+            why = self._stale(held, age)
+            if why is None:
+                raise LeaseError(self._refusal(held, age))
+            self.version = self.store.swap(self._payload(), version)
+            if self.version is not None:
+                self._took_over(held, why)
+                break
+        else:
+            found = self.store.read() or ({}, None, 0.0)
+            raise LeaseError(self._refusal(found[0], found[2]))
         self._thread = threading.Thread(target=self._beat, name="tarflow-gs-lease", daemon=True)
         self._thread.start()
         return self
 
-    def _refusal(self, held: dict) -> str:
-        age = time.time() - float(held.get("heartbeat", 0))
+    def _stale(self, held: dict, age: float) -> str | None:
+        """Why an object store's lease no longer holds (None: its holder may be alive)."""
+        if age > self.timeout_s:
+            return f"its last heartbeat was {age:.0f}s ago by the store's clock (timeout {self.timeout_s:.0f}s)"
+        here = held.get("host") == self.me["host"] and held.get("boot") == self.me["boot"] is not None
+        if here and isinstance(held.get("pid"), int) and not _alive(held["pid"]):
+            return f"its process {held['pid']} on this host is gone"
+        return None
+
+    def _took_over(self, held: dict, why: str) -> None:
+        log.warning("%s: taking over the lease of run %s (%s, pid %s): %s", self.uri, held.get("run_id"),
+                    held.get("host"), held.get("pid"), why)
+        self.taken_over.append(str(held.get("run_id")))
+
+    def _refusal(self, held: dict, age: float | None = None) -> str:
+        if age is None:  # a local lock: held for as long as its process lives
+            return (f"output {self.uri} is being written by run {held.get('run_id')} on host {held.get('host')} "
+                    f"(pid {held.get('pid')}, holding its lock on {LEASE_NAME}); wait for it to finish or stop it")
         return (f"output {self.uri} is being written by run {held.get('run_id')} on host {held.get('host')} "
-                f"(pid {held.get('pid')}, heartbeat {age:.0f}s ago); wait for it to finish, or if that run is dead "
-                f"on another host, retry after {self.timeout_s:.0f}s without a heartbeat (or delete {LEASE_NAME})")
+                f"(pid {held.get('pid')}, heartbeat {age:.0f}s ago); wait for it to finish, or if that run is dead, "
+                f"retry after {self.timeout_s:.0f}s without a heartbeat (or delete {LEASE_NAME})")
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            held = self._read() or {}
-            if held.get("run_id") != self.run_id:
-                self.lost = (f"run {held.get('run_id')} on host {held.get('host')} took over the lease of "
-                             f"{self.uri}")
+            try:
+                version = self.store.swap(self._payload(), self.version)
+            except OSError as e:  # the store did not answer this once: the lease holds until timeout_s
+                log.warning("%s: lease heartbeat failed (%s); retrying in %.0fs", self.uri, e, self.heartbeat_s)
+                continue
+            if version is None:
+                found = self.store.read() or ({}, None, 0.0)
+                self.lost = (f"run {found[0].get('run_id')} on host {found[0].get('host')} took over the lease "
+                             f"of {self.uri}")
                 return
-            self._write()
+            self.version = version
 
     def check(self) -> None:
-        """Raise LeaseError if another run took the output over (this run must stop writing)."""
+        """Raise LeaseError if this run no longer holds the output (it must stop writing)."""
+        if self.store is None and self.lock.fd is not None:
+            self.lost = self.lost or self.lock.lost()
         if self.lost:
             raise LeaseError(f"{self.lost}: this run stops; finished shards are kept")
 
@@ -114,12 +355,14 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        held = self._read()
-        if held and held.get("run_id") == self.run_id:
-            self.fs.delete_file(self.path)
+        if self.store is None:
+            self.lock.release()
+        elif self.version is not None and not self.lost:
+            self.store.delete(self.version)
 
     def __enter__(self) -> "Lease":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+

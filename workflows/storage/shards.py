@@ -1,5 +1,5 @@
-"""Sample shards: Parquet files of PNG images, listed by a manifest (`manifest.py`), on any `pyarrow.fs`
-filesystem.
+"""Sample shards: Parquet files of PNG images and the manifest that records them, on a local disk or
+any store `files.resolve` opens.
 
 Layout of an output URI (a local path, `file://`, `s3://`, `gs://`, ...)::
 
@@ -9,8 +9,12 @@ Layout of an output URI (a local path, `file://`, `s3://`, `gs://`, ...)::
     data/train-00000-of-00049.parquet  one row per sample, ids [0, shard_size), row groups of 100
     data/train-00001-of-00049.parquet  ...
 
-A shard is written to a hidden temporary name and renamed into place, then recorded, so a
-shard is either complete and listed or absent. Names starting with '_' or '.' are skipped by
+A shard is written whole (`files.write_atomic`: one PUT on an object store, a temporary renamed into
+place on a local disk), then recorded, so a shard is either complete and listed or absent.
+Bookkeeping per finished shard is one small record whatever the run's size (not a rewrite of a
+manifest that grows with every shard), so 10,000 shards cost the driver the same per shard as 10;
+a shard without a record is redone on resume (its file name is its index, so nothing is
+duplicated). The run's identity (`RunIdentity`) is in the manifest and in every shard's metadata. Names starting with '_' or '.' are skipped by
 Parquet readers by convention, so any reader opens the directory itself
 (`pyarrow.dataset.dataset(uri)`, `pandas.read_parquet`, Spark, DuckDB), and the shards' names are
 those Hugging Face `datasets` looks for (`load_dataset(uri)`, `load_dataset("parquet", data_dir=uri)`:
@@ -27,9 +31,11 @@ Hugging Face Image feature), and solver stats of the batch that produced the sam
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
+from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -38,19 +44,253 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .files import join, read_bytes, resolve, write_atomic
-from .manifest import DATA_DIR, MANIFEST_NAME, Manifest, ShardEntry, ShardError, check_entry, commit_shard, \
-    identity_difference, read_manifest, write_manifest
 
-__all__ = ["DATA_DIR", "MANIFEST_NAME", "Manifest", "SCHEMA", "ShardEntry", "ShardError", "check_entry",
-           "commit_shard", "decode_png", "encode_png", "identity_difference", "iter_images", "iter_shards",
-           "open_dataset", "read_images", "read_manifest", "read_metadata", "read_shard", "recover_entries",
-           "require_complete", "shard_paths",
-           "shard_table", "to_uint8", "verify_shards", "write_manifest", "write_shard"]
+MANIFEST_NAME = "_manifest.json"
+RECORDS_DIR = "_shards"
+DATA_DIR = "data"
+MANIFEST_FORMAT = "tarflow-gs-shards"
+MANIFEST_VERSION = 3
+HASH_CHUNK_BYTES = 8 << 20
 ROW_GROUP_ROWS = 100  # readers that stream (datasets, DuckDB) hold one row group, not a whole shard
-
 METADATA_KEY = b"tarflow-gs"
+
+
+# ---- the run's identity and the manifest ------------------------------------------------------
+
+
+class ShardError(ValueError):
+    """A shard set that is missing, corrupt, or does not match what its manifest says."""
+
+
+class Numerics(BaseModel):
+    """What decides pixels besides the inputs: the workers' torch threads and their device type (None
+    until the first worker starts)."""
+
+    model_config = ConfigDict(extra="forbid")
+    threads: int
+    device: str | None = None
+
+
+class RunIdentity(BaseModel):
+    """Everything that decides a generation run's images: built once from the inputs, recorded in the
+    manifest (`settings`) and in every shard's metadata, and compared field by field on resume."""
+
+    model_config = ConfigDict(extra="forbid")
+    model_hash: str
+    plan_hash: str
+    spec: dict  # the sampling spec's JSON form (`SamplingSpec.to_dict`)
+    num_samples: int
+    shard_size: int
+    image_shape: list[int]
+    num_classes: int
+    numerics: Numerics
+
+    @classmethod
+    def from_settings(cls, settings, where: str) -> "RunIdentity":
+        try:
+            return cls.model_validate(settings)
+        except ValidationError as e:
+            raise ShardError(f"{where}: its run identity is not one this build reads ({e.errors()[0]['msg']} at "
+                             f"{'.'.join(map(str, e.errors()[0]['loc']))})") from None
+
+    def to_dict(self) -> dict:
+        return self.model_dump()
+
+    def with_device(self, device: str | None) -> "RunIdentity":
+        return self.model_copy(update={"numerics": self.numerics.model_copy(update={"device": device})})
+
+    def difference(self, now: "RunIdentity") -> str:
+        """`spec.seed=11 there vs 12 now; ...` for every field where `now` differs from this recorded
+        identity (a device not yet known on one side is no difference: the first worker records it)."""
+        a, b = _flatten(self.to_dict()), _flatten(now.to_dict())
+        return "; ".join(f"{k}={a.get(k)!r} there vs {b.get(k)!r} now" for k in sorted(set(a) | set(b))
+                         if a.get(k) != b.get(k) and not (k == "numerics.device" and None in (a.get(k), b.get(k))))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@dataclass
+class ShardEntry:
+    """One completed shard as the manifest lists it."""
+
+    file: str
+    index: int
+    rows: int
+    first_id: int
+    last_id: int  # inclusive
+    sha256: str
+    size_bytes: int
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    """Identity of a generation run and its completed shards."""
+
+    settings: dict  # the run's identity, `RunIdentity.to_dict()` for a generated set
+    num_samples: int
+    shard_size: int
+    shards: list[ShardEntry] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+    format: str = MANIFEST_FORMAT
+    version: int = MANIFEST_VERSION
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_samples // self.shard_size)
+
+    @property
+    def complete(self) -> bool:
+        return sorted(e.index for e in self.shards) == list(range(self.num_shards))
+
+    @property
+    def rows(self) -> int:
+        return sum(e.rows for e in self.shards)
+
+    def shard_ids(self, index: int) -> range:
+        return range(index * self.shard_size, min((index + 1) * self.shard_size, self.num_samples))
+
+    def shard_file(self, index: int) -> str:
+        """Where shard `index` lives: `data/train-00012-of-00049.parquet`, the layout `datasets` loads."""
+        return f"{DATA_DIR}/train-{index:05d}-of-{self.num_shards:05d}.parquet"
+
+    def add(self, entry: ShardEntry) -> None:
+        """Insert or replace by index, keeping the list sorted: O(log n) to find the place."""
+        at = bisect.bisect_left(self.shards, entry.index, key=lambda e: e.index)
+        if at < len(self.shards) and self.shards[at].index == entry.index:
+            self.shards[at] = entry
+        else:
+            self.shards.insert(at, entry)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["complete"] = self.complete
+        d["rows"] = self.rows
+        return json.dumps(d, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = MANIFEST_NAME) -> "Manifest":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ShardError(f"{where} is corrupt (not valid JSON: {e})") from None
+        if not isinstance(d, dict) or d.get("format") != MANIFEST_FORMAT:
+            raise ShardError(f"{where} is not a tarflow-gs shard manifest (format != {MANIFEST_FORMAT!r})")
+        if d.get("version") != MANIFEST_VERSION:
+            raise ShardError(f"{where}: manifest version {d.get('version')!r}, this build reads {MANIFEST_VERSION}")
+        try:
+            d.pop("complete", None)
+            d.pop("rows", None)
+            d["shards"] = [ShardEntry(**e) for e in d["shards"]]
+            return cls(**d)
+        except (KeyError, TypeError) as e:
+            raise ShardError(f"{where} is corrupt (malformed: {e})") from None
+
+
+def _text(fs, path: str, where: str) -> str:
+    try:
+        return read_bytes(fs, path).decode()
+    except UnicodeDecodeError as e:
+        raise ShardError(f"{where} is corrupt (not UTF-8 text: {e})") from None
+
+
+def read_manifest(uri: str) -> Manifest:
+    """The manifest with every committed shard record merged in (records override folded entries)."""
+    fs, base = resolve(uri)
+    path = join(base, MANIFEST_NAME)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise ShardError(f"no {MANIFEST_NAME} under {uri}: not a generated shard set (or generation never started)")
+    manifest = Manifest.from_json(_text(fs, path, f"{uri}/{MANIFEST_NAME}"), f"{uri}/{MANIFEST_NAME}")
+    for entry in read_records(uri):
+        manifest.add(entry)
+    return manifest
+
+
+def read_records(uri: str) -> list[ShardEntry]:
+    """Committed shard records not yet folded into the manifest (a corrupt one is an error naming it)."""
+    fs, base = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(join(base, RECORDS_DIR), allow_not_found=True))
+    entries = []
+    for info in sorted((i for i in infos if i.base_name.endswith(".json") and not i.base_name.startswith(".")),
+                       key=lambda i: i.base_name):
+        where = f"{uri}/{RECORDS_DIR}/{info.base_name}"
+        try:
+            entries.append(ShardEntry(**json.loads(_text(fs, info.path, where))))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ShardError(f"{where} is corrupt ({e}): delete it and resume generate to redo its shard") from None
+    return entries
+
+
+def write_manifest(uri: str, manifest: Manifest) -> None:
+    """Write the manifest with its entries folded in, then drop the records it now holds."""
+    fs, base = resolve(uri)
+    write_atomic(fs, join(base, MANIFEST_NAME), manifest.to_json().encode())
+    records = join(base, RECORDS_DIR)
+    if fs.get_file_info(records).type == pafs.FileType.Directory:
+        fs.delete_dir(records)
+
+
+def commit_shard(uri: str, entry: ShardEntry) -> int:
+    """Record one finished shard: one small file, the same cost for the first shard and the 10,000th.
+    Returns the bytes written."""
+    fs, base = resolve(uri)
+    data = json.dumps(asdict(entry), sort_keys=True).encode()
+    write_atomic(fs, join(base, f"{RECORDS_DIR}/{entry.index:05d}.json"), data)
+    return len(data)
+
+
+def file_sha256(fs: pafs.FileSystem, path: str) -> tuple[str, int]:
+    """(sha256 hex, size) of a file, read in chunks: memory stays flat for any shard size."""
+    h, size = hashlib.sha256(), 0
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def entry_problem(entry: ShardEntry, size: int | None, sha256: str | None = None) -> str | None:
+    """Why a listed shard's file (of `size` bytes, None: absent; `sha256` when computed) does not hold
+    what its entry says, or None: the one integrity check, for resume, readers and `verify_shards`."""
+    if size is None:
+        return "is listed in the manifest but missing"
+    if size != entry.size_bytes:
+        return f"has {size} bytes, the manifest says {entry.size_bytes}"
+    if sha256 is not None and sha256 != entry.sha256:
+        return "fails its sha256 check"
+    return None
+
+
+def require_entry(uri: str, entry: ShardEntry, size: int | None, sha256: str | None = None) -> None:
+    """`entry_problem` as a ShardError that says what to do."""
+    problem = entry_problem(entry, size, sha256)
+    if problem:
+        raise ShardError(f"shard {uri}/{entry.file} {problem}: it is corrupt or was replaced (re-run generate to "
+                         "redo it)")
+
+
+def check_entry(uri: str, entry: ShardEntry) -> str | None:
+    """`entry_problem` of a listed shard as it is now: its size, then (streaming) its sha256."""
+    fs, base = resolve(uri)
+    path = join(base, entry.file)
+    info = fs.get_file_info(path)
+    size = info.size if info.type == pafs.FileType.File else None
+    return entry_problem(entry, size) or entry_problem(entry, size, file_sha256(fs, path)[0])
+
+
+
+# ---- shard files ---------------------------------------------------------------------------
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 SCHEMA = pa.schema([
@@ -98,8 +338,6 @@ def decode_png(data: bytes) -> np.ndarray:
     return array[:, :, None] if array.ndim == 2 else array
 
 
-# ---- shard files ---------------------------------------------------------------------------
-
 def shard_table(sample_ids, labels, seed: int, pngs: list[bytes], block_passes, fallbacks, residual) -> pa.Table:
     n = len(sample_ids)
     image = pa.StructArray.from_arrays(
@@ -134,13 +372,13 @@ def write_shard(uri: str, layout: Manifest, index: int, table: pa.Table, metadat
                       hashlib.sha256(data).hexdigest(), len(data), stats or {})
 
 
-def recover_entries(uri: str, identity: dict, layout: Manifest) -> list[ShardEntry]:
+def recover_entries(uri: str, identity: RunIdentity, layout: Manifest) -> tuple[list[ShardEntry], str | None]:
     """Entries for the shard files under `uri` that verify on their own, for when the manifest is lost:
-    every page's CRC holds, the file's metadata names this run's identity (its device, if not yet
-    known, becomes the run's) and its shard index, and it holds exactly that shard's ids. Files that
-    fail any check are left out (and redone)."""
+    every page's CRC holds, the file's metadata names this run's identity and its shard index, and it
+    holds exactly that shard's ids; with the device they were made on. Files that fail any check are
+    left out (and redone)."""
     fs, base = resolve(uri)
-    entries = []
+    entries, device = [], None
     files = fs.get_file_info(pafs.FileSelector(join(base, DATA_DIR), allow_not_found=True))
     for info in sorted(files, key=lambda i: i.base_name):
         name = f"{DATA_DIR}/{info.base_name}"
@@ -150,31 +388,22 @@ def recover_entries(uri: str, identity: dict, layout: Manifest) -> list[ShardEnt
         try:
             table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
             meta = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
+            made_by = RunIdentity.from_settings(meta.get("settings"), name)
         except (pa.ArrowException, OSError, ValueError):
             continue
-        index, settings = meta.get("shard"), meta.get("settings", {})
-        if (not isinstance(settings, dict) or identity_difference(settings, identity) or not isinstance(index, int)
-                or name != layout.shard_file(index)):
+        index = meta.get("shard")
+        if made_by.difference(identity) or not isinstance(index, int) or name != layout.shard_file(index):
             continue
         ids = table.column("sample_id").to_numpy()
         if not np.array_equal(ids, np.asarray(layout.shard_ids(index))):
             continue
-        identity["numerics"]["device"] = settings["numerics"]["device"]
+        device = made_by.numerics.device
         entries.append(ShardEntry(name, index, table.num_rows, int(ids[0]), int(ids[-1]),
                                   hashlib.sha256(data).hexdigest(), len(data), meta.get("stats", {})))
-    return entries
+    return entries, device
 
 
 # ---- readers -----------------------------------------------------------------------------
-
-def _check_entry(uri: str, entry: ShardEntry, data: bytes | None, size: int | None) -> None:
-    where = f"{uri}/{entry.file}"
-    if size is not None and size != entry.size_bytes:
-        raise ShardError(f"shard {where} has {size} bytes, the manifest says {entry.size_bytes}: it is corrupt "
-                         "or was replaced (re-run generate to redo it)")
-    if data is not None and hashlib.sha256(data).hexdigest() != entry.sha256:
-        raise ShardError(f"shard {where} fails its sha256 check: it is corrupt (re-run generate to redo it)")
-
 
 def require_complete(uri: str, manifest: Manifest, allow_partial: bool = False) -> None:
     """Raise ShardError unless `manifest` lists every shard of its run (or `allow_partial`)."""
@@ -190,9 +419,7 @@ def shard_paths(uri: str, allow_partial: bool = False) -> tuple[pafs.FileSystem,
     fs, base = resolve(uri)
     paths = [join(base, e.file) for e in manifest.shards]
     for entry, info in zip(manifest.shards, fs.get_file_info(paths)):
-        if info.type != pafs.FileType.File:
-            raise ShardError(f"shard {uri}/{entry.file} is listed in the manifest but missing")
-        _check_entry(uri, entry, None, info.size)
+        require_entry(uri, entry, info.size if info.type == pafs.FileType.File else None)
     return fs, paths
 
 
@@ -221,9 +448,10 @@ def _read_shard(fs: pafs.FileSystem, base: str, uri: str, entry: ShardEntry, col
                 verify: bool) -> pa.Table:
     try:
         data = read_bytes(fs, join(base, entry.file))
-    except FileNotFoundError as e:
-        raise ShardError(f"shard {uri}/{entry.file} is listed in the manifest but missing") from e
-    _check_entry(uri, entry, data if verify else None, len(data))
+    except FileNotFoundError:
+        data = None
+    require_entry(uri, entry, None if data is None else len(data),
+                  hashlib.sha256(data).hexdigest() if verify and data is not None else None)
     try:
         table = pq.read_table(pa.BufferReader(data), columns=columns)
     except (pa.ArrowInvalid, OSError) as e:
