@@ -12,7 +12,8 @@ from tarflow import SamplingSpec, save_checkpoint
 from tarflow.schema import validate
 from workflows import pipeline
 from workflows.config import ConfigError, RunConfig
-from workflows.report import ModelResult, ReportData, render_html, write_report
+from workflows.report import ModelResult, ReportData, SamplerResult, ScalingPoint, render_html, where_plans_pay, \
+    write_report
 from workflows.stages.compare import batch_scaling
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +57,28 @@ def test_scaling_section_renders_and_round_trips(points, tmp_path):
     assert figure["batch_size"] == [1, 4] and figure["speedup"] == [p.speedup for p in points]
     assert figure["bound"] == [p.bound_speedup for p in points]
     assert ReportData.from_json((tmp_path / "report-data.json").read_text()) == data
+
+
+def test_the_headline_says_where_plans_pay_and_every_figure_is_a_file(tmp_path):
+    def point(batch, speedup, fallback=None):
+        return ScalingPoint(batch, 1.0, 1.0 / speedup, speedup, 10.0, "plan", fallback)
+
+    grid = base64.b64encode((REPO / "docs" / "demo-grid.png").read_bytes()).decode()
+    mixed = ModelResult("demo", device="cpu", scaling=[point(1, 2.5), point(16, 1.02, "raced 0.98x")],
+                        runs=[SamplerResult("sequential", 1.0, 1, grid_png=grid), SamplerResult("auto plan", 1.0, 1)])
+    headline = ("demo on cpu: the auto plan pays at batch size 1 (2.50x) over sequential sampling, not at 16 "
+                "(1.02x), where it stays sequential.")
+    assert where_plans_pay(mixed) == headline
+    assert where_plans_pay(ModelResult("demo", scaling=[point(1, 1.05)])).startswith(
+        "demo on cpu: plans do not pay at any batch size measured (1 (1.05x))")
+    assert where_plans_pay(ModelResult("demo", scaling=[point(1, 3.0), point(8, 1.5)])) == (
+        "demo on cpu: the auto plan pays at batch size 1 (3.00x), 8 (1.50x) over sequential sampling.")
+    assert where_plans_pay(ModelResult("demo")) is None
+    html_path, _ = write_report(ReportData("t", [mixed]), tmp_path)
+    assert headline in html_path.read_text()
+    files = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    assert files == ["samples-demo-sequential.png", "scaling-demo.png"]
+    assert all((tmp_path / "figures" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
 
 
 def test_no_scaling_no_section_and_old_report_data_loads():

@@ -16,6 +16,7 @@ import html
 import io
 import json
 import math
+import re
 from dataclasses import asdict
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -149,10 +150,37 @@ def _draw(spec: dict) -> Figure:
     return fig
 
 
-def _png(fig: Figure) -> str:
+def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    return base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
+
+
+def draw_figures(data: ReportData) -> tuple[list[dict], dict[str, bytes]]:
+    """(figure specs, {figure id: PNG}) of a report: what its page embeds and `write_report` also saves."""
+    specs = _figure_specs(data)
+    return specs, {s["id"]: _png(_draw(s)) for s in specs}
+
+
+PAYS = 1.1  # the scheduler keeps a plan only if it races at least 10% faster than sequential
+
+
+def where_plans_pay(m: ModelResult) -> str | None:
+    """One sentence from the speedup-vs-batch-size points: at which batch sizes the auto plan beat
+    sequential sampling on the hardware that measured them (None: not measured)."""
+    if not m.scaling:
+        return None
+    pays = [p for p in m.scaling if p.fallback is None and p.speedup >= PAYS]
+    rest = [p for p in m.scaling if p not in pays]
+
+    def points(ps):
+        return ", ".join(f"{p.batch_size} ({p.speedup:.2f}x)" for p in ps)
+
+    if not pays:
+        return (f"{m.name} on {m.device}: plans do not pay at any batch size measured ({points(rest)}); "
+                "sampling stays sequential.")
+    where = f"{m.name} on {m.device}: the auto plan pays at batch size {points(pays)} over sequential sampling"
+    return where + (f", not at {points(rest)}, where it stays sequential." if rest else ".")
 
 
 # ---- HTML ------------------------------------------------------------------------------------------------------
@@ -210,14 +238,14 @@ def _scaling_table(m: ModelResult) -> str:
           _fmt(p.max_abs_error, ".1e")] for p in m.scaling])
 
 
-def render_html(data: ReportData) -> tuple[str, dict]:
-    """(HTML page, figures JSON) of a report; every image is inline, so the page is one file."""
-    specs = _figure_specs(data)
-    images = {s["id"]: _png(_draw(s)) for s in specs}
+def render_html(data: ReportData, drawn: tuple[list[dict], dict[str, bytes]] | None = None) -> tuple[str, dict]:
+    """(HTML page, figures JSON) of a report; every image is inline, so the page is one file. `drawn`: the
+    figures already drawn (`draw_figures`)."""
+    specs, images = drawn or draw_figures(data)
 
     def figures(section: str) -> str:
         return "".join(f'<figure id="{s["id"]}"><img alt="{html.escape(s["title"])}" '
-                       f'src="data:image/png;base64,{images[s["id"]]}"></figure>'
+                       f'src="data:image/png;base64,{base64.b64encode(images[s["id"]]).decode()}"></figure>'
                        for s in specs if s["section"] == section) or '<p class="muted">no data</p>'
 
     grids = []
@@ -227,8 +255,10 @@ def render_html(data: ReportData) -> tuple[str, dict]:
         if cells:
             grids.append(f"<h3>{html.escape(m.name)}</h3><div class=\"grids\">{cells}</div>")
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in data.notes)
+    headlines = "".join(f"<p><strong>{html.escape(line)}</strong></p>" for line in map(where_plans_pay, data.models)
+                        if line)
     body = [
-        f"<h1>{html.escape(data.title)}</h1><p class=\"muted\">{html.escape(data.created)}</p>",
+        f"<h1>{html.escape(data.title)}</h1><p class=\"muted\">{html.escape(data.created)}</p>", headlines,
         f"<ul>{notes}</ul>" if notes else "",
         '<h2 id="summary">Speedup and FID against sequential sampling</h2>', _summary_table(data),
         *(['<h2 id="scaling">Speedup vs batch size</h2>',
@@ -250,17 +280,24 @@ def render_html(data: ReportData) -> tuple[str, dict]:
     return page, {"title": data.title, "created": data.created, "figures": specs}
 
 
-def report_files(data: ReportData) -> dict[str, str]:
+def report_files(data: ReportData, drawn: tuple[list[dict], dict[str, bytes]] | None = None) -> dict[str, str]:
     """{file name: text} of a report: report.html, report.json (figures) and report-data.json (the input).
     report.html comes last, so a writer that stops early never leaves a page without its data."""
-    page, figures = render_html(data)
+    page, figures = render_html(data, drawn)
     return {"report-data.json": data.to_json(), "report.json": json.dumps(figures, indent=2), "report.html": page}
 
 
 def write_report(data: ReportData, out_dir) -> tuple[Path, Path]:
-    """Write the report's files into a local directory; returns (report.html, report.json)."""
+    """Write the report's files into a local directory, and every figure and sample grid as a PNG under
+    `figures/` (for slides and READMEs); returns (report.html, report.json)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in report_files(data).items():
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    drawn = draw_figures(data)
+    for name, text in report_files(data, drawn).items():
         (out_dir / name).write_text(text)
+    pngs = {f"{figure_id}.png": png for figure_id, png in drawn[1].items()}
+    pngs.update({f"samples-{m.name}-{r.plan}.png": base64.b64decode(r.grid_png)
+                 for m in data.models for r in m.runs if r.grid_png})
+    for name, png in pngs.items():
+        (out_dir / "figures" / re.sub(r"[^A-Za-z0-9._-]+", "-", name)).write_bytes(png)
     return out_dir / "report.html", out_dir / "report.json"
