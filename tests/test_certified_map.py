@@ -10,7 +10,7 @@ from conftest import make_tiny_model
 from tarflow import Guidance, ModelRef, PlanError, SamplingSpec, sample_ids, save_checkpoint
 from tarflow.schedule import schedule
 from workflows.config import GenerateConfig, Resources, SampleSet
-from workflows.stages.generate import generate, prepare
+from workflows.stages.generate import generate
 from workflows.stages.profile import profile
 from workflows.storage import shards as sh
 
@@ -47,4 +47,4 @@ def test_plan_certified_under_annealed_guidance_holds_on_generated_images(ray_lo
     other = torch.cat([sample_ids(model, constant, [i]).images for i in ids.tolist()])
     assert (other - sequential).abs().max().item() > 10 * TOL
     with pytest.raises(PlanError, match="certified for another sampling map"):
-        prepare(cfg.model_copy(update={"spec": constant, "out": str(tmp_path / "other")}))
+        generate(cfg.model_copy(update={"spec": constant, "out": str(tmp_path / "other")}))

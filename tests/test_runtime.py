@@ -82,7 +82,7 @@ def test_a_pool_whose_workers_cannot_start_ends_at_once_with_their_error(ray_loc
     with pytest.raises(runtime.ClusterError, match="test worker could not start: ValueError: W.pth is not what"):
         with runtime.ActorPool(Broken, ("W.pth",), Resources(actors=2, num_cpus=0.5), "test",
                                start_timeout_s=60) as pool:
-            list(pool.map_unordered([("ready", ())]))
+            list(pool.map_unordered([(Broken.ready, ())]))
     assert time.monotonic() - start < 20
 
 
