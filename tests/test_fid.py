@@ -13,8 +13,7 @@ from click.testing import CliRunner
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
 from workflows.config import FidSettings, Resources
-from workflows.fidelity.extractors import build_extractor, export_compat_weights, extract_features, has_isc, \
-    register_extractors
+from workflows.fidelity.extractors import build_extractor, export_compat_weights, extract, has_isc, register_extractors
 from workflows.fidelity.stats import FeatureStats, FIDStats, StatsError, StatsMismatchError, frechet_distance
 from workflows.stages.fid import EvaluateError, FeaturePool, FIDResult, FIDResultError, check_reference, evaluate_fid, \
     reference_stats
@@ -48,8 +47,8 @@ def test_distributed_fid_over_shards_equals_single_process_torch_fidelity(ray_lo
         feature_extractor="mnist5k-classifier", batch_size=300, verbose=False, cache=False, save_cpu_ram=True)
     assert frechet_distance(a, b) == pytest.approx(metrics["frechet_inception_distance"], rel=1e-6)
 
-    single = fid_features_to_statistics(torch.from_numpy(extract_features(build_extractor("mnist5k-classifier"),
-                                                                          digits_u8[0])))
+    features = extract(build_extractor("mnist5k-classifier"), digits_u8[0])[0]
+    single = fid_features_to_statistics(torch.from_numpy(features))
     np.testing.assert_allclose(a.mu, single["mu"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(a.sigma, single["sigma"], rtol=1e-5, atol=1e-6)
 
@@ -142,14 +141,14 @@ def test_torchscript_inception_runs_offline_and_matches_torch_fidelity_inception
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     images = digits_u8[0][:8]
-    features = extract_features(build_extractor("inception-v3-torchscript"), images)
+    features = extract(build_extractor("inception-v3-torchscript"), images)[0]
     assert features.shape == (8, 2048) and np.isfinite(features).all()
     assert (features >= 0).all() and features.std(axis=0).max() > 0  # pool of ReLUs, and images differ
 
     # the same weights inside torch-fidelity's own Inception give the same features
     weights = str(export_compat_weights(tmp_path / "inception.pth"))
     compat = build_extractor("inception-v3-compat", weights)
-    np.testing.assert_allclose(extract_features(compat, images), features, atol=1e-6)  # as the README says
+    np.testing.assert_allclose(extract(compat, images)[0], features, atol=1e-6)  # as the README says
     # the exported weights have no classifier: no Inception Score rather than a uniform softmax's 1.0
     assert not has_isc(build_extractor("inception-v3-compat", weights, isc=True))
     assert has_isc(build_extractor("mnist5k-classifier", isc=True))
