@@ -9,7 +9,7 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import holding_lease, make_tiny_model
+from conftest import holding_lease, make_tiny16x16_4blocks_model, make_tiny_model
 
 from tarflow import CheckpointError, GSJacobi, Guidance, ModelRef, Plan, PlanError, SamplingSpec, SpecError, \
     load_checkpoint, sample, sample_ids, save_checkpoint
@@ -25,9 +25,9 @@ SEED = 11
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, tiny8x8_checkpoint_path):
     root = tmp_path_factory.mktemp("generate")
-    ckpt = save_checkpoint(make_tiny_model(), root / "tiny.safetensors")
+    ckpt = tiny8x8_checkpoint_path
     plan = Plan.uniform(4, 16, GSJacobi(segment_len=5)).save(root / "plan.json")
     other = save_checkpoint(make_tiny_model(img_size=16), root / "other.safetensors")
     return {"ckpt": str(ckpt), "plan": str(plan), "other": str(other)}
@@ -69,7 +69,7 @@ def test_actor_count_never_changes_an_image(ray_local, tmp_path):
     """1, 2 and 3 actors with the default resources: the same bytes, and those of direct sampling at the
     workers' one thread, on a model where 2 threads do change pixels (so a thread count that followed
     the actor count would show); the shards' solver stats are those of the batch that made each row."""
-    model = make_tiny_model(img_size=16, out_std=0.03)
+    model = make_tiny16x16_4blocks_model()
     ckpt = save_checkpoint(model, tmp_path / "m16.safetensors")
     spec = SamplingSpec(seed=SEED, batch_size=8)
 

@@ -4,9 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_model
 
-from tarflow import GSJacobi, Jacobi, Plan, load_checkpoint, model_hash, save_checkpoint
+from tarflow import GSJacobi, Jacobi, Plan, load_checkpoint, model_hash
 from workflows import pipeline
 from workflows.config import ConfigError, RunConfig
 from workflows.pipeline import keys
@@ -186,14 +185,11 @@ def test_the_model_the_plan_made_and_fid_off_change_their_keys():
 
 
 @pytest.fixture(scope="module")
-def tiny8x8_run(tmp_path_factory):
-    """A tiny checkpoint and a run config (given plan, no FID) writing under a fresh directory."""
+def tiny8x8_run(tmp_path_factory, tiny8x8_checkpoint_path):
+    """The tiny8x8 checkpoint and a run config (given plan, no FID) writing under a fresh directory."""
     root = tmp_path_factory.mktemp("pipeline")
-    model = make_tiny_model()
-    ckpt = save_checkpoint(model, root / "tiny.safetensors")
-    plan = Plan.uniform(4, model.num_tokens, Jacobi(tol=1e-5))
-    plan.save(root / "plan.json")
-    return root, {"name": "tiny", "output": str(root / "out"), "model": {"checkpoint": str(ckpt)},
+    Plan.uniform(4, 16, Jacobi(tol=1e-5)).save(root / "plan.json")
+    return root, {"name": "tiny", "output": str(root / "out"), "model": {"checkpoint": str(tiny8x8_checkpoint_path)},
                   "plan": {"path": str(root / "plan.json")},
                   "sampling": {"batch_size": 8, "seed": 3}, "samples": {"num_samples": 24, "shard_size": 8},
                   "fid": {"enabled": False},
