@@ -15,6 +15,7 @@ from workflows.storage import files, shards as sh
 from workflows.storage.lease import Lease
 
 NUM_SAMPLES, SHARD = 48, 8  # six shards
+pytestmark = pytest.mark.slow  # subprocess runs of whole commands, SIGKILLs, two loopback servers
 
 
 def _env():
