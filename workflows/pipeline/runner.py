@@ -260,7 +260,7 @@ def report_stage(ctx: RunContext, plan: Plan, profile: Profile | None) -> None:
     latest report copied to the output's top (also when the stage was skipped).
 
     The history row carries the stage's key as its `run_id`: a retry after a crash between the append and
-    report.html finds it and appends none."""
+    report.html finds it and appends none (its report shows the retry's own timings, the history the first's)."""
     cfg, store = ctx.cfg, ctx.store
     key = keys.report(cfg, ctx.keys["generate"], ctx.keys.get("fid"))
     folder, history = f"reports/{key}", store.path("history.parquet")
