@@ -25,6 +25,7 @@ DRIVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_private_ray_leaves_no_process_when_its_driver_is_killed():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     driver = subprocess.Popen([sys.executable, "-c", DRIVER], stdout=subprocess.PIPE, text=True, env=env)
@@ -122,6 +123,7 @@ def test_fid_with_weights_that_are_not_inception_weights_ends_with_a_message_wit
     assert written < 50 << 20
 
 
+@pytest.mark.slow
 def test_ctrl_c_twice_ends_without_a_traceback(tmp_path):
     """Ctrl-C during generation, then again and again while Ray shuts down: no traceback from Ray's atexit
     shutdown, no crash by a signal; the command says it was aborted."""
