@@ -71,6 +71,7 @@ def _process_racer(uri, start, results, hold):
     lease.release()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("store", ["local", "s3"])
 def test_racing_processes_one_winner_every_time(store, tmp_path, request):
     base = str(tmp_path) if store == "local" else request.getfixturevalue("s3_bucket")
@@ -143,6 +144,7 @@ def test_a_heartbeat_keeps_an_s3_lease_fresh(s3_bucket):
         holder.release()
 
 
+@pytest.mark.slow
 def test_racing_takeovers_of_a_stale_s3_lease_one_winner_with_slow_requests(s3_bucket, monkeypatch):
     """The timing lock's weak spot: a slow request (an SDK retry) between judging the lease and writing
     it. With a random delay there, racers that all found the lease stale still leave exactly one winner:
