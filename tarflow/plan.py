@@ -10,7 +10,8 @@ JSON (version 2)::
 
     {"version": 2, "num_blocks": 4, "num_tokens": 196, "divergence_bound": 10000.0,
      "model_hash": "ab12..." | null, "name": "auto", "tol": 0.001 | null, "spec": {...} | null,
-     "blocks": [{"solver": "gs_jacobi", "segment_len": 32, "max_iters": null, "tol": 1e-4, "init": "z"},
+     "blocks": [{"solver": "gs_jacobi", "segment_len": 32, "max_iters": null, "tol": 1e-4, "init": "z",
+                 "coarse": null, "coarse_tol": 0.01, "check_every": 1},
                 {"solver": "sequential"}, ...],
      "evidence": {...written by the scheduler...}}
 
@@ -73,7 +74,8 @@ class Plan(JSONForm):
         tol = self.tol  # checked here: the plan's pydantic config lets inf through for the evidence
         if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol)
                                 or tol < 0):
-            raise PlanError(f"tol={tol!r}: must be a finite number >= 0 (0: a hand plan's fixed budgets) or null")
+            raise PlanError(f"tol={tol!r}: must be a finite number >= 0, or null (a plan not certified, such as a "
+                            "hand plan)")
         T = self.num_tokens
         for i, b in enumerate(self.blocks):
             if SOLVERS.get(getattr(b, "solver", None)) is not type(b):

@@ -230,6 +230,8 @@ class Sequential(GaussSeidelJacobi):
 
     __pydantic_config__ = STRICT_FIELDS
     init = "z"  # the iterate's start: every token is computed before a later one uses it
+    max_iters = None  # one exact step per token: no cap, no bf16 start
+    coarse = None
     length_field = None
 
     def segment_length(self, num_tokens: int) -> int:
@@ -322,7 +324,7 @@ class Sliding:
     """Jacobi over a window of `window` tokens that starts at the first unconverged token; the
     converged prefix keeps its keys/values. It advances at least one token per pass: no cap.
     A token is final once every token before it in the window moved <= `tol` in the last two
-    passes (see tarflow/solvers.py)."""
+    passes (see `window_pass`)."""
 
     solver: Literal["sliding"] = "sliding"
     window: int

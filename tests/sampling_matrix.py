@@ -47,36 +47,36 @@ def cases() -> list[Case]:
     out = []
     for name, bp in BLOCK_PLANS.items():
         for g in ("plain", "annealed_temp"):
-            out.append(Case(f"{name}/{g}/b3", "tiny", 3, [1, 2, 3], bp, SamplingSpec(guidance=GUIDANCE[g])))
+            out.append(Case(f"{name}/{g}/b3", "tiny8x8", 3, [1, 2, 3], bp, SamplingSpec(guidance=GUIDANCE[g])))
     for g in GUIDANCE:
-        out.append(Case(f"sequential/{g}/b3", "tiny", 3, [0, 7, 3], None, SamplingSpec(guidance=GUIDANCE[g])))
-        out.append(Case(f"gs6/{g}/b3", "tiny", 3, [0, 7, 3], GSJacobi(segment_len=6, tol=1e-5),
+        out.append(Case(f"sequential/{g}/b3", "tiny8x8", 3, [0, 7, 3], None, SamplingSpec(guidance=GUIDANCE[g])))
+        out.append(Case(f"gs6/{g}/b3", "tiny8x8", 3, [0, 7, 3], GSJacobi(segment_len=6, tol=1e-5),
                         SamplingSpec(guidance=GUIDANCE[g])))
     for labels, tag in (([5], "b1"), (None, "b3_none"), ([-1, 4, -1], "b3_minus1")):
         batch = 1 if labels == [5] else 3
         for pname, bp in (("sequential", None), ("jacobi", Jacobi(tol=1e-5)), ("sliding6", Sliding(window=6, tol=1e-5))):
             for g in ("plain", "annealed_temp"):
-                out.append(Case(f"{pname}/{g}/{tag}", "tiny", batch, labels, bp, SamplingSpec(guidance=GUIDANCE[g])))
+                out.append(Case(f"{pname}/{g}/{tag}", "tiny8x8", batch, labels, bp, SamplingSpec(guidance=GUIDANCE[g])))
     for pname, bp in (("sequential", None), ("jacobi", Jacobi(tol=1e-5)), ("gs5", GSJacobi(segment_len=5, tol=1e-5)),
                       ("sliding6", Sliding(window=6, tol=1e-5))):
         for g, guid in (("plain", Guidance()), ("temp_only", Guidance(scale=2.0, attn_temp=0.7, annealed=True))):
-            out.append(Case(f"uncond/{pname}/{g}/b2", "uncond", 2, None, bp, SamplingSpec(guidance=guid)))
+            out.append(Case(f"uncond/{pname}/{g}/b2", "tiny8x8_uncond", 2, None, bp, SamplingSpec(guidance=guid)))
     bf16 = SamplingSpec(autocast="bf16")
     for pname, bp in (("sequential", None), ("gs5_tol0", GSJacobi(segment_len=5, tol=0.0)), ("jacobi", Jacobi(tol=1e-4)),
                       ("sliding6", Sliding(window=6, tol=1e-4)), ("jacobi_bf16_start", BLOCK_PLANS["jacobi_bf16_start"])):
-        out.append(Case(f"autocast_bf16/{pname}/b2", "tiny", 2, [3, 8], bp, bf16))
-    out.append(Case("autocast_bf16/gs6/cfg/b2", "tiny", 2, [3, 8], GSJacobi(segment_len=6, tol=1e-4),
+        out.append(Case(f"autocast_bf16/{pname}/b2", "tiny8x8", 2, [3, 8], bp, bf16))
+    out.append(Case("autocast_bf16/gs6/cfg/b2", "tiny8x8", 2, [3, 8], GSJacobi(segment_len=6, tol=1e-4),
                     SamplingSpec(autocast="bf16", guidance=CFG)))
     denoised = SamplingSpec(denoise=Denoise(multiplier=1.0, noise_std=0.05))
-    out.append(Case("denoise/sequential/b2", "tiny", 2, [1, 2], None, denoised))
-    out.append(Case("denoise/jacobi/cfg/b2", "tiny", 2, [1, 2], Jacobi(tol=1e-5),
+    out.append(Case("denoise/sequential/b2", "tiny8x8", 2, [1, 2], None, denoised))
+    out.append(Case("denoise/jacobi/cfg/b2", "tiny8x8", 2, [1, 2], Jacobi(tol=1e-5),
                     SamplingSpec(guidance=CFG, denoise=Denoise(multiplier=0.8, noise_std=0.05))))
     for pname, bp in (("gs5_tol0", GSJacobi(segment_len=5, tol=0.0)), ("jacobi", Jacobi(tol=1e-5)),
                       ("sliding6", Sliding(window=6, tol=1e-5)), ("jacobi_bf16_start", BLOCK_PLANS["jacobi_bf16_start"])):
-        out.append(Case(f"fallback/{pname}/b2", "tiny", 2, [4, 4], bp, SamplingSpec(), fallback=True))
-    out.append(Case("mixed/plain/b3", "tiny", 3, [1, 2, 3], "mixed", SamplingSpec()))
-    out.append(Case("mixed/annealed_temp/b3", "tiny", 3, [1, 2, 3], "mixed", SamplingSpec(guidance=CFG)))
-    out.append(Case("paper_3-4-2-3/plain/b3", "tiny", 3, [1, 2, 3], "paper", SamplingSpec()))
+        out.append(Case(f"fallback/{pname}/b2", "tiny8x8", 2, [4, 4], bp, SamplingSpec(), fallback=True))
+    out.append(Case("mixed/plain/b3", "tiny8x8", 3, [1, 2, 3], "mixed", SamplingSpec()))
+    out.append(Case("mixed/annealed_temp/b3", "tiny8x8", 3, [1, 2, 3], "mixed", SamplingSpec(guidance=CFG)))
+    out.append(Case("paper_3-4-2-3/plain/b3", "tiny8x8", 3, [1, 2, 3], "paper", SamplingSpec()))
     out.append(Case("demo/sequential/none/b2", "demo", 2, None, None, SamplingSpec()))
     out.append(Case("demo/gs49/none/b2", "demo", 2, None, GSJacobi(segment_len=49, tol=1e-4), SamplingSpec()))
     out.append(Case("demo/jacobi/cfg/b1", "demo", 1, [7], Jacobi(tol=1e-3), SamplingSpec(guidance=Guidance(scale=2.0))))
@@ -95,7 +95,8 @@ def plan_for(model, bp) -> Plan | None:
 
 
 def models() -> dict:
-    return {"tiny": make_tiny_model(), "uncond": make_tiny_model(num_classes=0), "demo": load_checkpoint("demo").eval()}
+    return {"tiny8x8": make_tiny_model(), "tiny8x8_uncond": make_tiny_model(num_classes=0),
+            "demo": load_checkpoint("demo").eval()}
 
 
 def run(case: Case, model, engine="eager"):

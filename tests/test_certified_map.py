@@ -5,12 +5,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny16x16_2blocks_model
 
 from tarflow import Guidance, ModelRef, PlanError, SamplingSpec, sample_ids, save_checkpoint
 from tarflow.schedule import schedule
 from workflows.config import GenerateConfig, Resources, SampleSet
-from workflows.stages.generate import generate, prepare
+from workflows.stages.generate import generate
 from workflows.stages.profile import profile
 from workflows.storage import shards as sh
 
@@ -21,7 +21,7 @@ def test_plan_certified_under_annealed_guidance_holds_on_generated_images(ray_lo
     import tarflow.schedule as scheduler
 
     # 64 tokens at batch 1: parallel passes clearly beat sequential steps, so the plan is not sequential
-    model = make_tiny_model(out_std=0.035, num_blocks=2, img_size=16)
+    model = make_tiny16x16_2blocks_model()
     ref = ModelRef(str(save_checkpoint(model, tmp_path / "m.safetensors")), in_channels=1)
     spec = SamplingSpec(seed=5, batch_size=1, guidance=Guidance(1.5, annealed=True, attn_temp=0.5)).for_model(10)
     prof, _ = profile(model, ref, spec, None, 2, Resources(num_cpus=1), segment_lens=[63, 16], windows=[16],
@@ -47,4 +47,4 @@ def test_plan_certified_under_annealed_guidance_holds_on_generated_images(ray_lo
     other = torch.cat([sample_ids(model, constant, [i]).images for i in ids.tolist()])
     assert (other - sequential).abs().max().item() > 10 * TOL
     with pytest.raises(PlanError, match="certified for another sampling map"):
-        prepare(cfg.model_copy(update={"spec": constant, "out": str(tmp_path / "other")}))
+        generate(cfg.model_copy(update={"spec": constant, "out": str(tmp_path / "other")}))

@@ -18,10 +18,9 @@ from workflows.cli import main
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, tiny8x8_checkpoint_path_with_noise_std):
     root = tmp_path_factory.mktemp("cli-errors")
-    model = make_tiny_model()
-    ckpt = save_checkpoint(model, root / "tiny.safetensors", {"noise_std": 0.1})
+    ckpt = tiny8x8_checkpoint_path_with_noise_std
     raw = root / "raw.pth"
     torch.save(make_tiny_model().state_dict(), raw)
     plan = Plan.uniform(4, 16, GSJacobi(segment_len=5)).save(root / "plan.json")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import make_tiny_model
+from conftest import make_tiny16x16_4blocks_model
 from ray_cluster import LocalCluster
 
 from tarflow import save_checkpoint
@@ -32,7 +32,7 @@ def cluster():
 def job(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster-job")
     # 16x16 images, 64 tokens: enough sampling per shard that a node can die in the middle of it
-    ckpt = save_checkpoint(make_tiny_model(img_size=16, out_std=0.03), root / "tiny.safetensors")
+    ckpt = save_checkpoint(make_tiny16x16_4blocks_model(), root / "tiny16x16.safetensors")
 
     def config(name: str, plan: dict | None = None) -> Path:
         path = root / f"{name}.yaml"

@@ -9,9 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import make_tiny_model
 
-from tarflow import save_checkpoint
 from workflows.storage import shards as sh
 
 NUM_SAMPLES, SHARD = 80, 8  # ten shards
@@ -28,8 +26,8 @@ def _env():
 
 
 @pytest.mark.slow
-def test_driver_killed_at_random_points_resumes_to_the_same_set(tmp_path):
-    ckpt = save_checkpoint(make_tiny_model(), tmp_path / "tiny.safetensors")
+def test_driver_killed_at_random_points_resumes_to_the_same_set(tmp_path, tiny8x8_checkpoint_path):
+    ckpt = tiny8x8_checkpoint_path
     undisturbed = tmp_path / "undisturbed"
     subprocess.run(_command(ckpt, undisturbed), env=_env(), check=True, capture_output=True, timeout=300)
 

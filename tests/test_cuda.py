@@ -11,11 +11,11 @@ import sys
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny16x16_2blocks_model, make_tiny_model
 
 import sampling_matrix
 from tarflow import GSJacobi, Guidance, Jacobi, Plan, SamplingSpec, Sequential, Sliding, sample, sample_ids, \
-    sample_noise, save_checkpoint, solve_block
+    sample_noise, solve_block
 from tarflow import engine as engines
 from tarflow.profile import profile_model
 from tarflow.schedule import schedule
@@ -140,7 +140,7 @@ def test_workspaces_dropped_by_the_lru_never_serve_another_shape():
 def test_a_plan_profiled_and_scheduled_on_cuda_samples_captured_as_eager():
     """profile_model and schedule leave the caller's model where it is, and at the profiled batch size (the
     graphs the verification and the race captured are replayed) a captured sample equals an eager one."""
-    model = make_tiny_model(out_std=0.035, num_blocks=2, img_size=16).cuda()
+    model = make_tiny16x16_2blocks_model().cuda()
     weights = [p.data_ptr() for p in model.parameters()]
     prof = profile_model(model, SamplingSpec(batch_size=4), num_images=4, device="cuda", segment_lens=[63, 16],
                          windows=[16], tols=[1e-2, 1e-4], repeats=1)
@@ -157,7 +157,7 @@ def test_a_plan_profiled_and_scheduled_on_cuda_samples_captured_as_eager():
     assert (captured.images - eager.images).abs().max().item() <= FLOAT32
     exact = sample_ids(model, spec, ids).images
     assert (captured.images - exact).abs().max().item() <= 1e-3
-    cpu_model = make_tiny_model(out_std=0.035, num_blocks=2, img_size=16)
+    cpu_model = make_tiny16x16_2blocks_model()
     profile_model(cpu_model, SamplingSpec(batch_size=4), num_images=4, device="cuda", segment_lens=[63], windows=[],
                   tols=[1e-2], repeats=1)
     assert next(cpu_model.parameters()).device.type == "cpu"  # profiled on a copy
@@ -198,14 +198,14 @@ def test_a_failed_capture_on_cuda_leaves_exact_samples_and_capture_off():
     assert run.returncode == 0 and run.stdout.startswith("ok"), run.stdout + run.stderr
 
 
-def test_a_gpu_actor_writes_cuda_shards(tmp_path):
+def test_a_gpu_actor_writes_cuda_shards(tmp_path, tiny8x8_checkpoint_path):
     pytest.importorskip("ray")
     sh = pytest.importorskip("workflows.storage.shards")
     if shutil.which("tarflow-gs") is None:
         pytest.skip("the tarflow-gs command is not installed")
     import numpy as np
 
-    ckpt = save_checkpoint(make_tiny_model(), tmp_path / "tiny.safetensors")
+    ckpt = tiny8x8_checkpoint_path
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "disabled"}
     out = tmp_path / "set"
     subprocess.run([shutil.which("tarflow-gs"), "generate", "--checkpoint", str(ckpt), "--in-channels", "1",

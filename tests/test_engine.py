@@ -21,7 +21,8 @@ STATIC_TOL = 1e-5  # static vs eager, float32, tiny models: attention over a buc
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny8x8_batch():
+    """The tiny8x8 model, the starting noise of 3 samples and their labels."""
     model = make_tiny_model()
     z = sample_noise(0, range(3), model.num_tokens, model.token_dim) * model.var.sqrt()
     return model, z, torch.tensor([1, 2, 3])
@@ -54,8 +55,8 @@ class Recorder:
 
 @pytest.mark.parametrize("guidance", GUIDANCE, ids=["plain", "cfg"])
 @pytest.mark.parametrize("bp", PLANS, ids=lambda bp: bp.short())
-def test_static_engine_matches_eager(tiny, bp, guidance):
-    model, z, y = tiny
+def test_static_engine_matches_eager(tiny8x8_batch, bp, guidance):
+    model, z, y = tiny8x8_batch
     eager = solve_block(model.blocks[1], z, y, bp, guidance, engine="eager")
     static = solve_block(model.blocks[1], z, y, bp, guidance, engine="static")
     assert static.stats.engine == "static" and eager.stats.engine == "eager"
@@ -66,9 +67,9 @@ def test_static_engine_matches_eager(tiny, bp, guidance):
 
 @pytest.mark.parametrize("guidance", GUIDANCE, ids=["plain", "cfg"])
 @pytest.mark.parametrize("bp", [p for p in PLANS if hasattr(p, "check_every")], ids=lambda bp: bp.short())
-def test_device_side_checks_stop_where_host_side_checks_do(tiny, bp, guidance):
+def test_device_side_checks_stop_where_host_side_checks_do(tiny8x8_batch, bp, guidance):
     """Read every 4 passes, a converged segment's extra passes are no-ops: same iterations, same bits."""
-    model, z, y = tiny
+    model, z, y = tiny8x8_batch
     every = solve_block(model.blocks[1], z, y, bp, guidance, engine="static")
     sparse = solve_block(model.blocks[1], z, y, dataclasses.replace(bp, check_every=4), guidance, engine="static")
     assert torch.equal(sparse.x, every.x)
@@ -77,10 +78,10 @@ def test_device_side_checks_stop_where_host_side_checks_do(tiny, bp, guidance):
 
 
 @pytest.mark.parametrize("guidance", GUIDANCE, ids=["plain", "cfg"])
-def test_captured_passes_replay_as_static_ones(tiny, guidance, capture_on):
+def test_captured_passes_replay_as_static_ones(tiny8x8_batch, guidance, capture_on):
     """With a capture function the passes of a block are captured once per key and replayed: the same bits
     as the static engine, and a later batch of the same shape captures nothing new."""
-    model, z, y = tiny
+    model, z, y = tiny8x8_batch
     recorder = Recorder()
     graph = engines.Static(recorder)
     for bp in PLANS + [Jacobi(tol=1e-6, coarse="bf16"), dataclasses.replace(PLANS[4], check_every=3)]:
@@ -97,10 +98,10 @@ def test_captured_passes_replay_as_static_ones(tiny, guidance, capture_on):
     assert recorder.captured == made and recorder.replays > 0
 
 
-def test_a_failed_capture_restores_the_state_and_turns_capture_off(tiny, capture_on):
+def test_a_failed_capture_restores_the_state_and_turns_capture_off(tiny8x8_batch, capture_on):
     """The warm-up ran frozen, then capture failed: the pass still runs (exact samples), the first error is
     kept and named in every later block's stats, and nothing is captured again in this process."""
-    _, z, y = tiny
+    _, z, y = tiny8x8_batch
     model = make_tiny_model()  # no graphs from other tests
     bp = GSJacobi(segment_len=5, tol=1e-5)
     static = solve_block(model.blocks[1], z, y, bp, engine="static")
@@ -128,10 +129,10 @@ def test_a_class_conditional_model_without_labels_on_the_static_engine():
         assert (static.images - eager.images).abs().max().item() <= 1e-3
 
 
-def test_a_workspace_dropped_by_the_lru_never_serves_another_shape(tiny, capture_on):
+def test_a_workspace_dropped_by_the_lru_never_serves_another_shape(tiny8x8_batch, capture_on):
     """More batch shapes than workspaces kept, over two blocks: each solve equals eager, and graphs live in
     their workspace (a dropped one takes its graphs along; a new one captures afresh)."""
-    model, _, _ = tiny
+    model, _, _ = tiny8x8_batch
     bp = GSJacobi(segment_len=5, tol=1e-5)
     recorder = Recorder()
     graph = engines.Static(recorder)
@@ -182,10 +183,10 @@ def test_profiling_never_moves_the_callers_model():
     assert [p.data_ptr() for p in model.parameters()] == weights and next(model.parameters()).device.type == "cpu"
 
 
-def test_linear_weights_kept_in_the_autocast_dtype_are_autocasts_own_cast(tiny):
+def test_linear_weights_kept_in_the_autocast_dtype_are_autocasts_own_cast(tiny8x8_batch):
     """The static engine's copy of a block for bf16 passes holds its Linear weights and biases in bf16 (cast
     once, as autocast casts them on every call) and shares every other parameter, LayerNorm's in float32."""
-    model, z, _ = tiny
+    model, z, _ = tiny8x8_batch
     block = model.blocks[1]
     cast = engines.cast_linears(block, torch.bfloat16)
     linear = {n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -202,10 +203,10 @@ def test_linear_weights_kept_in_the_autocast_dtype_are_autocasts_own_cast(tiny):
             assert torch.equal(a, a_cast) and torch.equal(b, b_cast) and a.dtype == torch.bfloat16
 
 
-def test_static_passes_attend_over_the_solved_prefix(tiny, monkeypatch):
+def test_static_passes_attend_over_the_solved_prefix(tiny8x8_batch, monkeypatch):
     """Sequential steps attend over a bucket of keys that holds the solved prefix (not the whole cache), and a
     segment from token 1 (a full-length Jacobi pass) runs the causal kernel over exactly its own keys."""
-    model, z, y = tiny
+    model, z, y = tiny8x8_batch
     seen = []
     sdpa = F.scaled_dot_product_attention
 
@@ -224,10 +225,10 @@ def test_static_passes_attend_over_the_solved_prefix(tiny, monkeypatch):
     assert {s for s in seen} == {(T - 1, T - 1, True)}
 
 
-def test_an_unregistered_block_plan_runs_on_no_engine(tiny):
+def test_an_unregistered_block_plan_runs_on_no_engine(tiny8x8_batch):
     """Dispatch goes through the registry: a plan type that is not registered (here a subclass) is refused
     on every engine, never run as another solver."""
-    model, z, y = tiny
+    model, z, y = tiny8x8_batch
 
     @dataclasses.dataclass(frozen=True, kw_only=True)
     class Newton(Jacobi):
@@ -239,8 +240,8 @@ def test_an_unregistered_block_plan_runs_on_no_engine(tiny):
             solve_block(model.blocks[0], z, y, Newton(), engine=engine)
 
 
-def test_the_static_fallback_equals_the_eager_one(tiny):
-    model, z, y = tiny
+def test_the_static_fallback_equals_the_eager_one(tiny8x8_batch):
+    model, z, y = tiny8x8_batch
     for bp in (Jacobi(tol=1e-5), Sliding(window=6, tol=1e-5)):
         eager = solve_block(model.blocks[1], z, y, bp, divergence_bound=0.5, engine="eager")
         static = solve_block(model.blocks[1], z, y, bp, divergence_bound=0.5, engine="static")
@@ -249,8 +250,8 @@ def test_the_static_fallback_equals_the_eager_one(tiny):
         assert (static.x - exact.x).abs().max().item() <= STATIC_TOL
 
 
-def test_buffers_reused_across_batches_carry_nothing_over(tiny):
-    model, z, y = tiny
+def test_buffers_reused_across_batches_carry_nothing_over(tiny8x8_batch):
+    model, z, y = tiny8x8_batch
     bp = GSJacobi(segment_len=5, tol=1e-5)
     first = solve_block(model.blocks[0], z, y, bp, engine="static").x
     other = sample_noise(9, range(3), model.num_tokens, model.token_dim)
@@ -259,8 +260,8 @@ def test_buffers_reused_across_batches_carry_nothing_over(tiny):
     assert torch.equal(solve_block(model.blocks[0], z, y, bp, engine="static").x, first)
 
 
-def test_engine_names_are_checked(tiny):
-    model, z, y = tiny
+def test_engine_names_are_checked(tiny8x8_batch):
+    model, z, y = tiny8x8_batch
     with pytest.raises(ValueError, match="engine='graph' captures CUDA graphs"):
         solve_block(model.blocks[0], z, y, engine="graph")
     with pytest.raises(ValueError, match="engine='fast': allowed values are auto, eager, static, graph"):
@@ -269,8 +270,8 @@ def test_engine_names_are_checked(tiny):
 
 
 @pytest.mark.parametrize("engine", ["eager", "static"])
-def test_a_bf16_start_polished_in_float32_meets_tol(tiny, engine):
-    model, z, y = tiny
+def test_a_bf16_start_polished_in_float32_meets_tol(tiny8x8_batch, engine):
+    model, z, y = tiny8x8_batch
     exact = solve_block(model.blocks[1], z, y, Sequential(), engine="eager").x
     bp = Jacobi(tol=1e-6, coarse="bf16", coarse_tol=1e-2)
     out = solve_block(model.blocks[1], z, y, bp, engine=engine)

@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
 from workflows.config import FidSettings, Resources
-from workflows.fidelity.extractors import build_extractor, export_compat_weights, extract_features, has_isc, \
-    register_extractors
+from workflows.fidelity.extractors import build_extractor, export_compat_weights, extract, has_isc, register_extractors
 from workflows.fidelity.stats import FeatureStats, FIDStats, StatsError, StatsMismatchError, frechet_distance
-from workflows.stages.fid import EvaluateError, FeaturePool, check_reference, evaluate_fid, reference_stats
+from workflows.stages.fid import EvaluateError, FeaturePool, FIDResult, FIDResultError, check_reference, evaluate_fid, \
+    reference_stats
 from workflows.storage import files, shards as sh
 
 from fid_data import UInt8Images, write_shards
@@ -47,8 +47,8 @@ def test_distributed_fid_over_shards_equals_single_process_torch_fidelity(ray_lo
         feature_extractor="mnist5k-classifier", batch_size=300, verbose=False, cache=False, save_cpu_ram=True)
     assert frechet_distance(a, b) == pytest.approx(metrics["frechet_inception_distance"], rel=1e-6)
 
-    single = fid_features_to_statistics(torch.from_numpy(extract_features(build_extractor("mnist5k-classifier"),
-                                                                          digits_u8[0])))
+    features = extract(build_extractor("mnist5k-classifier"), digits_u8[0])[0]
+    single = fid_features_to_statistics(torch.from_numpy(features))
     np.testing.assert_allclose(a.mu, single["mu"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(a.sigma, single["sigma"], rtol=1e-5, atol=1e-6)
 
@@ -141,14 +141,14 @@ def test_torchscript_inception_runs_offline_and_matches_torch_fidelity_inception
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     images = digits_u8[0][:8]
-    features = extract_features(build_extractor("inception-v3-torchscript"), images)
+    features = extract(build_extractor("inception-v3-torchscript"), images)[0]
     assert features.shape == (8, 2048) and np.isfinite(features).all()
     assert (features >= 0).all() and features.std(axis=0).max() > 0  # pool of ReLUs, and images differ
 
     # the same weights inside torch-fidelity's own Inception give the same features
     weights = str(export_compat_weights(tmp_path / "inception.pth"))
     compat = build_extractor("inception-v3-compat", weights)
-    np.testing.assert_allclose(extract_features(compat, images), features, atol=1e-6)  # as the README says
+    np.testing.assert_allclose(extract(compat, images)[0], features, atol=1e-6)  # as the README says
     # the exported weights have no classifier: no Inception Score rather than a uniform softmax's 1.0
     assert not has_isc(build_extractor("inception-v3-compat", weights, isc=True))
     assert has_isc(build_extractor("mnist5k-classifier", isc=True))
@@ -168,8 +168,10 @@ def test_cli_prints_fid_and_writes_json(ray_local, shard_sets, tmp_path):
     forced = CliRunner().invoke(main, ["fid", "--samples", samples, "--reference", shifted, "--progress",
                                        "--cache-dir", str(tmp_path)])
     assert forced.exit_code == 0 and "\r" in forced.output and "300/300" in forced.output
-    written = json.loads(open(files.resolve(samples)[1] + "/_fid-mnist5k-classifier.json").read())
-    assert written["reference"] == shifted and written["fid"] > 1.0
+    text = open(files.resolve(samples)[1] + "/_fid-mnist5k-classifier.json").read()
+    written = FIDResult.from_json(text)
+    assert written.reference == shifted and written.fid > 1.0 and written.kid.kid_subset_size == 300
+    assert written.text().splitlines()[0] in result.output and written.to_json() == text
 
     bad = CliRunner().invoke(main, ["fid", "--samples", samples, "--reference", str(tmp_path / "nothing")])
     assert bad.exit_code != 0 and "neither a shard set" in bad.output
@@ -238,3 +240,35 @@ def test_one_extractor_registry_gives_the_configs_and_cli_choices_and_the_docs_t
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     rows = dict(re.findall(r"^\| `([a-z0-9-]+)`(?: \(default\))? \| (\d+)-d", readme, re.M))
     assert rows == {name: str(info.dim) for name, info in EXTRACTORS.items()}, "README's extractor table"
+
+
+FID_RESULT = {"fid": 3.5, "extractor": "mnist5k-classifier", "samples": "s", "sample_count": 300, "reference": "r",
+              "reference_count": 300, "reference_stats": None, "image_size": [28, 28], "seconds": 2.0,
+              "inception_score": 9.1, "kid": {"kid_mean": -0.001, "kid_std": 0.002, "kid_subset_size": 300,
+                                              "kid_subsets": 100, "kid_features": [300, 300]}}
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"fid": float("nan")}, "FID result.fid: Input should be a finite number"),
+    ({"sample_count": 0}, "FID result.sample_count=0: must be >= 1"),
+    ({"reference_count": 0}, "FID result.reference_count=0: must be >= 1 or null"),
+    ({"image_size": [28]}, "FID result.image_size=[28]: (height, width), each >= 1"),
+    ({"seconds": -1.0}, "FID result.seconds=-1.0: must be >= 0"),
+    ({"inception_score": 0.0}, "FID result.inception_score=0.0: an exponential, > 0, or null"),
+    ({"kid": {**FID_RESULT["kid"], "kid_std": -1.0}}, "FID result.kid.kid_std=-1.0: must be >= 0"),
+    ({"kid": {**FID_RESULT["kid"], "kid_subset_size": 301}}, "FID result.kid.kid_subset_size=301: must be in [2, 300]"),
+    ({"colour": "red"}, "FID result.colour: unknown field"),
+])
+def test_a_fid_result_is_read_back_typed_and_range_checked(edit, message):
+    """The one model of `_fid-<extractor>.json` and the pipeline's FID stage output: what `run` prints is its
+    `text`, the lines `fid` prints."""
+    from tarflow import SamplingSpec
+    from workflows.config import RunConfig
+    from workflows.pipeline import RunResult, summary_text
+
+    good = FIDResult.from_json(json.dumps(FID_RESULT))
+    assert good.kid.kid_mean == -0.001 and FIDResult.from_json(good.to_json()) == good
+    assert good.text() in summary_text(RunResult(RunConfig(output="o"), SamplingSpec(), fid=good))
+    with pytest.raises(FIDResultError) as e:
+        FIDResult.from_json(json.dumps({**FID_RESULT, **edit}))
+    assert message in str(e.value)

@@ -119,8 +119,8 @@ def test_kid_equals_torch_fidelity_and_keeps_the_same_subset_however_split(ray_l
     metrics = torch_fidelity.calculate_metrics(input1=UInt8Images(digits_u8[0]), input2=UInt8Images(digits_u8[1]),
                                                kid=True, kid_subset_size=300, cuda=False, verbose=False,
                                                feature_extractor="mnist5k-classifier", cache=False, save_cpu_ram=True)
-    assert result.kid["kid_subset_size"] == 300 and result.kid["kid_features"] == [300, 300]
-    assert result.kid["kid_mean"] == pytest.approx(metrics["kernel_inception_distance_mean"], rel=1e-5)
+    assert result.kid.kid_subset_size == 300 and result.kid.kid_features == [300, 300]
+    assert result.kid.kid_mean == pytest.approx(metrics["kernel_inception_distance_mean"], rel=1e-5)
 
     # a strided subset: at most kid_samples rows, the same rows (by index) for another shard size
     resharded = write_shards(tmp_path / "resharded", digits_u8[0], 33)
@@ -134,7 +134,7 @@ def test_kid_equals_torch_fidelity_and_keeps_the_same_subset_however_split(ray_l
     np.testing.assert_allclose(a.kid.features, full[::stride], atol=1e-5)
     one, two = evaluate_fid(shard_sets[0], shard_sets[1], few, cache_dir=tmp_path, write_result=False), \
         evaluate_fid(resharded, shard_sets[1], few, cache_dir=tmp_path, write_result=False)
-    assert one.kid == two.kid and one.kid["kid_features"] == [60, 60]
+    assert one.kid == two.kid and one.kid.kid_features == [60, 60]
     assert load_stats(one.reference_stats).kid.features.shape == (60, 64)  # the cache keeps KID's subset
 
     merged = KeptFeatures.of(full[100:], 100, 7) + KeptFeatures.of(full[:100], 0, 7)  # arrival order is irrelevant

@@ -9,7 +9,7 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import holding_lease, make_tiny_model
+from conftest import holding_lease, make_tiny16x16_4blocks_model, make_tiny_model
 
 from tarflow import CheckpointError, GSJacobi, Guidance, ModelRef, Plan, PlanError, SamplingSpec, SpecError, \
     load_checkpoint, sample, sample_ids, save_checkpoint
@@ -17,7 +17,7 @@ from tarflow.denoise import denoise
 from tarflow.noise import sample_noise
 from workflows.cli import main as cli
 from workflows.config import GenerateConfig, Resources, SampleSet
-from workflows.stages.generate import GenerateError, generate, prepare
+from workflows.stages.generate import GenerateError, generate
 from workflows.storage import shards as sh
 from workflows.storage.lease import LeaseError
 
@@ -25,9 +25,9 @@ SEED = 11
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, tiny8x8_checkpoint_path):
     root = tmp_path_factory.mktemp("generate")
-    ckpt = save_checkpoint(make_tiny_model(), root / "tiny.safetensors")
+    ckpt = tiny8x8_checkpoint_path
     plan = Plan.uniform(4, 16, GSJacobi(segment_len=5)).save(root / "plan.json")
     other = save_checkpoint(make_tiny_model(img_size=16), root / "other.safetensors")
     return {"ckpt": str(ckpt), "plan": str(plan), "other": str(other)}
@@ -69,7 +69,7 @@ def test_actor_count_never_changes_an_image(ray_local, tmp_path):
     """1, 2 and 3 actors with the default resources: the same bytes, and those of direct sampling at the
     workers' one thread, on a model where 2 threads do change pixels (so a thread count that followed
     the actor count would show); the shards' solver stats are those of the batch that made each row."""
-    model = make_tiny_model(img_size=16, out_std=0.03)
+    model = make_tiny16x16_4blocks_model()
     ckpt = save_checkpoint(model, tmp_path / "m16.safetensors")
     spec = SamplingSpec(seed=SEED, batch_size=8)
 
@@ -182,10 +182,9 @@ def test_damaged_shards_are_redone_and_nothing_else(complete_set, assets, tmp_pa
     _damage(out / "data" / "train-00002-of-00004.parquet", how)
     with pytest.raises(sh.ShardError, match="re-run generate to redo it|missing"):
         sh.verify_shards(cfg.out)  # the readers refuse it and say what to do; doing it repairs the set
-    job = prepare(cfg)
-    assert job.pending == [2] and any("train-00002-of-00004.parquet" in n for n in job.notes)
     summary = generate(cfg, progress=False)
-    assert summary.shards_written == 1 and any("train-00002-of-00004.parquet" in n for n in summary.notes)
+    assert (summary.shards_written, summary.shards_skipped) == (1, 3)
+    assert any("train-00002-of-00004.parquet" in n for n in summary.notes)
     after = {e.file: e.sha256 for e in sh.verify_shards(cfg.out).shards}
     assert after == before  # the redone shard is byte for byte the original, and nothing else was touched
     assert generate(cfg, progress=False).shards_written == 0
@@ -198,9 +197,13 @@ def test_large_sets_are_verified_in_the_actors(complete_set, assets, tmp_path, m
     cfg = _cfg(assets, out, num_samples=32, shard_size=8, actors=2)
     _damage(out / "data" / "train-00001-of-00004.parquet", "flipped")
     monkeypatch.setattr(stage, "LOCAL_VERIFY_BYTES", 0)  # every shard counts as a large set's
-    job = prepare(cfg)
-    assert len(job.unverified) == 4 and job.pending == []  # the driver hashed nothing
-    assert generate(cfg, progress=False).shards_written == 1
+
+    def not_in_the_driver(*args):
+        raise AssertionError("the driver hashed a shard")
+
+    monkeypatch.setattr(sh, "check_entry", not_in_the_driver)  # the actors' processes keep the real one
+    summary = generate(cfg, progress=False)
+    assert summary.shards_written == 1 and any("train-00001-of-00004.parquet" in n for n in summary.notes)
     assert {e.file: e.sha256 for e in sh.verify_shards(cfg.out).shards} == before
 
 
@@ -211,9 +214,8 @@ def test_a_corrupt_manifest_is_named_and_its_shards_recovered(complete_set, asse
     _damage(out / "data" / "train-00003-of-00004.parquet", "flipped")
     with pytest.raises(sh.ShardError, match="out/_manifest.json is corrupt"):
         sh.read_manifest(cfg.out)
-    job = prepare(cfg)
-    assert job.pending == [3] and "recovered 3 shard(s)" in job.notes[0]
-    assert generate(cfg, progress=False).shards_written == 1
+    summary = generate(cfg, progress=False)
+    assert summary.shards_written == 1 and "recovered 3 shard(s)" in summary.notes[0]
     assert {e.file: e.sha256 for e in sh.verify_shards(cfg.out).shards} == before
 
 
@@ -303,41 +305,41 @@ def test_killed_actor_is_replaced_and_every_id_written_once(ray_local, assets, t
 def test_bad_inputs_fail_before_any_work(assets, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        prepare(_cfg(assets, out, checkpoint=str(tmp_path / "missing.safetensors")))
+        generate(_cfg(assets, out, checkpoint=str(tmp_path / "missing.safetensors")))
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointError):
-        prepare(_cfg(assets, out, checkpoint=str(tmp_path / "junk.safetensors")))
+        generate(_cfg(assets, out, checkpoint=str(tmp_path / "junk.safetensors")))
     with pytest.raises(PlanError, match="plan is for 4 blocks x 16 tokens, the model has 4 blocks x 64 tokens"):
-        prepare(_cfg(assets, out, checkpoint=assets["other"]))
+        generate(_cfg(assets, out, checkpoint=assets["other"]))
     with pytest.raises(SpecError, match="class 12 out of range"):
-        prepare(_cfg(assets, out, labels=(3, 12)))
+        generate(_cfg(assets, out, labels=(3, 12)))
     with pytest.raises(SpecError, match="batch_size=0"):
-        prepare(_cfg(assets, out, batch_size=0))
+        generate(_cfg(assets, out, batch_size=0))
     with pytest.raises(SpecError, match="scale=nan: must be a finite number"):
-        prepare(_cfg(assets, out, guidance=Guidance(float("nan"))))
+        generate(_cfg(assets, out, guidance=Guidance(float("nan"))))
     certified = Plan.load(assets["plan"])
     certified.spec = SamplingSpec(guidance=Guidance(2.0))
     with pytest.raises(PlanError, match="certified for another sampling map"):
-        prepare(_cfg(assets, out, plan=certified))
+        generate(_cfg(assets, out, plan=certified))
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(GenerateError, match="cannot create output .*a_file is a file"):
-        prepare(_cfg(assets, tmp_path / "a_file" / "out"))
+        generate(_cfg(assets, tmp_path / "a_file" / "out"))
     with pytest.raises(GenerateError, match="is a file; give a directory"):
-        prepare(_cfg(assets, tmp_path / "a_file"))
-    assert not out.exists()  # prepare checks; it writes nothing
+        generate(_cfg(assets, tmp_path / "a_file"))
+    assert not out.exists()  # checked before the output is touched
 
     generate(_cfg(assets, out, num_samples=8, shard_size=8), progress=False)
     with pytest.raises(GenerateError, match=r"different settings \(spec.seed=11 there vs 12 now\)"):
-        prepare(_cfg(assets, out, num_samples=8, shard_size=8, seed=12))
+        generate(_cfg(assets, out, num_samples=8, shard_size=8, seed=12))
     with pytest.raises(GenerateError, match="plan_hash="):
-        prepare(_cfg(assets, out, num_samples=8, shard_size=8, plan=None))
+        generate(_cfg(assets, out, num_samples=8, shard_size=8, plan=None))
     assert sh.read_manifest(str(out)).settings["spec"]["seed"] == SEED
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "part-0.parquet").write_bytes(b"PAR1")
     with pytest.raises(GenerateError, match="no _manifest.json"):
-        prepare(_cfg(assets, foreign))
+        generate(_cfg(assets, foreign))
 
 
 def test_cli_generates_with_denoising_and_reports(ray_local, assets, tmp_path):

@@ -6,6 +6,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from workflows.config import ConfigError, NightlyConfig, Thresholds
 from workflows.pipeline.nightly import baseline, check_regressions, record, run_nightly, summary_text
@@ -33,8 +34,8 @@ def test_gate_flags_speedup_fid_and_error_regressions():
     assert "max |error| vs sequential 2.00e-03" in check_regressions(_row(1, 3.0, error=2e-3), base, t)[0]
     assert "no FID this run" in check_regressions(_row(1, 3.0, None), base, t)[0]
     assert check_regressions(_row(1, 0.1), [_row(0, 3.0, model="other")], t) == [], "first run of a model passes"
-    nan = check_regressions(_row(1, float("nan")), base, t)
-    assert nan and "speedup nan" in nan[0]
+    with pytest.raises(ValidationError, match="finite number"):
+        _row(1, float("nan"))  # a speedup that is no number is no row: the gate never sees one
 
 
 def test_the_gate_compares_like_with_like():
@@ -158,6 +159,58 @@ def test_two_processes_appending_at_once_keep_both_rows(tmp_path):
     assert [w.wait(timeout=120) for w in writers] == [0, 0]
     rows = read_history(str(history))
     assert sorted(r.model for r in rows) == ["a"] * 20 + ["b"] * 20
+
+
+def test_every_number_of_a_history_row_is_checked_when_made_and_when_read(tmp_path):
+    """Seconds, speedups, passes, errors, FIDs, the batch size, the hand plans' numbers: a row with one out of
+    range, NaN or inf is not made, a value is not assigned, and a history file holding one is named with
+    the row and field (from `report` too), where it was read as it was and compared as NaN. A FID not
+    measured is None."""
+    import json
+    import math
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from workflows.storage.history import SCHEMA, HistoryError, append_history
+
+    good = _row(0, 3.0, fid=None)
+    assert good.fid_plan is None
+    cases = [("speedup", math.nan, "Input should be a finite number"), ("plan_seconds", 0.0, "greater than 0"),
+             ("sequential_seconds", math.inf, "finite number"), ("batch_size", 0, "greater than 0"),
+             ("plan_passes", -30, "greater than 0"), ("max_abs_error", -1e-4, "greater than or equal to 0"),
+             ("fid_plan", math.nan, "finite number"), ("fid_sequential", -9.9, "greater than or equal to 0"),
+             ("fid_num_samples", -200, "greater than or equal to 0"),
+             ("others", {"hand 4-4-8-8": {"fid": math.inf}}, "others.hand 4-4-8-8.fid: Input should be a finite"),
+             ("others", {"hand 4-4-8-8": {"speeed": 1.5}}, "others.hand 4-4-8-8.speeed: unknown field")]
+    history, env = tmp_path / "history", {**os.environ, "PYTHONPATH": str(REPO)}
+    for i, (name, value, named) in enumerate(cases):
+        with pytest.raises(ValidationError):
+            replace(good, **{name: value})
+        row = _row(0, 3.0)
+        with pytest.raises(ValidationError):
+            setattr(row, name, value)
+        columns = {f.name: [getattr(good, f.name)] for f in SCHEMA}
+        columns[name] = [json.dumps(value) if name == "others" else value]
+        columns["others"] = [columns["others"][0] if name == "others" else "{}"]
+        append_history(str(history), [good])
+        pq.write_table(pa.table(columns, schema=SCHEMA), history / f"rows-{i}.parquet")
+        with pytest.raises(HistoryError) as e:
+            read_history(str(history))
+        message = str(e.value)
+        assert message.startswith(f"history {history}: rows-{i}.parquet is not a tarflow-gs history file "
+                                  f"(rows[0].{name if name != 'others' else ''}") and named in message, message
+        if i == 0:
+            cli = subprocess.run([sys.executable, "-c", "from workflows.cli import main; main()", "report",
+                                  "--history", str(history), "--out", str(tmp_path / "page")],
+                                 capture_output=True, text=True, env=env, timeout=120)
+            assert cli.returncode == 1 and f"rows-{i}.parquet" in cli.stderr and "rows[0].speedup" in cli.stderr \
+                and "Traceback" not in cli.stderr, cli.stderr
+        (history / f"rows-{i}.parquet").unlink()
+    assert len(read_history(str(history))) == len(cases)
 
 
 def test_a_history_folder_with_a_stray_or_foreign_file_is_named(tmp_path):

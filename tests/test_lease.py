@@ -71,6 +71,7 @@ def _process_racer(uri, start, results, hold):
     lease.release()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("store", ["local", "s3"])
 def test_racing_processes_one_winner_every_time(store, tmp_path, request):
     base = str(tmp_path) if store == "local" else request.getfixturevalue("s3_bucket")
@@ -143,6 +144,7 @@ def test_a_heartbeat_keeps_an_s3_lease_fresh(s3_bucket):
         holder.release()
 
 
+@pytest.mark.slow
 def test_racing_takeovers_of_a_stale_s3_lease_one_winner_with_slow_requests(s3_bucket, monkeypatch):
     """The timing lock's weak spot: a slow request (an SDK retry) between judging the lease and writing
     it. With a random delay there, racers that all found the lease stale still leave exactly one winner:
@@ -181,3 +183,38 @@ def test_racing_takeovers_of_a_stale_s3_lease_one_winner_with_slow_requests(s3_b
         assert len(winners) == 1 and winners[0].taken_over == [dead.run_id], (len(winners), refusals)
         assert all(f"being written by run {winners[0].run_id}" in r for r in refusals), refusals
         winners[0].release()
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_a_lease_file_that_holds_no_lease_is_named_and_judged_by_its_age_alone(store, tmp_path, request):
+    """A `_lease.json` with a pid out of range, NaN or an unknown field is named with its bad fields (it was
+    `run None` and its pid looked up: pid -5 on this host's boot passed for a dead holder and was taken
+    over at once); such a lease is stale only by its age (S3) or its lock (a local disk)."""
+    import fcntl
+    import json
+    import socket
+
+    from workflows.storage import files
+    from workflows.storage.lease import _boot_id
+
+    uri = str(tmp_path / "out") if store == "local" else f"{request.getfixturevalue('s3_bucket')}/out"
+    fs, base = files.resolve(uri)
+    bad = {"run_id": "r0", "host": socket.gethostname(), "boot": _boot_id(), "pid": -5, "beat": 1,
+           "written": float("nan"), "port": 80}
+    fs.create_dir(base)
+    files.write_atomic(fs, files.join(base, LEASE_NAME), json.dumps(bad).encode())
+    named = (rf"being written by an unknown run \({LEASE_NAME} is not a lease this build reads \(pid: Input should "
+             r"be greater than 0 \(got -5\); written: Input should be a finite number \(got nan\); port: unknown field")
+    if store == "local":
+        with open(tmp_path / "out" / LEASE_NAME, "rb") as held:  # a live process holds its lock
+            fcntl.flock(held, fcntl.LOCK_EX)
+            with pytest.raises(LeaseError, match=named + r".*\), which holds its lock"):
+                Lease(uri).acquire()
+        taker = Lease(uri).acquire()  # its lock is free: whatever the file says, its holder is gone
+    else:
+        with pytest.raises(LeaseError, match=named + r".*\), last heartbeat \d+s ago"):
+            Lease(uri, timeout_s=2).acquire()
+        time.sleep(3.5)  # no write for longer than the timeout, by the store's clock
+        taker = Lease(uri, timeout_s=2, heartbeat_s=3600).acquire()
+    assert taker.taken_over == []  # no run id to name
+    taker.release()

@@ -12,9 +12,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import make_tiny_model
 
-from tarflow import save_checkpoint
 from workflows.storage.files import read_bytes, resolve
 from workflows.storage.history import read_history
 
@@ -34,8 +32,9 @@ def _text(uri: str) -> str:
 
 
 @pytest.mark.slow
-def test_two_nights_on_s3_remember_and_the_second_fails_on_an_injected_regression(tmp_path, s3_bucket):
-    ckpt = save_checkpoint(make_tiny_model(), tmp_path / "tiny.safetensors")
+def test_two_nights_on_s3_remember_and_the_second_fails_on_an_injected_regression(tmp_path, s3_bucket,
+                                                                                   tiny8x8_checkpoint_path):
+    ckpt = tiny8x8_checkpoint_path
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({
         "name": "tiny", "output": "unused", "model": {"checkpoint": str(ckpt), "in_channels": 1},
         "calibration": {"num_images": 2}, "plan": {"tol": 1e-3}, "sampling": {"batch_size": 4},

@@ -1,14 +1,14 @@
-"""The pipeline on a real local Ray with a tiny model: config errors, stage skipping, resume after a crash."""
+"""The pipeline: config errors and stage keys (no Ray); on a real local Ray with a tiny model, stage skipping, resume
+after a crash, a retried report stage, one kind of thing per output."""
 import json
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_model
 
-from tarflow import Jacobi, Plan, save_checkpoint
+from tarflow import GSJacobi, Jacobi, Plan, load_checkpoint, model_hash
 from workflows import pipeline
 from workflows.config import ConfigError, RunConfig
-from workflows.pipeline import runner as pipeline_run
+from workflows.pipeline import keys
 from workflows.storage.history import read_history
 from workflows.storage.shards import read_manifest
 
@@ -70,17 +70,126 @@ def test_shipped_job_configs_validate(name):
     assert cfg == _from_dict(cfg.model_dump(mode="json"))
 
 
-# ---- stages ------------------------------------------------------------------------------------------------------
+# ---- stage keys: pure functions of a stage's inputs, no Ray ----------------------------------------------------
+
+MODEL_HASH = "0123456789abcdef"
+AUTO_PLAN = Plan.uniform(4, 16, GSJacobi(segment_len=5, tol=1e-4))  # what the plan stage made, for the later keys
+KEY_CONFIGS = {  # a given plan without FID; the auto plan with FID and a scaling section; a hand plan
+    "path": {"name": "keys", "output": "runs/keys", "plan": {"path": "/data/plan.json"},
+             "sampling": {"batch_size": 8, "seed": 3}, "samples": {"num_samples": 24, "shard_size": 8},
+             "fid": {"enabled": False}, "resources": {"generate": {"actors": 1, "num_cpus": 0.5}}},
+    "auto": {"name": "keys-auto", "output": "runs/keys-auto", "plan": {"tol": 0.001},
+             "calibration": {"num_images": 2, "data": "mnist5k"},
+             "sampling": {"batch_size": 4, "seed": 1, "guidance": {"scale": 2.0, "annealed": True}},
+             "samples": {"num_samples": 24, "shard_size": 8},
+             "fid": {"enabled": True, "reference": "mnist5k", "kid_samples": 100},
+             "report": {"scaling_batch_sizes": [1, 4]},
+             "resources": {"generate": {"actors": 2, "num_cpus": 2}, "fid": {"actors": 1}}},
+    "hand": {"name": "keys-hand", "output": "runs/keys-hand", "plan": {"hand": "3-2-4-3"},
+             "sampling": {"batch_size": 2, "seed": 0}, "samples": {"num_samples": 4, "shard_size": 2},
+             "fid": {"enabled": False}},
+}
+# Computed once by the code before the stage functions (main at b14172f): its `run` on these configs (with a tiny
+# model's checkpoint), the model hash fixed, the plan file read as `_given_plan` says, the stages' work stubbed,
+# each key read from its log line. A run made before must be skipped, not recomputed: these values never change.
+EARLIER_KEYS = {
+    "path": {"plan": "6e68ba372b31", "generate": "231bf16a007c", "report": "09f165fe56ea"},
+    "auto": {"profile": "9c39a38cf4c8", "plan": "52c0f8d4533c", "generate": "326329136a30", "fid": "b27294b0a343",
+             "report": "7aebb071465f"},
+    "hand": {"plan": "9a5cab251b8f", "generate": "4e91027b6a44", "report": "d4476155c9ef"},
+}
+
+
+def _given_plan(cfg: RunConfig, model_hash: str = MODEL_HASH) -> Plan | None:
+    """The plan the run's config gives, as `RunContext.open` reads it (the 4-block, 16-token tiny model's)."""
+    if cfg.plan.source == "path":
+        return Plan.uniform(4, 16, Jacobi(tol=1e-5))
+    if cfg.plan.source == "hand":
+        return Plan.from_paper_notation(cfg.plan.hand, 4, 16).bound_to(model_hash)
+    return None
+
+
+def stage_keys(cfg: RunConfig, model_hash: str = MODEL_HASH, given: Plan | None = None,
+               made: Plan = AUTO_PLAN) -> dict[str, str]:
+    """Every stage's key as a run chains them: the profile's only for the auto plan, the FID's only with FID on;
+    the samples keyed by the plan the plan stage made (`given`, else `made`)."""
+    spec = cfg.sampling.for_model(10)
+    out = {"profile": keys.profile(cfg, spec, model_hash)} if cfg.plan.source == "auto" else {}
+    out["plan"] = keys.plan(cfg, spec, model_hash, out.get("profile"), given)
+    out["generate"] = keys.generate(cfg, spec, model_hash, given or made)
+    fid_key = keys.fid(cfg, out["generate"])
+    if fid_key is not None:
+        out["fid"] = fid_key
+    out["report"] = keys.report(cfg, out["generate"], fid_key)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(KEY_CONFIGS))
+def test_stage_keys_are_those_of_earlier_versions(name):
+    cfg = _from_dict(KEY_CONFIGS[name])
+    assert stage_keys(cfg, given=_given_plan(cfg)) == EARLIER_KEYS[name]
+
+
+def _patched(d: dict, path: str, value) -> dict:
+    d = json.loads(json.dumps(d))
+    *parents, last = path.split(".")
+    node = d
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+    return d
+
+
+ALL = {"profile", "plan", "generate", "fid", "report"}
+
+
+@pytest.mark.parametrize("path, value, changed", [
+    ("calibration.num_images", 3, {"profile", "plan"}),  # the same plan made: the samples stay
+    ("calibration.data", None, {"profile", "plan"}),
+    ("sampling.guidance.annealed", False, ALL),  # the whole spec keys every stage that samples
+    ("sampling.guidance.attn_temp", 0.5, ALL),
+    ("sampling.guidance.scale", 1.5, ALL),
+    ("sampling.seed", 2, ALL),
+    ("sampling.batch_size", 8, ALL),
+    ("resources.profile.num_cpus", 2, {"profile", "plan"}),
+    ("resources.generate.actors", 1, {"plan"}),  # the plan is raced on a generate worker; images do not change
+    ("resources.generate.num_cpus", 1, {"plan", "generate", "fid", "report"}),  # torch threads decide pixels
+    ("resources.generate.num_gpus", 1, {"plan", "generate", "fid", "report"}),
+    ("resources.fid.actors", 2, set()),
+    ("plan.tol", 1e-4, {"plan"}),
+    ("samples.num_samples", 32, {"generate", "fid", "report"}),
+    ("samples.shard_size", 4, {"generate", "fid", "report"}),
+    ("fid.kid_samples", 50, {"fid", "report"}),
+    ("fid.reference", "digits", {"fid", "report"}),
+    ("name", "other", {"report"}),
+    ("report.scaling_batch_sizes", [2], {"report"}),
+])
+def test_which_inputs_change_which_keys(path, value, changed):
+    base = KEY_CONFIGS["auto"]
+    before, after = stage_keys(_from_dict(base)), stage_keys(_from_dict(_patched(base, path, value)))
+    assert {k for k in before if before[k] != after[k]} == changed
+
+
+def test_the_model_the_plan_made_and_fid_off_change_their_keys():
+    cfg = _from_dict(KEY_CONFIGS["auto"])
+    base = stage_keys(cfg)
+    assert all(a != b for a, b in zip(base.values(), stage_keys(cfg, model_hash="f" * 16).values()))
+    other = stage_keys(cfg, made=Plan.uniform(4, 16, GSJacobi(segment_len=3, tol=1e-4)))
+    assert {k for k in base if base[k] != other[k]} == {"generate", "fid", "report"}
+    off = stage_keys(_from_dict(_patched(KEY_CONFIGS["auto"], "fid.enabled", False)))
+    assert "fid" not in off and off["report"] != base["report"]
+    assert {k: off[k] for k in ("profile", "plan", "generate")} == {k: base[k] for k in ("profile", "plan", "generate")}
+
+
+# ---- stages on a real local Ray ------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny checkpoint and a run config (given plan, no FID) writing under a fresh directory."""
+def tiny8x8_run(tmp_path_factory, tiny8x8_checkpoint_path):
+    """The tiny8x8 checkpoint and a run config (given plan, no FID) writing under a fresh directory."""
     root = tmp_path_factory.mktemp("pipeline")
-    model = make_tiny_model()
-    ckpt = save_checkpoint(model, root / "tiny.safetensors")
-    plan = Plan.uniform(4, model.num_tokens, Jacobi(tol=1e-5))
-    plan.save(root / "plan.json")
-    return root, {"name": "tiny", "output": str(root / "out"), "model": {"checkpoint": str(ckpt)},
+    Plan.uniform(4, 16, Jacobi(tol=1e-5)).save(root / "plan.json")
+    return root, {"name": "tiny", "output": str(root / "out"), "model": {"checkpoint": str(tiny8x8_checkpoint_path)},
                   "plan": {"path": str(root / "plan.json")},
                   "sampling": {"batch_size": 8, "seed": 3}, "samples": {"num_samples": 24, "shard_size": 8},
                   "fid": {"enabled": False},
@@ -93,77 +202,74 @@ def _config(d, **samples) -> RunConfig:
     return _from_dict(d)
 
 
-def test_stages_skip_when_outputs_exist_and_resume_after_a_crash(tiny, ray_local, monkeypatch):
-    root, d = tiny
+def test_stages_skip_when_outputs_exist_and_resume_after_a_crash(tiny8x8_run, ray_local):
+    root, d = tiny8x8_run
     cfg = _config(d)
     first = pipeline.run(cfg, stop_after="generate")
     assert [(s.name, s.skipped) for s in first.stages] == [("plan", False), ("generate", False)]
     assert read_manifest(first.samples).rows == 24
+    given = Plan.load(cfg.plan.path)
+    expected = stage_keys(cfg, model_hash(load_checkpoint(cfg.model.checkpoint)), given)
+    assert [s.key for s in first.stages] == [expected["plan"], expected["generate"]], "the run chains the key functions"
 
-    # a crash in the report stage keeps everything before it
-    def crash(*args, **kwargs):
-        raise MemoryError("simulated crash")
-
-    monkeypatch.setattr(pipeline_run, "_report", crash)
-    with pytest.raises(pipeline.PipelineError, match="stage 'report' failed: MemoryError.*re-run the same command"):
+    # the report stage crashes after its history row, before report.html: a file where its folder goes
+    history = str(root / "out" / "history.parquet")
+    (root / "out" / "reports").write_text("in the way")
+    with pytest.raises(pipeline.PipelineError, match="stage 'report' failed: NotADirectoryError.*re-run the same"):
         pipeline.run(_config(d))
     index = json.loads((root / "out" / "run.json").read_text())
     assert [s["name"] for s in index["stages"]] == ["plan", "generate"]
-    monkeypatch.undo()
+    assert [r.run_id for r in read_history(history)] == [expected["report"]]
+    (root / "out" / "reports").unlink()
 
     resumed = pipeline.run(_config(d))
     assert [(s.name, s.skipped) for s in resumed.stages] == [("plan", True), ("generate", True), ("report", False)]
+    assert resumed.stages[-1].key == expected["report"]
     assert resumed.samples == first.samples
     page = (root / "out" / "report.html").read_text()
     assert 'id="summary-table"' in page and "given plan" not in page and "path plan" in page
     assert resumed.model_result.runs[1].max_abs_error < 1e-4
-    assert len(read_history(str(root / "out" / "history.parquet"))) == 1
+    assert len(read_history(history)) == 1, "the retried report stage found its row and appended none"
 
     again = pipeline.run(_config(d))
     assert all(s.skipped for s in again.stages)
-    assert len(read_history(str(root / "out" / "history.parquet"))) == 1, "a skipped report adds no history row"
+    assert len(read_history(history)) == 1, "a skipped report adds no history row"
 
     # a changed sampling input re-runs generate (into its own folder) and what follows, not the plan
     more = pipeline.run(_config(d, num_samples=32))
     assert [(s.name, s.skipped) for s in more.stages] == [("plan", True), ("generate", False), ("report", False)]
     assert more.samples != first.samples and read_manifest(more.samples).rows == 32
     assert read_manifest(first.samples).rows == 24, "the earlier run's shards are untouched"
+    assert len(read_history(history)) == 2, "another report, another row"
 
 
-def test_missing_checkpoint_fails_before_any_stage(tiny, tmp_path):
-    _, d = tiny
+def test_missing_checkpoint_fails_before_any_stage(tiny8x8_run, tmp_path):
+    _, d = tiny8x8_run
     d = {**d, "model": {"checkpoint": str(tmp_path / "nope.safetensors")}, "output": str(tmp_path / "out")}
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         pipeline.run(_from_dict(d))
     assert not (tmp_path / "out" / "run.json").exists()
 
 
-def test_every_guidance_setting_keys_the_profile(tiny, ray_local, tmp_path):
-    """The profile's key hashes the whole sampling spec: annealing or attn_temp alone make a new profile,
-    and the profile records the spec it measured."""
-    from tarflow.profile import Profile
-
-    _, d = tiny
-    base = {**d, "output": str(tmp_path / "out"), "plan": {"tol": 1e-3}, "calibration": {"num_images": 1},
-            "sampling": {"batch_size": 1, "seed": 3, "guidance": {"scale": 1.0}}}
-    keys = []
-    for guidance in ({"scale": 1.0}, {"scale": 1.0, "annealed": True}, {"scale": 1.0, "attn_temp": 0.5}):
-        cfg = _from_dict({**base, "sampling": {**base["sampling"], "guidance": guidance}})
-        result = pipeline.run(cfg, stop_after="profile")
-        (stage,) = result.stages
-        assert not stage.skipped and stage.workers
-        keys.append(stage.key)
-        assert Profile.from_json(Path(stage.output).read_text()).spec.guidance == cfg.sampling.guidance
-    assert len(set(keys)) == 3
+def test_a_damaged_stage_output_is_named_with_what_to_do(tiny8x8_run, tmp_path):
+    """A given plan's stage needs no Ray; its output, edited to hold an invalid plan, is named when read back."""
+    _, d = tiny8x8_run
+    cfg = _config({**d, "output": str(tmp_path / "out")})
+    (record,) = pipeline.run(cfg, stop_after="plan").stages
+    written = json.loads(Path(record.output).read_text())
+    Path(record.output).write_text(json.dumps({**written, "num_blocks": 0}))
+    with pytest.raises(pipeline.PipelineError, match=rf"{record.output} is damaged \(plan.num_blocks=0: must be an "
+                                                     r"integer >= 1\): delete it and re-run the same command"):
+        pipeline.run(cfg)  # read before the generate stage: no Ray started
 
 
-def test_an_output_holds_one_kind_of_thing(tiny, ray_local, tmp_path):
+def test_an_output_holds_one_kind_of_thing(tiny8x8_run, ray_local, tmp_path):
     """A run refuses a shard set as its output, and generate a run's folder, naming what is there; neither
     writes anything into the other."""
     from workflows.config import GenerateConfig
     from workflows.stages.generate import GenerateError, generate
 
-    _, d = tiny
+    _, d = tiny8x8_run
     runs = _config({**d, "output": str(tmp_path / "run")})
     pipeline.run(runs, stop_after="generate")
     samples = next((tmp_path / "run").glob("samples-*"))

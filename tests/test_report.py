@@ -96,3 +96,53 @@ def test_report_cli_combines_run_data_and_history(data, tmp_path):
     assert history_fig["series"]["tiny / auto plan"]["speedup"] == [2.0], "the table's history replaces the file's"
     assert "<title>morning</title>" in (tmp_path / "out" / "report.html").read_text()
     assert CliRunner().invoke(main, ["report", "--out", str(tmp_path / "x")]).exit_code == 2
+
+
+def test_report_data_checks_every_number_and_field(data, tmp_path):
+    """`report-data.json` (what `report --data` renders): a number out of range, NaN or inf, or an unknown
+    field, is named by its dotted path (NaN and unknown fields were rendered as they were); values are
+    checked when an object is made or assigned too. Not measured: None (a FID, a block metric)."""
+    import math
+    from dataclasses import replace
+
+    from click.testing import CliRunner
+    from pydantic import ValidationError
+
+    from tarflow.schema import SchemaError
+    from workflows.cli import main
+
+    good = data.to_dict()
+    assert ReportData.from_dict(good) == data
+    cases = [(("models", 0, "runs", 1, "speedup"), math.nan, "models[0].runs[1].speedup: Input should be a finite"),
+             (("models", 0, "runs", 0, "seconds"), -1.0, "models[0].runs[0].seconds: Input should be greater than 0"),
+             (("models", 0, "runs", 2, "fid"), math.inf, "models[0].runs[2].fid: Input should be a finite number"),
+             (("models", 0, "runs", 0, "passes"), 0, "models[0].runs[0].passes: Input should be greater than 0"),
+             (("models", 0, "blocks", 3, "crm_share"), 1.5, "models[0].blocks[3].crm_share: Input should be less than"),
+             (("models", 0, "blocks", 0, "igm_z"), math.nan, "models[0].blocks[0].igm_z: Input should be a finite"),
+             (("models", 0, "convergence", 1, "values", 0), -0.5, "models[0].convergence[1].values[0]: Input should"),
+             (("models", 0, "fid_num_samples"), -1, "models[0].fid_num_samples: Input should be greater than or equal"),
+             (("history", 0, "speedup"), math.inf, "history[0].speedup: Input should be a finite number"),
+             (("models", 0, "gpu"), "a10g", "models[0].gpu: unknown field"),
+             (("subtitle",), "x", "subtitle: unknown field")]
+    for path, value, named in cases:
+        with pytest.raises(SchemaError, match=re.escape(f"report data.{named}")):
+            ReportData.from_dict(_with(good, path, value))
+    (tmp_path / "nan.json").write_text(json.dumps(_with(good, cases[0][0], math.nan)))
+    result = CliRunner().invoke(main, ["report", "--data", str(tmp_path / "nan.json"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"nan.json: report data.{cases[0][2]}" in result.output and not (tmp_path / "o").exists()
+    run = data.models[0].runs[1]
+    with pytest.raises(ValidationError):
+        run.fid = math.nan  # a FID is assigned after the comparison ran: checked all the same
+    with pytest.raises(ValidationError):
+        replace(run, max_abs_error=-1.0)
+
+
+def _with(d: dict, path: tuple, value) -> dict:
+    """A copy of the JSON form `d` with `value` at `path`."""
+    d = json.loads(json.dumps(d))
+    target = d
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return d

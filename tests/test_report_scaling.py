@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import make_tiny_model
 
-from tarflow import SamplingSpec, save_checkpoint
+from tarflow import SamplingSpec
 from tarflow.schema import validate
 from workflows import pipeline
 from workflows.config import ConfigError, RunConfig
@@ -97,10 +97,10 @@ def test_scaling_option_default_validation_and_demo():
     assert RunConfig.load(REPO / "jobs" / "configs" / "demo.yaml").report.scaling_batch_sizes == [1]
 
 
-def test_pipeline_report_measures_scaling_in_a_worker(ray_local, tmp_path):
+def test_pipeline_report_measures_scaling_in_a_worker(ray_local, tmp_path, tiny8x8_checkpoint_path):
     """Turning the option on re-runs only the report; the run's batch size is a point taken from the
     comparison (its auto plan, its timings), the others are profiled and planned in the worker."""
-    ckpt = save_checkpoint(make_tiny_model(), tmp_path / "tiny.safetensors")
+    ckpt = tiny8x8_checkpoint_path
     d = {"name": "tiny", "output": str(tmp_path / "out"), "model": {"checkpoint": str(ckpt), "in_channels": 1},
          "calibration": {"num_images": 2}, "plan": {"tol": TOL}, "sampling": {"batch_size": 4, "seed": 3},
          "samples": {"num_samples": 8, "shard_size": 8}, "fid": {"enabled": False},

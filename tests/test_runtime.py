@@ -25,6 +25,7 @@ DRIVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_private_ray_leaves_no_process_when_its_driver_is_killed():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     driver = subprocess.Popen([sys.executable, "-c", DRIVER], stdout=subprocess.PIPE, text=True, env=env)
@@ -82,7 +83,7 @@ def test_a_pool_whose_workers_cannot_start_ends_at_once_with_their_error(ray_loc
     with pytest.raises(runtime.ClusterError, match="test worker could not start: ValueError: W.pth is not what"):
         with runtime.ActorPool(Broken, ("W.pth",), Resources(actors=2, num_cpus=0.5), "test",
                                start_timeout_s=60) as pool:
-            list(pool.map_unordered([("ready", ())]))
+            list(pool.map_unordered([(Broken.ready, ())]))
     assert time.monotonic() - start < 20
 
 
@@ -122,6 +123,7 @@ def test_fid_with_weights_that_are_not_inception_weights_ends_with_a_message_wit
     assert written < 50 << 20
 
 
+@pytest.mark.slow
 def test_ctrl_c_twice_ends_without_a_traceback(tmp_path):
     """Ctrl-C during generation, then again and again while Ray shuts down: no traceback from Ray's atexit
     shutdown, no crash by a signal; the command says it was aborted."""

@@ -1,22 +1,15 @@
 """`tarflow-gs sample` writes a deterministic PNG grid; the shipped demo checkpoint loads and samples."""
 import json
 
-import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
 
 import numpy as np
 from conftest import make_tiny_model
-from tarflow import GSJacobi, Guidance, Plan, SamplingSpec, demo_checkpoint, load_checkpoint, sample_ids, \
-    save_checkpoint
+from tarflow import GSJacobi, Guidance, Plan, SamplingSpec, demo_checkpoint, load_checkpoint, sample_ids
 from workflows.cli import main
 from workflows.report.grid import save_grid
-
-
-@pytest.fixture
-def tiny_checkpoint(tmp_path):
-    return save_checkpoint(make_tiny_model(), tmp_path / "tiny.safetensors", {"noise_std": 0.1})
 
 
 def run(*args):
@@ -24,8 +17,9 @@ def run(*args):
     return result
 
 
-def test_sample_writes_a_deterministic_grid(tmp_path, tiny_checkpoint):
-    common = ["--checkpoint", tiny_checkpoint, "--num-samples", 6, "--labels", "3,7", "--nrow", 3, "--denoise", 1]
+def test_sample_writes_a_deterministic_grid(tmp_path, tiny8x8_checkpoint_path_with_noise_std):
+    ckpt = tiny8x8_checkpoint_path_with_noise_std
+    common = ["--checkpoint", ckpt, "--num-samples", 6, "--labels", "3,7", "--nrow", 3, "--denoise", 1]
     first = run(*common, "--seed", 5, "--out", tmp_path / "a.png")
     assert first.exit_code == 0, first.output
     assert "passes" in first.output and "block 3: sequential" in first.output  # solver statistics
@@ -45,12 +39,13 @@ def _grid(path):
         return np.asarray(img)
 
 
-def test_sample_with_plan_and_guidance(tmp_path, tiny_checkpoint):
+def test_sample_with_plan_and_guidance(tmp_path, tiny8x8_checkpoint_path_with_noise_std):
     """Every guidance option reaches the sampler: each changes the images, and the grid is exactly what
     `sample_ids` draws under the same spec and plan."""
+    ckpt = tiny8x8_checkpoint_path_with_noise_std
     plan = Plan.uniform(4, 16, GSJacobi(segment_len=5, tol=0.0))
     plan.save(tmp_path / "plan.json")
-    common = ["--checkpoint", tiny_checkpoint, "--num-samples", 4, "--plan", tmp_path / "plan.json", "--nrow", 4]
+    common = ["--checkpoint", ckpt, "--num-samples", 4, "--plan", tmp_path / "plan.json", "--nrow", 4]
     variants = {"plain": [], "guided": ["--guidance", 1.5], "annealed": ["--guidance", 1.5, "--annealed"],
                 "tempered": ["--guidance", 1.5, "--annealed", "--attn-temp", 0.5],
                 "guide_a": ["--guidance", 1.5, "--annealed", "--attn-temp", 0.5, "--guide-what", "a"]}
@@ -64,21 +59,22 @@ def test_sample_with_plan_and_guidance(tmp_path, tiny_checkpoint):
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             assert not np.array_equal(grids[a], grids[b]), f"{a} and {b} gave the same images"
-    model = load_checkpoint(tiny_checkpoint)
+    model = load_checkpoint(ckpt)
     spec = SamplingSpec(guidance=Guidance(1.5, annealed=True, attn_temp=0.5)).for_model(10)
     images = sample_ids(model, spec, range(4), Plan.load(tmp_path / "plan.json")).images
     save_grid(images, tmp_path / "direct.png", nrow=4)
     assert np.array_equal(_grid(tmp_path / "direct.png"), grids["tempered"])
 
 
-def test_sample_reports_bad_input(tmp_path, tiny_checkpoint):
-    bad_label = run("--checkpoint", tiny_checkpoint, "--labels", "12", "--out", tmp_path / "x.png")
+def test_sample_reports_bad_input(tmp_path, tiny8x8_checkpoint_path_with_noise_std):
+    ckpt = tiny8x8_checkpoint_path_with_noise_std
+    bad_label = run("--checkpoint", ckpt, "--labels", "12", "--out", tmp_path / "x.png")
     assert bad_label.exit_code != 0 and "class 12 out of range" in bad_label.output
     missing = run("--checkpoint", tmp_path / "none.safetensors", "--out", tmp_path / "x.png")
     assert missing.exit_code != 0 and "not found" in missing.output
     wrong_plan = tmp_path / "plan.json"
     wrong_plan.write_text(json.dumps(Plan.sequential(2, 16).to_dict()))
-    mismatch = run("--checkpoint", tiny_checkpoint, "--plan", wrong_plan, "--out", tmp_path / "x.png")
+    mismatch = run("--checkpoint", ckpt, "--plan", wrong_plan, "--out", tmp_path / "x.png")
     assert mismatch.exit_code != 0 and "4 blocks" in mismatch.output
     raw = tmp_path / "raw.pth"
     torch.save(make_tiny_model().state_dict(), raw)

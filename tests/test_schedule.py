@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_tiny_model
+from conftest import make_tiny8x8_2blocks_model, make_tiny16x16_2blocks_model, make_tiny_model
 
 from tarflow import ModelRef, Plan, PlanError, SamplingSpec, Sliding, sample, save_checkpoint
 from tarflow.noise import sample_noise
@@ -17,19 +17,19 @@ TOL = 1e-3
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny16x16_profiled():
     # 64 tokens at batch 1, with the costs given rather than timed (a pass costs a few sequential steps,
     # as measured on CPUs here): which candidates exist does not depend on the machine's load
-    model = make_tiny_model(out_std=0.035, num_blocks=2, img_size=16)
+    model = make_tiny16x16_2blocks_model()
     prof = profile_model(model, SamplingSpec(batch_size=1), num_images=2, segment_lens=[63, 16], windows=[16],
                          tols=[1e-2, 1e-4, 1e-6], repeats=1, costs=Costs(1.0, {63: 4.0, 16: 2.0}))
     return model, prof
 
 
-def test_auto_plan_meets_the_tolerance_on_held_out_noise(tiny, monkeypatch):
+def test_auto_plan_meets_the_tolerance_on_held_out_noise(tiny16x16_profiled, monkeypatch):
     import tarflow.schedule as scheduler
 
-    model, prof = tiny
+    model, prof = tiny16x16_profiled
     monkeypatch.setattr(scheduler, "MIN_GAIN", -1e9)  # about errors, not clocks: the final race may not veto
     plan = schedule(prof, model, tol=TOL)
     assert plan.name == "auto" and plan.model_hash == prof.model_hash and plan.tol == TOL and plan.spec == prof.spec
@@ -66,12 +66,12 @@ def test_the_error_budget_goes_where_time_is_cheapest_to_buy():
     assert spend_budget([a, b], 6.5e-4) == [a[1], b[1]]
 
 
-def test_candidates_are_faster_than_sequential_and_trade_time_for_error(tiny):
-    _, prof = tiny
+def test_candidates_are_faster_than_sequential_and_trade_time_for_error(tiny16x16_profiled):
+    _, prof = tiny16x16_profiled
     for b in prof.blocks:
         seq = (prof.num_tokens - 1) * b.sequential_step_seconds
         cands = candidates(b, prof.num_tokens)
-        assert cands, "the tiny model's blocks converge in a few passes: something must beat sequential"
+        assert cands, "the tiny16x16_profiled model's blocks converge in a few passes: something must beat sequential"
         times = [o.predicted_seconds for o in cands]
         errors = [o.error for o in cands]
         assert times == sorted(times) and max(times) < seq
@@ -81,8 +81,8 @@ def test_candidates_are_faster_than_sequential_and_trade_time_for_error(tiny):
             assert not any(o.predicted_seconds < c.predicted_seconds and o.error < c.error for c in cands)
 
 
-def test_a_tolerance_nothing_parallel_meets_gives_sequential(tiny):
-    model, prof = tiny
+def test_a_tolerance_nothing_parallel_meets_gives_sequential(tiny16x16_profiled):
+    model, prof = tiny16x16_profiled
     loose = Profile.from_json(prof.to_json())
     for b in loose.blocks:  # keep only settings that stop far from exact
         b.convergence = [r for r in b.convergence if (r.plan.max_iters or 99) <= 2 or r.plan.tol >= 1e-2]
@@ -93,9 +93,9 @@ def test_a_tolerance_nothing_parallel_meets_gives_sequential(tiny):
     assert plan.evidence["final_error"] == {"calibration": 0.0, "held_out": 0.0}
 
 
-def test_hardware_aware_sequential_where_passes_cost_too_much(tiny):
+def test_hardware_aware_sequential_where_passes_cost_too_much(tiny16x16_profiled):
     """With parallel passes made expensive, every block stays sequential."""
-    model, prof = tiny
+    model, prof = tiny16x16_profiled
     slow = Profile.from_json(prof.to_json())
     for b in slow.blocks:
         b.pass_seconds = {k: 1e3 for k in b.pass_seconds}
@@ -103,10 +103,10 @@ def test_hardware_aware_sequential_where_passes_cost_too_much(tiny):
     assert [b.solver for b in plan.blocks] == ["sequential", "sequential"]
 
 
-def test_a_plan_that_does_not_time_faster_falls_back_to_sequential(tiny, monkeypatch):
+def test_a_plan_that_does_not_time_faster_falls_back_to_sequential(tiny16x16_profiled, monkeypatch):
     import tarflow.schedule as scheduler
 
-    model, prof = tiny
+    model, prof = tiny16x16_profiled
     monkeypatch.setattr(scheduler, "MIN_GAIN", 0.999)  # demand a 1000x speedup: no plan times that fast
     plan = schedule(prof, model, tol=TOL)
     assert [b.solver for b in plan.blocks] == ["sequential", "sequential"]
@@ -114,12 +114,12 @@ def test_a_plan_that_does_not_time_faster_falls_back_to_sequential(tiny, monkeyp
     assert plan.evidence["final_error"] == {"calibration": 0.0, "held_out": 0.0}
 
 
-def test_schedule_rejects_another_model(tiny):
-    _, prof = tiny
+def test_schedule_rejects_another_model(tiny16x16_profiled):
+    _, prof = tiny16x16_profiled
     with pytest.raises(ProfileError, match="profile was made for model"):
         schedule(prof, make_tiny_model(seed=5, num_blocks=2), tol=TOL)
     with pytest.raises(ValueError, match="tol=0"):
-        schedule(prof, tiny[0], tol=0)
+        schedule(prof, tiny16x16_profiled[0], tol=0)
 
 
 @pytest.mark.parametrize("spec, lists", [
@@ -181,7 +181,7 @@ def test_sliding_plans_are_validated():
 
 @pytest.mark.parametrize("window, tol", [(1, 0.0), (15, 0.0), (4, 1e-3)])
 def test_sliding_window_matches_sequential(window, tol):
-    model = make_tiny_model(out_std=0.035, num_blocks=2)
+    model = make_tiny8x8_2blocks_model()
     noise = sample_noise(7, range(3), model.num_tokens, model.token_dim)
     ref = sample(model, noise, [1, 2, 3]).images
     plan = Plan.uniform(2, model.num_tokens, Sliding(window=window, tol=tol))
@@ -191,8 +191,8 @@ def test_sliding_window_matches_sequential(window, tol):
         assert out.stats.passes < 2 * (model.num_tokens - 1)  # it skips converged tokens
 
 
-def test_cli_profile_and_plan(tiny, tmp_path, ray_local):
-    model, prof = tiny
+def test_cli_profile_and_plan(tiny16x16_profiled, tmp_path, ray_local):
+    model, prof = tiny16x16_profiled
     ckpt = save_checkpoint(model, tmp_path / "m.safetensors")
     prof.model = ModelRef(str(ckpt), in_channels=1)  # the profile says how to reload its model
     prof.save(tmp_path / "profile.json")
@@ -222,7 +222,7 @@ def test_cli_profile_and_plan(tiny, tmp_path, ray_local):
 def test_plan_from_a_profile_of_a_raw_checkpoint_needs_nothing_else(tmp_path, ray_local):
     """The profile records how to reload its model (the raw file's image channels too)."""
     raw = tmp_path / "raw.pth"
-    torch.save(make_tiny_model(out_std=0.035, num_blocks=2).state_dict(), raw)
+    torch.save(make_tiny8x8_2blocks_model().state_dict(), raw)
     runner = CliRunner()
     r = runner.invoke(main, ["profile", "--checkpoint", str(raw), "--in-channels", "1", "--num-images", "1",
                              "--num-cpus", "1", "--out", str(tmp_path / "p.json")])

@@ -1,5 +1,8 @@
 """Shard files and manifests on a real local filesystem: schema, PNG round trip, atomic writes, corruption."""
 import json
+import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -8,7 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tarflow import ModelRef, SamplingSpec
+from workflows.config import GenerateConfig, SampleSet
 from workflows.storage import files, shards as sh
+
+# a set as main's code (manifest version 3) left it after two crashes, kept byte for byte: tests/data/make_v3_set.py
+V3_SET = Path(__file__).parent / "data" / "v3-set"
 
 
 def _write_set(uri, num_samples=10, shard_size=4, seed=7):
@@ -161,3 +169,141 @@ def test_hugging_face_datasets_loads_the_output_as_it_is(tmp_path):
         assert isinstance(loaded.features["image"], datasets.Image)
         row = loaded.sort("sample_id")[3]
         assert isinstance(row["image"], PILImage) and np.array_equal(np.asarray(row["image"]), images[3])
+
+
+def _v3_set(tmp_path) -> Path:
+    out = tmp_path / "set"
+    shutil.copytree(V3_SET, out)
+    return out
+
+
+def _v3_config(out) -> GenerateConfig:
+    return GenerateConfig(model=ModelRef("demo"), out=str(out), samples=SampleSet(num_samples=8, shard_size=2),
+                          spec=SamplingSpec(seed=3, batch_size=2))
+
+
+def test_a_set_written_before_the_typed_manifest_reads_and_resumes(ray_local, tmp_path):
+    """The manifest (shards 0 and 1 folded in) and the record of shard 2 that main's code wrote read as they
+    are and are written back byte for byte; generate resumes the set, redoing nothing it holds."""
+    from workflows.stages.generate import generate, prepare
+
+    out = _v3_set(tmp_path)
+    text = (out / sh.MANIFEST_NAME).read_text()
+    assert sh.Manifest.from_json(text).to_json() == text
+    record = (out / sh.RECORDS_DIR / "00002.json").read_bytes()
+    sh.commit_shard(str(tmp_path / "again"), sh.ShardEntry(**json.loads(record)))
+    assert (tmp_path / "again" / sh.RECORDS_DIR / "00002.json").read_bytes() == record
+    assert [e.index for e in sh.read_manifest(str(out)).shards] == [0, 1, 2]
+    before = {p.name: p.read_bytes() for p in (out / "data").iterdir()}
+    job = prepare(_v3_config(out))
+    assert job.pending == [3] and job.notes == []
+    summary = generate(_v3_config(out), progress=False)
+    assert (summary.shards_written, summary.shards_skipped) == (1, 3)
+    assert sh.verify_shards(str(out)).complete
+    assert all((out / "data" / name).read_bytes() == data for name, data in before.items())
+
+
+def _set_at(d, path, value):
+    for key in path[:-1]:
+        d = d[key]
+    d[path[-1]] = value
+
+
+NAN, INF = math.nan, math.inf
+
+
+@pytest.mark.parametrize("path, value, named", [
+    (("shards", 0, "rows"), -2, "shards[0].rows: Input should be greater than 0"),
+    (("shards", 1, "rows"), NAN, "shards[1].rows: Input should be a finite number"),
+    (("shards", 0, "first_id"), -1, "shards[0].first_id: Input should be greater than or equal to 0"),
+    (("shards", 1, "last_id"), 2, "shards[1].rows=2: ids 2..2 are 1"),
+    (("shards", 0, "size_bytes"), 0, "shards[0].size_bytes: Input should be greater than 0"),
+    (("shards", 0, "sha256"), "00", "shards[0].sha256: String should match pattern"),
+    (("shards", 0, "file"), "../../secret.parquet", "shards[0].file='../../secret.parquet': shard 0 is "
+                                                      "data/train-00000-of-00004.parquet"),
+    (("shards", 1, "index"), 7, "shards[1].index=7: the set has shards 0..3"),
+    (("shards", 1, "index"), 0, "shards[1].file='data/train-00001-of-00004.parquet': shard 0 is"),
+    (("shards", 0, "stats", "seconds"), NAN, "shards[0].stats.seconds: Input should be a finite number"),
+    (("shards", 0, "stats", "fallbacks"), -1, "shards[0].stats.fallbacks: Input should be greater than or equal"),
+    (("shards", 0, "stats", "block_passes", 2), -195, "shards[0].stats.block_passes[2]: Input should be greater"),
+    (("shards", 0, "stats", "gpu_hours"), 1, "shards[0].stats.gpu_hours: unknown field"),
+    (("shards", 0, "colour"), "red", "shards[0].colour: unknown field"),
+    (("num_samples",), -8, "num_samples: Input should be greater than 0"),
+    (("shard_size",), INF, "shard_size: Input should be a finite number"),
+    (("settings", "shard_size"), 3, "shard_size=2: its settings say 3"),
+    (("provenance", "writer", "pid"), -1, "provenance.writer.pid: Input should be greater than 0"),
+    (("provenance", "writer", "port"), 80, "provenance.writer.port: unknown field"),
+    (("rows",), NAN, "rows=nan: its shards say 4"),
+    (("complete",), True, "complete=True: its shards say False"),
+    (("owner",), "me", "owner: unknown field"),
+])
+def test_every_number_and_field_of_a_manifest_is_checked(tmp_path, path, value, named):
+    """Each number of `_manifest.json` out of range, NaN or inf, a listed file or id range outside the set's
+    layout, an unknown field: the reader names the file and the dotted field (all were read as they were)."""
+    out = _v3_set(tmp_path)
+    d = json.loads((out / sh.MANIFEST_NAME).read_text())
+    _set_at(d, path, value)
+    (out / sh.MANIFEST_NAME).write_text(json.dumps(d))
+    with pytest.raises(sh.ShardError) as e:
+        sh.read_manifest(str(out))
+    assert str(e.value).startswith(f"{out}/_manifest.json is corrupt (") and named in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("key, value, named", [
+    ("rows", NAN, "rows: Input should be a finite number"),
+    ("size_bytes", -9886, "size_bytes: Input should be greater than 0"),
+    ("index", 4, "index=4: the set has shards 0..3"),
+    ("first_id", 6, "first_id=6: shard 2 starts at id 4"),
+    ("stats", {"seconds": -0.5}, "stats.seconds: Input should be greater than or equal to 0"),
+])
+def test_every_number_of_a_shard_record_is_checked(tmp_path, key, value, named):
+    """The same for a record in `_shards/`, against the manifest's layout: named, with what to do."""
+    out = _v3_set(tmp_path)
+    record = out / sh.RECORDS_DIR / "00002.json"
+    d = json.loads(record.read_text())
+    d[key] = value
+    if key == "first_id":
+        d["last_id"] = 7  # rows stay 2: only the range is off
+    record.write_text(json.dumps(d))
+    with pytest.raises(sh.ShardError) as e:
+        sh.read_manifest(str(out))
+    message = str(e.value)
+    assert message.startswith(f"{record} is corrupt (") and named in message, message
+    assert message.endswith("delete it and resume generate to redo its shard")
+
+
+def test_every_number_of_a_run_identity_is_checked():
+    """The identity a manifest and every shard's metadata record: each number in range, the sampling spec's
+    own checks, no unknown fields."""
+    settings = json.loads((V3_SET / sh.MANIFEST_NAME).read_text())["settings"]
+    assert sh.RunIdentity.from_settings(settings, "x").to_dict() == settings
+    for path, value, named in [(("numerics", "threads"), 0, "settings.numerics.threads: Input should be greater"),
+                               (("num_samples",), NAN, "settings.num_samples: Input should be a finite number"),
+                               (("image_shape", 1), -28, "settings.image_shape[1]: Input should be greater"),
+                               (("image_shape",), [28, 28], "settings.image_shape: List should have at least 3"),
+                               (("num_classes",), -1, "settings.num_classes: Input should be greater than or"),
+                               (("spec", "seed"), -3, "settings.spec.seed=-3: must be an integer >= 0"),
+                               (("spec", "guidance", "scale"), INF, "settings.spec: guidance.scale: Input should be "
+                                                                    "a finite number"),
+                               (("numerics", "gpus"), 1, "settings.numerics.gpus: unknown field")]:
+        bad = json.loads(json.dumps(settings))
+        _set_at(bad, path, value)
+        with pytest.raises(sh.ShardError, match="x: its run identity is not one this build reads") as e:
+            sh.RunIdentity.from_settings(bad, "x")
+        assert named in str(e.value), str(e.value)
+
+
+def test_a_lost_manifest_recovers_no_shard_whose_metadata_has_bad_numbers(tmp_path):
+    """Recovery from shards alone takes each shard's stats from its Parquet metadata: one whose stats
+    hold NaN (it was recovered with them) is left out, to be redone, like any shard that fails a check."""
+    out = _v3_set(tmp_path)
+    manifest = sh.read_manifest(str(out))
+    identity = sh.RunIdentity.from_settings(manifest.settings, "x")
+    path = out / manifest.shards[0].file
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[sh.METADATA_KEY])
+    meta["stats"]["seconds"] = NAN
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, sh.METADATA_KEY: json.dumps(meta)}), path,
+                   write_page_checksum=True)
+    entries, device = sh.recover_entries(str(out), identity, manifest)
+    assert [e.index for e in entries] == [1, 2] and device == "cpu"

@@ -43,12 +43,12 @@ FULL_BUDGET_PLANS = {
     dict(scale=1.0, what="a"),
     dict(scale=1.0, what="b", annealed=True, attn_temp=1.3),
 ], ids=["plain", "cfg_annealed", "cfg_attn_temp", "cfg_a", "cfg_b"])
-def test_full_budget_equals_sequential(tiny_model, name, cfg, engine):
-    noise = noise_for(tiny_model, 3)
+def test_full_budget_equals_sequential(tiny8x8_model, name, cfg, engine):
+    noise = noise_for(tiny8x8_model, 3)
     y = torch.tensor([0, 7, 3])
-    seq = sample(tiny_model, noise, y, spec=spec(**cfg), engine=engine)
-    plan = Plan.uniform(len(tiny_model.blocks), tiny_model.num_tokens, FULL_BUDGET_PLANS[name])
-    fast = sample(tiny_model, noise, y, plan=plan, spec=spec(**cfg), engine=engine)
+    seq = sample(tiny8x8_model, noise, y, spec=spec(**cfg), engine=engine)
+    plan = Plan.uniform(len(tiny8x8_model.blocks), tiny8x8_model.num_tokens, FULL_BUDGET_PLANS[name])
+    fast = sample(tiny8x8_model, noise, y, plan=plan, spec=spec(**cfg), engine=engine)
     assert max_diff(fast.images, seq.images) <= EXACT
     assert fast.stats.fallbacks == 0
 
@@ -79,49 +79,50 @@ def test_batched_cfg_matches_separate_reference_passes(engine):
 
 
 @pytest.mark.parametrize("segmented", [0, 3])
-def test_segmented_single_block(tiny_model, segmented, engine):
+def test_segmented_single_block(tiny8x8_model, segmented, engine):
     """Block 0 is sampled last (identity order), block 3 first (flipped): each segmented alone."""
-    noise = noise_for(tiny_model, 2, seed=4)
+    noise = noise_for(tiny8x8_model, 2, seed=4)
     y = torch.tensor([1, 9])
     blocks = [Sequential() for _ in range(4)]
     blocks[segmented] = GSJacobi(segment_len=3, tol=0.0)
-    plan = Plan(4, tiny_model.num_tokens, blocks)
-    out = sample(tiny_model, noise, y, plan=plan, spec=spec(scale=1.0, annealed=True), engine=engine)
-    seq = sample(tiny_model, noise, y, spec=spec(scale=1.0, annealed=True), engine=engine)
+    plan = Plan(4, tiny8x8_model.num_tokens, blocks)
+    out = sample(tiny8x8_model, noise, y, plan=plan, spec=spec(scale=1.0, annealed=True), engine=engine)
+    seq = sample(tiny8x8_model, noise, y, spec=spec(scale=1.0, annealed=True), engine=engine)
     assert max_diff(out.images, seq.images) <= EXACT
     by_block = {b.block: b for b in out.stats.blocks}
     assert by_block[segmented].iterations == [3] * 5  # 15 tokens in segments of 3, tol=0: full budget
     assert by_block[segmented].residual == 0.0
 
 
-def test_tolerance_is_per_sample_not_batch_average(tiny_model, engine):
+def test_tolerance_is_per_sample_not_batch_average(tiny8x8_model, engine):
     """The batch stops only when its slowest sample has converged."""
-    noise = noise_for(tiny_model, 4, seed=3)
+    noise = noise_for(tiny8x8_model, 4, seed=3)
     y = torch.tensor([0, 1, 2, 3])
-    plan = Plan.uniform(4, tiny_model.num_tokens, Jacobi(tol=1e-3))
-    batch = sample(tiny_model, noise, y, plan=plan, engine=engine).stats
+    plan = Plan.uniform(4, tiny8x8_model.num_tokens, Jacobi(tol=1e-3))
+    batch = sample(tiny8x8_model, noise, y, plan=plan, engine=engine).stats
     for block_index in range(4):
-        alone = [sample(tiny_model, noise[i : i + 1], y[i : i + 1], plan=plan, engine=engine)
+        alone = [sample(tiny8x8_model, noise[i : i + 1], y[i : i + 1], plan=plan, engine=engine)
                  .stats.blocks[block_index].iterations[0] for i in range(4)]
         assert batch.blocks[block_index].iterations[0] == max(alone)
     assert all(b.residual <= 1e-3 for b in batch.blocks)
 
 
-def test_iteration_cap_is_respected_and_reported(tiny_model, engine):
-    noise = noise_for(tiny_model, 2)
-    plan = Plan.uniform(4, tiny_model.num_tokens, Jacobi(tol=0.0, max_iters=2))
-    out = sample(tiny_model, noise, [1, 2], plan=plan, engine=engine)
+def test_iteration_cap_is_respected_and_reported(tiny8x8_model, engine):
+    noise = noise_for(tiny8x8_model, 2)
+    plan = Plan.uniform(4, tiny8x8_model.num_tokens, Jacobi(tol=0.0, max_iters=2))
+    out = sample(tiny8x8_model, noise, [1, 2], plan=plan, engine=engine)
     assert all(b.iterations == [2] and b.passes == 2 for b in out.stats.blocks)
-    assert max_diff(out.images, sample(tiny_model, noise, [1, 2], engine=engine).images) > EXACT  # 2 of 15 is not exact
+    exact = sample(tiny8x8_model, noise, [1, 2], engine=engine).images
+    assert max_diff(out.images, exact) > EXACT  # 2 of 15 is not exact
 
 
-def test_divergent_iterates_fall_back_to_sequential(tiny_model, engine):
-    noise = noise_for(tiny_model, 2)
+def test_divergent_iterates_fall_back_to_sequential(tiny8x8_model, engine):
+    noise = noise_for(tiny8x8_model, 2)
     y = torch.tensor([4, 4])
-    seq = sample(tiny_model, noise, y, engine=engine)
+    seq = sample(tiny8x8_model, noise, y, engine=engine)
     bound = 0.5 * seq.images.abs().max().item()  # true values exceed it, so every Jacobi segment trips
-    plan = Plan(4, tiny_model.num_tokens, [GSJacobi(segment_len=5, tol=0.0)] * 4, divergence_bound=bound)
-    out = sample(tiny_model, noise, y, plan=plan, engine=engine)
+    plan = Plan(4, tiny8x8_model.num_tokens, [GSJacobi(segment_len=5, tol=0.0)] * 4, divergence_bound=bound)
+    out = sample(tiny8x8_model, noise, y, plan=plan, engine=engine)
     assert out.stats.fallbacks > 0
     assert max_diff(out.images, seq.images) <= EXACT
 
@@ -132,26 +133,26 @@ def test_overflowing_model_raises_a_clear_error(engine):
         sample(model, noise_for(model, 2) * 10, [0, 1], engine=engine)
 
 
-def test_batch_split_changes_samples_only_within_tolerance(tiny_model, engine):
-    noise = noise_for(tiny_model, 4)
+def test_batch_split_changes_samples_only_within_tolerance(tiny8x8_model, engine):
+    noise = noise_for(tiny8x8_model, 4)
     y = torch.tensor([0, 1, 2, 3])
-    plan = Plan.uniform(4, tiny_model.num_tokens, GSJacobi(segment_len=4, tol=1e-6))
-    whole = sample(tiny_model, noise, y, plan=plan, engine=engine).images
-    halves = torch.cat([sample(tiny_model, noise[:2], y[:2], plan=plan, engine=engine).images,
-                        sample(tiny_model, noise[2:], y[2:], plan=plan, engine=engine).images])
+    plan = Plan.uniform(4, tiny8x8_model.num_tokens, GSJacobi(segment_len=4, tol=1e-6))
+    whole = sample(tiny8x8_model, noise, y, plan=plan, engine=engine).images
+    halves = torch.cat([sample(tiny8x8_model, noise[:2], y[:2], plan=plan, engine=engine).images,
+                        sample(tiny8x8_model, noise[2:], y[2:], plan=plan, engine=engine).images])
     assert max_diff(whole, halves) <= EXACT
-    assert torch.equal(whole, sample(tiny_model, noise, y, plan=plan, engine=engine).images)  # deterministic
+    assert torch.equal(whole, sample(tiny8x8_model, noise, y, plan=plan, engine=engine).images)  # deterministic
 
 
-def test_bf16_autocast_on_cpu(tiny_model, engine):
+def test_bf16_autocast_on_cpu(tiny8x8_model, engine):
     """Under bf16 the fast plan matches bf16 sequential to bf16 rounding, as documented."""
-    noise = noise_for(tiny_model, 2)
+    noise = noise_for(tiny8x8_model, 2)
     y = torch.tensor([3, 8])
-    ref32 = sample(tiny_model, noise, y, engine=engine).images
+    ref32 = sample(tiny8x8_model, noise, y, engine=engine).images
     bf16 = SamplingSpec(autocast="bf16")
-    seq16 = sample(tiny_model, noise, y, spec=bf16, engine=engine)
-    plan = Plan.uniform(4, tiny_model.num_tokens, GSJacobi(segment_len=5, tol=0.0))
-    fast16 = sample(tiny_model, noise, y, plan=plan, spec=bf16, engine=engine)
+    seq16 = sample(tiny8x8_model, noise, y, spec=bf16, engine=engine)
+    plan = Plan.uniform(4, tiny8x8_model.num_tokens, GSJacobi(segment_len=5, tol=0.0))
+    fast16 = sample(tiny8x8_model, noise, y, plan=plan, spec=bf16, engine=engine)
     scale = ref32.abs().max().item()
     assert seq16.images.dtype == torch.float32
     assert 0 < max_diff(seq16.images, ref32) <= 0.05 * scale  # bf16 really ran, and stays close
@@ -159,43 +160,43 @@ def test_bf16_autocast_on_cpu(tiny_model, engine):
     assert max_diff(fast16.images, seq16.images) <= 0.05 * scale
 
 
-def test_sample_input_validation(tiny_model):
+def test_sample_input_validation(tiny8x8_model):
     with pytest.raises(ValueError, match=r"noise must be \(B, 16, 4\)"):
-        sample(tiny_model, torch.randn(2, 10, 4))
+        sample(tiny8x8_model, torch.randn(2, 10, 4))
     with pytest.raises(ValueError, match="label 12 out of range"):
-        sample(tiny_model, noise_for(tiny_model, 2), [1, 12])
+        sample(tiny8x8_model, noise_for(tiny8x8_model, 2), [1, 12])
     with pytest.raises(ValueError, match="3 labels for a batch of 2"):
-        sample(tiny_model, noise_for(tiny_model, 2), [1, 2, 3])
+        sample(tiny8x8_model, noise_for(tiny8x8_model, 2), [1, 2, 3])
     with pytest.raises(ValueError, match="what='c': allowed values are a, b, ab"):
         Guidance(1.0, what="c")
     with pytest.raises(PlanError, match="plan is for 3 blocks x 16 tokens, the model has 4 blocks x 16 tokens"):
-        sample(tiny_model, noise_for(tiny_model, 1), plan=Plan.sequential(3, 16))
+        sample(tiny8x8_model, noise_for(tiny8x8_model, 1), plan=Plan.sequential(3, 16))
 
 
-def test_image_noise_and_label_minus_one(tiny_model, engine):
-    images = noise_for(tiny_model, 2)
-    as_images = tiny_model.unpatchify(images)
-    a = sample(tiny_model, as_images, [-1, 2], engine=engine).images
-    b = sample(tiny_model, images, [-1, 2], engine=engine).images
+def test_image_noise_and_label_minus_one(tiny8x8_model, engine):
+    images = noise_for(tiny8x8_model, 2)
+    as_images = tiny8x8_model.unpatchify(images)
+    a = sample(tiny8x8_model, as_images, [-1, 2], engine=engine).images
+    b = sample(tiny8x8_model, images, [-1, 2], engine=engine).images
     assert torch.equal(a, b)
-    mean_class = sample(tiny_model, images, None, engine=engine).images
+    mean_class = sample(tiny8x8_model, images, None, engine=engine).images
     assert torch.equal(a[0], mean_class[0])
 
 
 # ---- the block-solve API ----------------------------------------------------
 
-def test_solve_block_inverts_encode_and_jacobi_trace_reaches_the_solution(tiny_model, engine):
+def test_solve_block_inverts_encode_and_jacobi_trace_reaches_the_solution(tiny8x8_model, engine):
     """One block on its own: solve_block and jacobi_trace against the encoder's true pair."""
-    x = noise_for(tiny_model, 2, seed=9)
+    x = noise_for(tiny8x8_model, 2, seed=9)
     y = torch.tensor([1, 6])
-    block = tiny_model.blocks[1]  # flipped order: the API takes and returns model token order
+    block = tiny8x8_model.blocks[1]  # flipped order: the API takes and returns model token order
     z, _ = block(x, y)
     solved = solve_block(block, z, y, GSJacobi(segment_len=4, tol=0.0), engine=engine)
     assert max_diff(solved.x, x) <= EXACT and solved.stats.iterations == [4, 4, 4, 3]
     trace = jacobi_trace(block, z, y, solution=x)
     # at most T-1 iterations (exact there); it stops earlier at an exact fixed point (residual 0)
-    assert len(trace.residuals) == len(trace.errors) <= tiny_model.num_tokens - 1
-    assert trace.residuals[-1] == 0.0 or len(trace.residuals) == tiny_model.num_tokens - 1
+    assert len(trace.residuals) == len(trace.errors) <= tiny8x8_model.num_tokens - 1
+    assert trace.residuals[-1] == 0.0 or len(trace.residuals) == tiny8x8_model.num_tokens - 1
     assert trace.errors[-1] <= EXACT and trace.errors[0] > 10 * EXACT
     assert all(b <= a + 1e-6 for a, b in zip(trace.errors, trace.errors[1:]))  # token k is exact after k passes
     early = jacobi_trace(block, z, y, init="zeros", floor=1e-3, keep_iterates=True)

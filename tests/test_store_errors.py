@@ -15,6 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_S = 2  # TARFLOW_GS_STORE_TIMEOUT_S for these commands
 BOUND_S = 150  # the whole command, Python and model load included, ends within this
+pytestmark = pytest.mark.slow  # each case waits out the store's deadlines in a subprocess
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,12 @@ class Blocked:
 sys.meta_path.insert(0, Blocked())
 
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny8x8_2blocks_model
 from tarflow import GSJacobi, Guidance, Plan, SamplingSpec, Sliding, sample, sample_noise
 from tarflow.profile import Costs, profile_model
 from tarflow.schedule import schedule
 
-model = make_tiny_model(out_std=0.035, num_blocks=2)
+model = make_tiny8x8_2blocks_model()
 spec = SamplingSpec(batch_size=2, guidance=Guidance(1.5, annealed=True, attn_temp=0.7)).for_model(10)
 noise = sample_noise(0, range(2), model.num_tokens, model.token_dim)
 y = torch.tensor([1, 2])

@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 from conftest import make_tiny_model
 
-from tarflow import Jacobi, Plan, save_checkpoint
+from tarflow import Jacobi, Plan
 from workflows.cli import main
 
 
@@ -26,11 +26,11 @@ class Bomb:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, tiny8x8_checkpoint_path):
     root = tmp_path_factory.mktemp("untrusted")
     marker = root / "EXECUTED"
     bomb = Bomb(marker)
-    ckpt = save_checkpoint(make_tiny_model(), root / "tiny.safetensors")
+    ckpt = tiny8x8_checkpoint_path
     plan = Plan.uniform(4, 16, Jacobi(tol=1e-5)).save(root / "plan.json")
     f = {"root": root, "marker": marker, "ckpt": ckpt, "plan": plan}
     # torch files: a raw checkpoint, extractor weights, a torchmetrics-style statistics state, a training state

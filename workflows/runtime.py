@@ -163,7 +163,7 @@ def run_task(fn: Callable, *args, res: Resources, **kwargs) -> tuple[object, dic
 
 class Worker:
     """Base of pool actors. Subclasses build what they hold once (a model, an extractor) on
-    `self.device`, and expose the methods units name."""
+    `self.device`; a unit names one of their methods itself (`ShardWorker.write_shard`)."""
 
     def __init__(self, threads: int):
         torch.set_num_threads(threads)
@@ -171,10 +171,6 @@ class Worker:
 
     def ready(self) -> dict:
         return placement(self.device)
-
-    def call(self, method: str, *args):
-        """The result of one unit."""
-        return getattr(self, method)(*args)
 
 
 class WorkerStartError(ClusterError):
@@ -199,8 +195,9 @@ class _Host:
             raise self.error
         return self.worker.ready()
 
-    def call(self, method: str, *args):
-        return self.worker.call(method, *args)
+    def call(self, method: Callable, *args):
+        """The result of one unit: `method` (a method of the worker's class) on the worker."""
+        return method(self.worker, *args)
 
 
 class ActorPool:
@@ -280,8 +277,9 @@ class ActorPool:
         self._wait_for_one(time.monotonic())
         return self.placements[0]
 
-    def map_unordered(self, units: Iterable[tuple[str, tuple]]) -> Iterator[tuple[int, object]]:
-        """(index, result) of each unit (method name, args) as it finishes, in no set order."""
+    def map_unordered(self, units: Iterable[tuple[Callable, tuple]]) -> Iterator[tuple[int, object]]:
+        """(index, result) of each unit (a method of the worker class, its args) as it finishes, in no set
+        order."""
         queue = deque(enumerate(units))
         if queue:
             self.start()

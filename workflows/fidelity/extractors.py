@@ -307,8 +307,3 @@ def extract(extractor: FeatureExtractorBase, images: np.ndarray) -> tuple[np.nda
     where it has them, of uint8 (B, H, W, C) images."""
     device = next(extractor.parameters(), torch.empty(0)).device
     return tuple(out.float().cpu().numpy() for out in extractor(to_rgb_uint8(images).to(device)))
-
-
-def extract_features(extractor: FeatureExtractorBase, images: np.ndarray) -> np.ndarray:
-    """(B, D) float32 FID features of uint8 (B, H, W, C) images."""
-    return extract(extractor, images)[0]

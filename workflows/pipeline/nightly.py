@@ -25,7 +25,7 @@ from ..report import ReportData, report_files
 from ..stages import compare
 from ..storage.files import Store
 from ..storage.history import HistoryRow, append_history, read_history
-from .runner import run as run_pipeline
+from .runner import history_row, run as run_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _fid_of(cfg: RunConfig, label: str, plan: Plan, workdir: Path) -> float | No
     other = cfg.model_copy(update={"name": f"{cfg.name}-{slug}", "output": f"{cfg.output}/{slug}",
                                    "plan": cfg.plan.model_copy(update={"path": str(plan_file), "hand": None}),
                                    "report": ReportSection()})  # only its FID is read: no scaling profiles
-    return run_pipeline(other).fid.get("fid")
+    return run_pipeline(other).fid.fid
 
 
 def check_durable(cfg: NightlyConfig) -> None:
@@ -148,20 +148,17 @@ def run_nightly(cfg: NightlyConfig, now: datetime | None = None, accept: bool = 
                                                              for b in result.model_result.blocks])
         mr.scaling = result.model_result.scaling  # measured by the run's report stage, in a generate worker too
         seq, auto = mr.runs[0], mr.run("auto plan")
-        auto.fid = result.fid.get("fid")
-        mr.fid_extractor, mr.fid_num_samples = result.fid.get("extractor", ""), result.fid.get("sample_count", 0)
-        if run_cfg.fid.enabled:
+        if result.fid is not None:
+            auto.fid = result.fid.fid
+            mr.fid_extractor, mr.fid_num_samples = result.fid.extractor, result.fid.sample_count
             if entry.fid_sequential:
                 seq.fid = _fid_of(run_cfg, "sequential", Plan.sequential(num_blocks, num_tokens), workdir)
             for r in mr.runs[2:]:
                 r.fid = _fid_of(run_cfg, r.plan, plans[r.plan], workdir)
         others = {r.plan: {"speedup": r.speedup, "passes": r.passes, "max_abs_error": r.max_abs_error, "fid": r.fid}
                   for r in mr.runs[2:]}
-        rows.append(HistoryRow(now.isoformat(timespec="seconds"), run_cfg.name, mr.model_hash, "auto plan",
-                               result.plan.fingerprint(), mr.device, result.spec.batch_size, seq.seconds,
-                               auto.seconds, auto.speedup, seq.passes, auto.passes, auto.max_abs_error, seq.fid,
-                               auto.fid, mr.fid_extractor, mr.fid_num_samples, others,
-                               accelerator=where["accelerator"]))
+        rows.append(history_row(run_cfg.name, "auto plan", result.plan, mr, where, now.isoformat(timespec="seconds"),
+                                others))
         models.append(mr)
     return record(cfg, stamp, rows, models, accept, require_baseline)
 

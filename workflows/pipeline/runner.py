@@ -1,10 +1,10 @@
 """The whole run from one config: profile -> plan -> generate -> FID -> report.
 
-Each stage's output is named by a hash of that stage's inputs (the config sections it reads,
-the sampling spec's JSON and the keys of the stages before it), so a stage whose output exists
-for the same inputs is skipped, a run that crashed resumes at the first stage without output
-(generation itself resumes shard by shard), and a changed input re-runs only the stages
-downstream of it, next to the old outputs.
+Each stage is a function here (`profile_stage` ... `report_stage`) over the run's checked inputs
+(`RunContext`). Its output is named by its key (`keys.py`: a hash of the stage's inputs), so a
+stage whose output exists for the same inputs is skipped, a run that crashed resumes at the first
+stage without output (generation itself resumes shard by shard), and a changed input re-runs only
+the stages downstream of it, next to the old outputs.
 
 Layout under `output` (a local path or any pyarrow.fs URI)::
 
@@ -12,33 +12,36 @@ Layout under `output` (a local path or any pyarrow.fs URI)::
     stages/fid-<key>.json       reports/<key>/report.html, report.json, report-data.json
     report.html, report.json    (copies of the latest report)
     run.json                    (what ran, what was skipped, every stage's key, output and workers)
-    history.parquet/            (one file per completed run: the report's over-time figures)
+    history.parquet/            (one file per run's report stage, its `run_id` the stage's key: the
+                                 report's over-time figures)
 
 The driver orchestrates: every stage's heavy work runs in Ray tasks or actors on the resources
 its config section names (`workflows.runtime`); the driver loads the model only for its hash.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from typing import Callable
 
 import pyarrow.fs as pafs
 
-from tarflow import Plan, SamplingSpec, model_hash
+from tarflow import Model, Plan, SamplingSpec, model_hash
 from tarflow.profile import Profile
+from tarflow.schema import SchemaError
 from tarflow.schedule import hand_plan
 
 from ..config import GenerateConfig, RunConfig
 from ..report import ModelResult, ReportData, report_files
-from ..runtime import worker_threads as runtime_threads
-from ..stages import compare, fid, generate, plan as plan_stage, profile as profile_stage
+from ..stages import compare, fid, generate, plan as planning, profile as profiling
+from ..stages.fid import FIDResult
 from ..storage import shards as sh
 from ..storage.files import Store, resolve
 from ..storage.history import HistoryRow, append_history, read_history
+from . import keys
 
 log = logging.getLogger(__name__)
 
@@ -69,82 +72,63 @@ class RunResult:
     plan: Plan | None = None
     plan_path: str = ""
     samples: str = ""
-    fid: dict = field(default_factory=dict)
+    fid: FIDResult | None = None
     model_result: ModelResult | None = None
     report: str = ""
 
     def to_dict(self) -> dict:
         return {"name": self.config.name, "config": self.config.model_dump(mode="json"), "spec": self.spec.to_dict(),
-                "plan": self.plan_path, "samples": self.samples, "fid": self.fid, "report": self.report,
-                "stages": [asdict(s) for s in self.stages]}
+                "plan": self.plan_path, "samples": self.samples, "fid": self.fid.to_dict() if self.fid else {},
+                "report": self.report, "stages": [asdict(s) for s in self.stages]}
 
 
-def _hash(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+class _Stopped(Exception):
+    """The stage `stop_after` names has ended: the run ends with it."""
 
 
-def _comparison_label(cfg: RunConfig) -> str:
-    return "auto plan" if cfg.plan.source == "auto" else f"{cfg.plan.source} plan"
+@dataclass
+class RunContext:
+    """One run's inputs, every one checked before any stage, and what its stages share: the store, the result
+    so far and each finished stage's key."""
 
+    cfg: RunConfig
+    spec: SamplingSpec  # concrete for the model (`for_model`)
+    model: Model  # for its hash and shape: nothing samples in the driver
+    model_hash: str
+    given_plan: Plan | None  # plan.path or plan.hand; None: the auto plan
+    store: Store
+    result: RunResult
+    stop_after: str | None = None
+    progress: bool | None = None
+    keys: dict[str, str] = field(default_factory=dict)  # of the stages run or skipped so far
 
-def _block_metrics(profile: Profile | None) -> list[dict] | None:
-    if profile is None:
-        return None
-    return [{"crm_share": b.crm_share, "igm_z": b.igm["z"], "igm_zeros": b.igm["zeros"]} for b in profile.blocks]
+    @classmethod
+    def open(cls, cfg: RunConfig, stop_after: str | None = None, progress: bool | None = None) -> "RunContext":
+        """Check every input now: a bad one must not surface after hours of sampling."""
+        if stop_after is not None and stop_after not in STAGES:
+            raise ValueError(f"stop_after={stop_after!r}: allowed values are {', '.join(STAGES)}")
+        model, provenance = cfg.model.load(with_metadata=True)
+        spec = cfg.sampling.for_model(model.config.num_classes, provenance)
+        mhash = model_hash(model)
+        given_plan = None
+        if cfg.plan.source == "path":
+            given_plan = Plan.load(cfg.plan.path)
+        elif cfg.plan.source == "hand":
+            given_plan = hand_plan(cfg.plan.hand, model)
+        if given_plan is not None:
+            given_plan.check_model(len(model.blocks), model.num_tokens, mhash)
+            given_plan.check_spec(spec)
+        if cfg.fid.enabled:
+            fid.check_reference(cfg.fid.reference, cfg.fid, model.config.img_size)
+        _check_not_a_shard_set(cfg.output)
+        store = Store(cfg.output)
+        store.check_writable()
+        stop_after = None if stop_after == STAGES[-1] else stop_after  # after the last stage: the whole run
+        return cls(cfg, spec, model, mhash, given_plan, store, RunResult(cfg, spec), stop_after, progress)
 
-
-def _report(cfg: RunConfig, spec: SamplingSpec, plan: Plan, fid_result: dict, profile: Profile | None,
-            result: RunResult, history_uri: str) -> tuple[ReportData, dict]:
-    label = _comparison_label(cfg)
-    scaling = None
-    if cfg.report.scaling_batch_sizes:
-        scaling = compare.Scaling(tuple(cfg.report.scaling_batch_sizes), cfg.calibration.data, cfg.plan.tol,
-                                  label if cfg.plan.source == "auto" else None)
-    mr, where = compare.compare_in_worker(cfg.model, {label: plan}, spec, cfg.resources.generate, scaling, repeats=2,
-                                          name=cfg.name, block_metrics=_block_metrics(profile))
-    if fid_result:
-        mr.run(label).fid = fid_result.get("fid")
-        mr.fid_extractor, mr.fid_num_samples = fid_result["extractor"], fid_result["sample_count"]
-    seq, planned = mr.runs[0], mr.runs[1]
-    row = HistoryRow(datetime.now(timezone.utc).isoformat(timespec="seconds"), cfg.name, mr.model_hash, label,
-                     plan.fingerprint(), mr.device, spec.batch_size, seq.seconds, planned.seconds,
-                     planned.speedup, seq.passes, planned.passes, planned.max_abs_error, None, planned.fid,
-                     mr.fid_extractor, mr.fid_num_samples, accelerator=where["accelerator"])
-    append_history(history_uri, [row])
-    notes = [f"config: {cfg.name} -> {cfg.output}", f"sampling: {spec.summary()}", f"plan: {result.plan_path}",
-             f"samples: {result.samples}",
-             f"timings: best of 2 on one batch of {spec.batch_size} in a generate worker "
-             f"({where['device']}, {where['torch_threads']} torch threads, {where['hostname']}), "
-             "same noise for every sampler"]
-    return ReportData(f"tarflow-gs run: {cfg.name}", [mr], read_history(history_uri), notes), where
-
-
-def run(cfg: RunConfig, stop_after: str | None = None, progress: bool | None = None) -> RunResult:
-    """Run (or resume) every stage of `cfg`; `stop_after` ends early after that stage (for tests and
-    debugging); `progress` as `workflows.progress.wants_bar` (None: a bar on a terminal, else log lines)."""
-    if stop_after is not None and stop_after not in STAGES:
-        raise ValueError(f"stop_after={stop_after!r}: allowed values are {', '.join(STAGES)}")
-    # every input is checked here, before any stage: a bad one must not surface after hours of sampling
-    model, provenance = cfg.model.load(with_metadata=True)  # for its hash and shape: nothing samples here
-    spec = cfg.sampling.for_model(model.config.num_classes, provenance)
-    mhash = model_hash(model)
-    given_plan = None
-    if cfg.plan.source == "path":
-        given_plan = Plan.load(cfg.plan.path)
-    elif cfg.plan.source == "hand":
-        given_plan = hand_plan(cfg.plan.hand, model)
-    if given_plan is not None:
-        given_plan.check_model(len(model.blocks), model.num_tokens, mhash)
-        given_plan.check_spec(spec)
-    if cfg.fid.enabled:
-        fid.check_reference(cfg.fid.reference, cfg.fid, model.config.img_size)
-    _check_not_a_shard_set(cfg.output)
-    store = Store(cfg.output)
-    store.check_writable()
-    result = RunResult(cfg, spec)
-
-    def stage(name: str, key: str, output: str, done, work) -> bool:
-        """Run `work` (returning where it ran) unless `done()` says the output for this key exists."""
+    def stage(self, name: str, key: str, output: str, done: Callable[[], bool], work: Callable[[], list]) -> None:
+        """Run `work` (returning where it ran) unless `done()` says the output for this key exists; record it
+        in run.json; end the run here if `stop_after` names this stage."""
         start = time.perf_counter()
         skipped, workers = done(), []
         if skipped:
@@ -154,99 +138,203 @@ def run(cfg: RunConfig, stop_after: str | None = None, progress: bool | None = N
             try:
                 workers = work()
             except Exception as e:
-                _write_index(store, result)
+                _write_index(self.store, self.result)
                 raise PipelineError(f"stage '{name}' failed: {type(e).__name__}: {e}. Finished stages are kept; "
                                     "re-run the same command to resume here.") from e
-        result.stages.append(StageRecord(name, key, output, skipped, time.perf_counter() - start, workers))
-        _write_index(store, result)
-        return stop_after == name
+        self.keys[name] = key
+        self.result.stages.append(StageRecord(name, key, output, skipped, time.perf_counter() - start, workers))
+        _write_index(self.store, self.result)
+        if self.stop_after == name:
+            raise _Stopped
 
-    # profile: only the auto plan needs one
-    profile = None
-    profile_key = _hash("profile", mhash, cfg.calibration.model_dump(), spec.to_dict(),
-                        cfg.resources.profile.model_dump())
-    profile_name = f"stages/profile-{profile_key}.json"
-    if cfg.plan.source == "auto":
-        def make_profile():
-            prof, workers = profile_stage.profile(model, cfg.model, spec, cfg.calibration.data,
-                                                  cfg.calibration.num_images, cfg.resources.profile)
-            store.write_text(profile_name, prof.to_json())
-            return workers
+    def read(self, name: str, read: Callable[[str], object]):
+        """`read(text)` of the stage output `name`; a damaged one is named, with what to do."""
+        try:
+            return read(self.store.read_text(name))
+        except SchemaError as e:
+            raise PipelineError(f"{self.store.path(name)} is damaged ({e}): delete it and re-run the same command "
+                                "to make it again") from None
 
-        if stage("profile", profile_key, store.path(profile_name), lambda: store.exists(profile_name), make_profile):
-            return result
-        profile = Profile.from_json(store.read_text(profile_name))
 
-    plan_key = _hash("plan", mhash, cfg.plan.model_dump(), spec.to_dict(), cfg.resources.generate.model_dump(),
-                     profile_key if profile else None, given_plan.to_dict() if given_plan else None)
-    plan_name = f"stages/plan-{plan_key}.json"
+def run(cfg: RunConfig, stop_after: str | None = None, progress: bool | None = None) -> RunResult:
+    """Run (or resume) every stage of `cfg`; `stop_after` ends early after that stage (for tests and
+    debugging); `progress` as `workflows.progress.wants_bar` (None: a bar on a terminal, else log lines)."""
+    ctx = RunContext.open(cfg, stop_after, progress)
+    try:
+        profile = profile_stage(ctx)
+        plan = plan_stage(ctx, profile)
+        generate_stage(ctx, plan)
+        fid_stage(ctx)
+        report_stage(ctx, plan, profile)
+    except _Stopped:
+        pass
+    return ctx.result
 
-    def make_plan():
-        workers = []
-        if given_plan is not None:
-            new = given_plan
-        else:
-            new, where = plan_stage.auto_plan(profile, cfg.model, cfg.plan.tol, cfg.resources.generate)
-            workers = [where]
-        new.check_model(len(model.blocks), model.num_tokens, mhash)
-        new.check_spec(spec)
-        store.write_text(plan_name, new.to_json())
+
+def profile_stage(ctx: RunContext) -> Profile | None:
+    """The model's profile under the spec, which only the auto plan needs (None for a given plan)."""
+    if ctx.cfg.plan.source != "auto":
+        return None
+    cfg, store = ctx.cfg, ctx.store
+    key = keys.profile(cfg, ctx.spec, ctx.model_hash)
+    name = f"stages/profile-{key}.json"
+
+    def work():
+        prof, workers = profiling.profile(ctx.model, cfg.model, ctx.spec, cfg.calibration.data,
+                                          cfg.calibration.num_images, cfg.resources.profile)
+        store.write_text(name, prof.to_json())
         return workers
 
-    if stage("plan", plan_key, store.path(plan_name), lambda: store.exists(plan_name), make_plan):
-        return result
-    plan = result.plan = Plan.from_json(store.read_text(plan_name))
-    result.plan_path = store.path(plan_name)
+    ctx.stage("profile", key, store.path(name), lambda: store.exists(name), work)
+    return ctx.read(name, Profile.from_json)
 
-    gen_key = _hash("generate", mhash, plan.fingerprint(), spec.to_dict(), cfg.samples.model_dump(),
-                    cfg.resources.generate.num_gpus > 0, runtime_threads(cfg.resources.generate))
-    samples = result.samples = store.path(f"samples-{gen_key}")
 
-    def samples_complete() -> bool:
+def plan_stage(ctx: RunContext, profile: Profile | None) -> Plan:
+    """The given plan, or the auto plan scheduled from the profile in a generate worker; checked against the
+    model and spec either way."""
+    cfg, store = ctx.cfg, ctx.store
+    key = keys.plan(cfg, ctx.spec, ctx.model_hash, ctx.keys.get("profile"), ctx.given_plan)
+    name = f"stages/plan-{key}.json"
+
+    def work():
+        workers = []
+        if ctx.given_plan is not None:
+            new = ctx.given_plan
+        else:
+            new, where = planning.auto_plan(profile, cfg.model, cfg.plan.tol, cfg.resources.generate)
+            workers = [where]
+        new.check_model(len(ctx.model.blocks), ctx.model.num_tokens, ctx.model_hash)
+        new.check_spec(ctx.spec)
+        store.write_text(name, new.to_json())
+        return workers
+
+    ctx.stage("plan", key, store.path(name), lambda: store.exists(name), work)
+    plan = ctx.result.plan = ctx.read(name, Plan.from_json)
+    ctx.result.plan_path = store.path(name)
+    return plan
+
+
+def generate_stage(ctx: RunContext, plan: Plan) -> None:
+    """The sample set, into its own `samples-<key>/` (resumed shard by shard)."""
+    cfg = ctx.cfg
+    key = keys.generate(cfg, ctx.spec, ctx.model_hash, plan)
+    samples = ctx.result.samples = ctx.store.path(f"samples-{key}")
+
+    def complete() -> bool:
         try:
             return sh.read_manifest(samples).complete
         except (sh.ShardError, OSError):
             return False
 
-    def make_samples():
-        summary = generate.generate(GenerateConfig(model=cfg.model, out=samples, samples=cfg.samples, spec=spec,
-                                                   plan=plan, resources=cfg.resources.generate), progress=progress)
+    def work():
+        summary = generate.generate(GenerateConfig(model=cfg.model, out=samples, samples=cfg.samples, spec=ctx.spec,
+                                                   plan=plan, resources=cfg.resources.generate),
+                                    progress=ctx.progress)
         log.info(summary.text())
         return summary.placements
 
-    if stage("generate", gen_key, samples, samples_complete, make_samples):
-        return result
+    ctx.stage("generate", key, samples, complete, work)
 
-    fid_key = _hash("fid", gen_key, cfg.fid.model_dump())
-    fid_name = f"stages/fid-{fid_key}.json"
-    if cfg.fid.enabled:
-        def make_fid():
-            res = fid.evaluate_fid(samples, cfg.fid.reference, cfg.fid, cfg.resources.fid, progress=progress)
-            log.info(res.text())
-            store.write_text(fid_name, res.to_json())
-            return res.placements
 
-        if stage("fid", fid_key, store.path(fid_name), lambda: store.exists(fid_name), make_fid):
-            return result
-        result.fid = json.loads(store.read_text(fid_name))
+def fid_stage(ctx: RunContext) -> None:
+    """FID (with IS and KID) of the sample set against the reference, where FID is on."""
+    cfg, store = ctx.cfg, ctx.store
+    key = keys.fid(cfg, ctx.keys["generate"])
+    if key is None:
+        return
+    name = f"stages/fid-{key}.json"
 
-    report_key = _hash("report", gen_key, fid_key if cfg.fid.enabled else None, cfg.name, cfg.report.model_dump())
-    report_dir = f"reports/{report_key}"
+    def work():
+        res = fid.evaluate_fid(ctx.result.samples, cfg.fid.reference, cfg.fid, cfg.resources.fid,
+                               progress=ctx.progress)
+        log.info(res.text())
+        store.write_text(name, res.to_json())
+        return res.placements
 
-    def make_report():
-        data, where = _report(cfg, spec, plan, result.fid, profile, result, store.path("history.parquet"))
-        for name, text in report_files(data).items():  # report.html last: it marks the stage done
-            store.write_text(f"{report_dir}/{name}", text)
+    ctx.stage("fid", key, store.path(name), lambda: store.exists(name), work)
+    ctx.result.fid = ctx.read(name, FIDResult.from_json)
+
+
+def report_stage(ctx: RunContext, plan: Plan, profile: Profile | None) -> None:
+    """Sequential vs the plan on one batch in a generate worker, its row in the run's history, the report; the
+    latest report copied to the output's top (also when the stage was skipped).
+
+    The history row carries the stage's key as its `run_id`: a retry after a crash between the append and
+    report.html finds it and appends none (its report shows the retry's own timings, the history the first's)."""
+    cfg, store = ctx.cfg, ctx.store
+    key = keys.report(cfg, ctx.keys["generate"], ctx.keys.get("fid"))
+    folder, history = f"reports/{key}", store.path("history.parquet")
+
+    def work():
+        mr, where = measure(ctx, plan, profile)
+        append_once(history, history_row(cfg.name, _comparison_label(cfg), plan, mr, where, run_id=key))
+        for name, text in report_files(report_data(ctx, mr, where, read_history(history))).items():
+            store.write_text(f"{folder}/{name}", text)  # report.html last: it marks the stage done
         return [where]
 
-    stage("report", report_key, store.path(f"{report_dir}/report.html"),
-          lambda: store.exists(f"{report_dir}/report.html"), make_report)
-    for f in ("report.html", "report.json"):  # the latest report at a fixed place, also when the stage was skipped
-        store.write_text(f, store.read_text(f"{report_dir}/{f}"))
-    result.model_result = ReportData.from_json(store.read_text(f"{report_dir}/report-data.json")).models[0]
-    result.report = store.path("report.html")
-    _write_index(store, result)
-    return result
+    ctx.stage("report", key, store.path(f"{folder}/report.html"), lambda: store.exists(f"{folder}/report.html"),
+              work)
+    for f in ("report.html", "report.json"):
+        store.write_text(f, store.read_text(f"{folder}/{f}"))
+    ctx.result.model_result = ctx.read(f"{folder}/report-data.json", ReportData.from_json).models[0]
+    ctx.result.report = store.path("report.html")
+    _write_index(store, ctx.result)
+
+
+# ---- the report stage's parts ------------------------------------------------------------------------------------
+
+def _comparison_label(cfg: RunConfig) -> str:
+    return "auto plan" if cfg.plan.source == "auto" else f"{cfg.plan.source} plan"
+
+
+def measure(ctx: RunContext, plan: Plan, profile: Profile | None) -> tuple[ModelResult, dict]:
+    """Sequential vs the plan (and with `report.scaling_batch_sizes`, the auto plan per batch size) on the same
+    noise in a generate worker, with the run's FID: (result, where it ran)."""
+    cfg = ctx.cfg
+    label = _comparison_label(cfg)
+    scaling = None
+    if cfg.report.scaling_batch_sizes:
+        scaling = compare.Scaling(tuple(cfg.report.scaling_batch_sizes), cfg.calibration.data, cfg.plan.tol,
+                                  label if cfg.plan.source == "auto" else None)
+    block_metrics = None if profile is None else [
+        {"crm_share": b.crm_share, "igm_z": b.igm["z"], "igm_zeros": b.igm["zeros"]} for b in profile.blocks]
+    mr, where = compare.compare_in_worker(cfg.model, {label: plan}, ctx.spec, cfg.resources.generate, scaling,
+                                          repeats=2, name=cfg.name, block_metrics=block_metrics)
+    if ctx.result.fid is not None:
+        mr.run(label).fid = ctx.result.fid.fid
+        mr.fid_extractor, mr.fid_num_samples = ctx.result.fid.extractor, ctx.result.fid.sample_count
+    return mr, where
+
+
+def history_row(name: str, label: str, plan: Plan, mr: ModelResult, where: dict, timestamp: str | None = None,
+                others: dict | None = None, run_id: str = "") -> HistoryRow:
+    """The history's row of model `name`: sequential vs the plan `label` as measured in `mr`, timed `where`
+    (`compare.compare_in_worker`); `timestamp` (ISO 8601, UTC) default now."""
+    seq, planned = mr.runs[0], mr.run(label)
+    return HistoryRow(timestamp or datetime.now(timezone.utc).isoformat(timespec="seconds"), name, mr.model_hash,
+                      label, plan.fingerprint(), mr.device, mr.batch_size, seq.seconds, planned.seconds,
+                      planned.speedup, seq.passes, planned.passes, planned.max_abs_error, seq.fid, planned.fid,
+                      mr.fid_extractor, mr.fid_num_samples, others or {}, accelerator=where["accelerator"],
+                      run_id=run_id)
+
+
+def append_once(history: str, row: HistoryRow) -> None:
+    """Append `row` unless the history holds a row of its run already (a retried report stage)."""
+    if any(r.run_id == row.run_id for r in read_history(history)):
+        log.info("history %s holds run %s already: no second row", history, row.run_id)
+        return
+    append_history(history, [row])
+
+
+def report_data(ctx: RunContext, mr: ModelResult, where: dict, history: list[HistoryRow]) -> ReportData:
+    """What the run's report shows: the measured model, the history, and what the run used where."""
+    cfg, spec, result = ctx.cfg, ctx.spec, ctx.result
+    notes = [f"config: {cfg.name} -> {cfg.output}", f"sampling: {spec.summary()}", f"plan: {result.plan_path}",
+             f"samples: {result.samples}",
+             f"timings: best of 2 on one batch of {spec.batch_size} in a generate worker "
+             f"({where['device']}, {where['torch_threads']} torch threads, {where['hostname']}), "
+             "same noise for every sampler"]
+    return ReportData(f"tarflow-gs run: {cfg.name}", [mr], history, notes)
 
 
 def _check_not_a_shard_set(output: str) -> None:
@@ -270,14 +358,8 @@ def _write_index(store: Store, result: RunResult) -> None:
 def summary_text(result: RunResult) -> str:
     """What `tarflow-gs run` and `jobs/fid_set.py` print at the end of a run."""
     lines = [f"{s.name:<9} {'skipped' if s.skipped else f'{s.seconds:.1f}s':>8}  {s.output}" for s in result.stages]
-    if result.fid:
-        f, count = result.fid, result.fid.get("reference_count")
-        lines.append(f"FID: {f['fid']:.4f} ({f['sample_count']} samples vs {'?' if count is None else count} "
-                     f"reference images, extractor {f['extractor']})")
-        if f.get("inception_score") is not None:
-            lines.append(f"IS: {f['inception_score']:.4f} (all samples, one split)")
-        if f.get("kid"):
-            lines.append(f"KID: {f['kid']['kid_mean']:.6f} +- {f['kid']['kid_std']:.6f} (strided subset)")
+    if result.fid is not None:
+        lines.append(result.fid.text())
     if result.model_result is not None and len(result.model_result.runs) > 1:
         r, mr = result.model_result.runs[1], result.model_result
         same = " (the plan is sequential everywhere: timing noise)" if all(

@@ -9,7 +9,7 @@ D x D float64 sum per batch (32 MiB at D = 2048) would cost more to ship than th
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -102,9 +102,8 @@ class FeatureWorker(runtime.Worker):
             raise EvaluateError(f"{where} holds no images")
         return total
 
-    def shard(self, uri: str, entry: dict, stride: int):
+    def shard(self, uri: str, entry: sh.ShardEntry, stride: int):
         """One manifest shard, its size, checksum and rows verified before any image counts."""
-        entry = sh.ShardEntry(**entry)
         pngs = sh.read_shard(uri, entry, ["image"]).column("image").combine_chunks().field("bytes")
         batches = (np.stack([sh.decode_png(b.as_py()) for b in pngs[i:i + self.batch_size]])
                    for i in range(0, len(pngs), self.batch_size))
@@ -136,11 +135,11 @@ def check_shards(location: str) -> sh.Manifest:
 
 def _units(source: ImageSource, image_size: tuple[int, int] | None,
            kid_samples: int) -> tuple[list[tuple], str, int]:
-    """The tasks of one source as (worker method, *args), a description of the images and their number."""
+    """The tasks of one source as (worker method, args), a description of the images and their number."""
     if source.kind == "shards":
         manifest = check_shards(source.location)
         stride = kid_stride(manifest.num_samples, kid_samples)
-        return [("shard", source.location, asdict(e), stride) for e in manifest.shards], source.location, \
+        return [(FeatureWorker.shard, (source.location, e, stride)) for e in manifest.shards], source.location, \
             manifest.num_samples
     if source.kind == "folder":
         root = Path(source.location)
@@ -148,15 +147,16 @@ def _units(source: ImageSource, image_size: tuple[int, int] | None,
         if not paths:
             raise EvaluateError(f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         stride = kid_stride(len(paths), kid_samples)
-        return [("files", paths[i:i + CHUNK_IMAGES], i, stride) for i in range(0, len(paths), CHUNK_IMAGES)], \
-            str(root), len(paths)
+        return [(FeatureWorker.files, (paths[i:i + CHUNK_IMAGES], i, stride))
+                for i in range(0, len(paths), CHUNK_IMAGES)], str(root), len(paths)
     if source.kind == "dataset":
         from tarflow.data import load_dataset
 
         size = None if image_size is None else image_size[0]
         images = sh.to_uint8(load_dataset(source.location, image_size=size).images.numpy())
         stride = kid_stride(len(images), kid_samples)
-        units = [("array", ray.put(images[i:i + CHUNK_IMAGES]), i, stride) for i in range(0, len(images), CHUNK_IMAGES)]
+        units = [(FeatureWorker.array, (ray.put(images[i:i + CHUNK_IMAGES]), i, stride))
+                 for i in range(0, len(images), CHUNK_IMAGES)]
         return units, f"{source.location} (all {len(images)} images)", len(images)
     raise EvaluateError(f"a {source.kind} source has no images to extract")
 
@@ -185,7 +185,7 @@ class FeaturePool:
         units, description, num_images = _units(source, image_size, self.settings.kid_samples)
         total = None
         with Progress(num_images, f"features ({self.settings.extractor})", "img", self.progress) as bar:
-            for _, part in self.pool.map_unordered((unit[0], unit[1:]) for unit in units):
+            for _, part in self.pool.map_unordered(units):
                 try:
                     total = part if total is None else total + part
                 except EvaluateError as e:

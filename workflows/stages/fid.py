@@ -16,8 +16,10 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from tarflow.schema import STRICT_FIELDS, JSONForm, SchemaError
 
 from ..config import FidSettings, Resources
 from ..fidelity.extractors import check_extractor
@@ -27,8 +29,8 @@ from ..storage import shards as sh
 from ..storage.files import join, resolve, write_atomic
 from .features import EvaluateError, FeaturePool, ImageSource, IMAGE_SUFFIXES, check_shards, compute_stats
 
-__all__ = ["EvaluateError", "FeaturePool", "FIDResult", "ImageSource", "check_reference", "evaluate_fid",
-           "reference_stats", "result_name"]
+__all__ = ["EvaluateError", "FeaturePool", "FIDResult", "FIDResultError", "ImageSource", "KIDResult",
+           "check_reference", "evaluate_fid", "reference_stats", "result_name"]
 DEFAULT_CACHE_DIR = Path(os.environ.get("TARFLOW_GS_CACHE", "~/.cache/tarflow-gs")).expanduser() / "fid-stats"
 
 
@@ -96,38 +98,80 @@ def check_reference(reference: str, settings: FidSettings, image_size: int | Non
     return None
 
 
-@dataclass
-class FIDResult:
-    """FID and what came with it from the same pass; IS and KID are None where they cannot be had."""
+class FIDResultError(SchemaError):
+    """A FID result file that is not one (a field missing or out of range)."""
 
-    fid: float
+
+def _check(rule: bool, text: str) -> None:
+    if not rule:
+        raise FIDResultError(text)
+
+
+@dataclass
+class KIDResult:
+    """torch-fidelity's KID estimate over `kid_subsets` subsets of `kid_subset_size` of the kept features."""
+
+    kid_mean: float  # an unbiased estimate: it can be below 0 for sets drawn alike
+    kid_std: float
+    kid_subset_size: int
+    kid_subsets: int
+    kid_features: list[int]  # kept per side: (samples, reference)
+
+    __pydantic_config__ = STRICT_FIELDS
+
+    def __post_init__(self):
+        _check(self.kid_std >= 0, f"kid_std={self.kid_std!r}: must be >= 0")
+        _check(self.kid_subsets >= 1, f"kid_subsets={self.kid_subsets!r}: must be >= 1")
+        _check(len(self.kid_features) == 2, f"kid_features={self.kid_features!r}: two counts, samples and reference")
+        _check(2 <= self.kid_subset_size <= min(self.kid_features), f"kid_subset_size={self.kid_subset_size!r}: "
+               f"must be in [2, {min(self.kid_features)}] (the fewer features kept of a side)")
+
+
+@dataclass
+class FIDResult(JSONForm):
+    """FID and what came with it from the same pass; IS and KID are None where they cannot be had.
+    What `fid` writes next to the samples and the pipeline's FID stage keeps; `text` is how every
+    command prints it."""
+
+    fid: float  # finite; torch-fidelity's formula can land a hair below 0 for identical statistics
     extractor: str
     samples: str
     sample_count: int
     reference: str
     reference_count: int | None  # None: statistics that do not say (ADM / TTUR)
     reference_stats: str | None
-    image_size: list[int]
+    image_size: list[int]  # (H, W)
     seconds: float
     inception_score: float | None = None  # exact, one split over all samples; None: no class logits
-    kid: dict | None = None  # kid_mean, kid_std, kid_subset_size, kid_subsets, kid_features (kept per side)
+    kid: KIDResult | None = None
     notes: list[str] = field(default_factory=list)  # why a metric is missing
     settings: dict = field(default_factory=dict)
     placements: list[dict] = field(default_factory=list)  # where each extractor actor ran
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
+    __pydantic_config__ = STRICT_FIELDS
+    json_name, json_error = "FID result", FIDResultError
+
+    def __post_init__(self):
+        _check(self.sample_count >= 1, f"sample_count={self.sample_count!r}: must be >= 1")
+        _check(self.reference_count is None or self.reference_count >= 1,
+               f"reference_count={self.reference_count!r}: must be >= 1 or null")
+        _check(len(self.image_size) == 2 and min(self.image_size) >= 1,
+               f"image_size={self.image_size!r}: (height, width), each >= 1")
+        _check(self.seconds >= 0, f"seconds={self.seconds!r}: must be >= 0")
+        _check(self.inception_score is None or self.inception_score > 0,
+               f"inception_score={self.inception_score!r}: an exponential, > 0, or null")
 
     def text(self) -> str:
+        """The metric lines: FID, then IS and KID where they were had, then why the others were not."""
         count = "?" if self.reference_count is None else self.reference_count
         lines = [f"FID: {self.fid:.4f}  ({self.sample_count} samples vs {count} reference images, extractor "
                  f"{self.extractor}, {self.image_size[0]}x{self.image_size[1]}, {self.seconds:.1f}s)"]
         if self.inception_score is not None:
             lines.append(f"IS: {self.inception_score:.4f}  (all samples, one split)")
         if self.kid is not None:
-            lines.append(f"KID: {self.kid['kid_mean']:.6f} +- {self.kid['kid_std']:.6f}  ({self.kid['kid_subsets']} "
-                         f"subsets of {self.kid['kid_subset_size']} from {self.kid['kid_features'][0]} sample and "
-                         f"{self.kid['kid_features'][1]} reference features)")
+            k = self.kid
+            lines.append(f"KID: {k.kid_mean:.6f} +- {k.kid_std:.6f}  ({k.kid_subsets} subsets of {k.kid_subset_size} "
+                         f"from {k.kid_features[0]} sample and {k.kid_features[1]} reference features)")
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
@@ -169,7 +213,7 @@ def evaluate_fid(samples: str, reference: str, settings: FidSettings = FidSettin
     elif len(passed.kid.index) < 2:
         notes.append("no KID: fewer than 2 samples")
     else:
-        kid_result = kid(passed.kid.features, ref_stats.kid.features)
+        kid_result = KIDResult(**kid(passed.kid.features, ref_stats.kid.features))
     result = FIDResult(frechet_distance(sample_stats, ref_stats), settings.extractor, samples, sample_stats.count,
                        reference, ref_stats.count, ref_path, list(sample_stats.image_size),
                        time.perf_counter() - start, None if passed.isc is None else passed.isc.score(), kid_result,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from typing import Callable
 
@@ -70,19 +70,6 @@ class Job:
     notes: list[str] = field(default_factory=list)  # what the resume found and will redo
 
 
-def prepare(cfg: GenerateConfig) -> Job:
-    """Check every input and the output before any sampling, writing nothing; returns what the actors need.
-
-    Fails fast on a missing/corrupt checkpoint, a plan for another model or sampling map, labels or
-    guidance the model cannot take, an output that is a file or holds a run with other settings.
-    Resuming, it finds every listed shard that is missing or fails its checksum (hashing in the driver
-    up to LOCAL_VERIFY_BYTES, the rest is left to the actors) and a lost manifest's shards that
-    verify on their own."""
-    job = _inputs(cfg)
-    _read_output(job)
-    return _with_pending(job)
-
-
 def _with_pending(job: Job) -> Job:
     done = {e.index for e in job.manifest.shards}
     job.pending = [i for i in range(job.manifest.num_shards) if i not in done]
@@ -106,28 +93,27 @@ def _inputs(cfg: GenerateConfig) -> Job:
                sh.Manifest(identity.to_dict(), cfg.samples.num_samples, cfg.samples.shard_size), [])
 
 
-def _output_type(out: str, fs: pafs.FileSystem, base: str) -> pafs.FileType:
-    """What is at the output now (a directory or nothing); a file there, or a run's folder, is an error."""
+def _check_output(out: str) -> None:
+    """Raise before the lease tries: a file at the output, a run's folder, a path that cannot be created."""
+    fs, base = resolve(out)
     kind = fs.get_file_info(base).type
     if kind == pafs.FileType.File:
         raise GenerateError(f"output {out} is a file; give a directory (or URI prefix) for the shards")
     if kind == pafs.FileType.Directory and fs.get_file_info(join(base, "run.json")).type == pafs.FileType.File:
         raise GenerateError(f"output {out} is the folder of a `tarflow-gs run` (it holds run.json): its sample "
                             "sets are its samples-<key>/ folders; give generate a new or empty output")
-    return kind
+    if kind == pafs.FileType.NotFound:
+        try:
+            check_creatable(out)
+        except OSError as e:
+            raise GenerateError(f"cannot create output {out}: {e}") from None
 
 
 def _read_output(job: Job) -> None:
     """Fill `job.manifest` from an existing output, checking it holds this run, and find what to redo."""
     cfg = job.config
-    fs, base = resolve(cfg.out)
-    if _output_type(cfg.out, fs, base) == pafs.FileType.NotFound:
-        try:
-            check_creatable(cfg.out)
-        except OSError as e:
-            raise GenerateError(f"cannot create output {cfg.out}: {e}") from None
-        return
-    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(base))]
+    fs, base = resolve(cfg.out)  # checked by `_check_output` before this run took the lease
+    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))]
     if sh.MANIFEST_NAME not in names:
         data = fs.get_file_info(pafs.FileSelector(join(base, sh.DATA_DIR), allow_not_found=True))
         if any(n.endswith(".parquet") for n in names + [i.base_name for i in data]):
@@ -183,11 +169,11 @@ class ShardWorker(runtime.Worker):
         self.identity = identity.with_device(self.device.type)  # a shard names the device it was made on
         self.layout = sh.Manifest(identity.to_dict(), identity.num_samples, identity.shard_size)
 
-    def verify(self, entry: dict) -> str | None:
+    def verify(self, entry: sh.ShardEntry) -> str | None:
         """Why a listed shard fails its checks (streaming sha256), or None."""
-        return sh.check_entry(self.out, sh.ShardEntry(**entry))
+        return sh.check_entry(self.out, entry)
 
-    def write_shard(self, index: int) -> dict:
+    def write_shard(self, index: int) -> sh.ShardEntry:
         ids_all = np.asarray(self.layout.shard_ids(index), np.int64)
         B = self.spec.batch_size
         pngs, labels, passes, fallbacks, residual = [], [], [], [], []
@@ -215,7 +201,7 @@ class ShardWorker(runtime.Worker):
                 "first_id": int(ids_all[0]), "last_id": int(ids_all[-1])}
         entry = sh.write_shard(self.out, self.layout, index, table, meta, stats, owner=self.run_id)
         entry.stats["seconds"] = time.perf_counter() - start  # sampling, encoding and the write
-        return asdict(entry)
+        return entry
 
 
 @dataclass
@@ -277,12 +263,17 @@ def _write_manifest(job: Job) -> None:
 
 def generate(cfg: GenerateConfig, progress: bool | None = None,
              on_shard: Callable[[sh.ShardEntry], None] | None = None) -> GenerateSummary:
-    """Run (or resume) a generation; returns the summary. Raises before any sampling on bad input.
+    """Run (or resume) a generation; returns the summary.
 
-    The run holds the output's lease throughout (a second writer is refused); `on_shard` is called in
-    the driver after each shard is committed (progress for callers)."""
+    Raises before any sampling on bad input: a missing or corrupt checkpoint, a plan for another model or
+    sampling map, labels or guidance the model cannot take (before the output is touched), an output that
+    is a file or holds a run with other settings. Resuming, it redoes every listed shard that is missing or
+    fails its checksum (hashed in the driver up to LOCAL_VERIFY_BYTES, the rest in the actors) and keeps a
+    lost manifest's shards that verify on their own. The run holds the output's lease throughout (a second
+    writer is refused); `on_shard` is called in the driver after each shard is committed (progress for
+    callers)."""
     job = _inputs(cfg)  # every input checked before the output is touched
-    _output_type(cfg.out, *resolve(cfg.out))  # a file there would fail the lease with a less useful message
+    _check_output(cfg.out)  # what is in the way would fail the lease with a less useful message
     try:
         lease = Lease(cfg.out).acquire()
     except OSError as e:
@@ -327,7 +318,7 @@ def _generate(job: Job, lease: Lease, progress: bool | None, on_shard) -> Genera
                            num_actors=min(cfg.resources.actors, len(job.pending) + len(job.unverified))) as pool:
         _check_device(job, pool.start()["device"], "the first generate worker")
         if job.unverified:  # a large set: its listed shards are hashed in the actors, in parallel
-            units = [("verify", (asdict(e),)) for e in job.unverified]
+            units = [(ShardWorker.verify, (e,)) for e in job.unverified]
             for i, problem in pool.map_unordered(units):
                 entry = job.unverified[i]
                 if problem:
@@ -338,9 +329,8 @@ def _generate(job: Job, lease: Lease, progress: bool | None, on_shard) -> Genera
                     bar.update(-entry.rows)
             job.pending.sort()
         try:
-            for _, result in pool.map_unordered(("write_shard", (index,)) for index in job.pending):
+            for _, entry in pool.map_unordered((ShardWorker.write_shard, (index,)) for index in job.pending):
                 lease.check()
-                entry = sh.ShardEntry(**result)
                 _check_device(job, entry.stats["device"], f"the worker that wrote {entry.file}")
                 _write(f"write the record of {entry.file}", cfg, sh.commit_shard, cfg.out, entry)
                 job.manifest.add(entry)

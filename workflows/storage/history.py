@@ -4,19 +4,25 @@ each pipeline run, read back for the report's over-time figures and the regressi
 The table is a folder of Parquet files, one per append, written atomically under a unique name:
 appends never rewrite earlier rows, so two runs appending at once both keep their rows, and any
 Parquet reader opens the folder as one table (`pyarrow.dataset`, pandas, DuckDB). Reading checks each
-file against the schema and names the one that is not a history file (a stray upload, another tool's
-table) instead of failing somewhere inside Arrow."""
+file against the schema and each row against `HistoryRow`, and names the file that is not a history file
+(a stray upload, another tool's table, a number out of range) instead of failing somewhere inside Arrow
+or comparing against NaN."""
 from __future__ import annotations
 
 import io
 import json
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, field, fields
 from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, with_config
+from pydantic.dataclasses import dataclass
+from typing_extensions import TypedDict
+
+from tarflow.schema import STRICT_FIELDS, SchemaError, validate
 
 from .files import join, resolve, write_atomic
 
@@ -53,26 +59,46 @@ class HistoryError(ValueError):
     """A history location that holds something other than a tarflow-gs history."""
 
 
-@dataclass
+# measured numbers, here and in the report's data: finite (NaN and inf refused), in range; a value not
+# measured is None (a FID not computed), never NaN
+MEASURED = {**STRICT_FIELDS, "validate_assignment": True}
+Fid = NonNegativeFloat | None  # None: not computed
+
+
+@with_config(STRICT_FIELDS)
+class HandPlanResult(TypedDict, total=False):
+    """A hand plan timed beside the auto plan on the same noise (`HistoryRow.others`)."""
+
+    speedup: PositiveFloat
+    passes: PositiveInt
+    max_abs_error: NonNegativeFloat
+    fid: Fid
+
+
+@dataclass(config=MEASURED)
 class HistoryRow:
+    """One model measured once, checked when made and when read: every number is finite and in range.
+    Not measured: `fid_sequential` / `fid_plan` None (no FID of that sampler), `fid_extractor` "" and
+    `fid_num_samples` 0 (no FID at all)."""
+
     timestamp: str
     model: str
     model_hash: str
     plan: str
     plan_hash: str
     device: str
-    batch_size: int
-    sequential_seconds: float
-    plan_seconds: float
-    speedup: float
-    sequential_passes: int
-    plan_passes: int
-    max_abs_error: float
-    fid_sequential: float | None = None
-    fid_plan: float | None = None
+    batch_size: PositiveInt
+    sequential_seconds: PositiveFloat
+    plan_seconds: PositiveFloat
+    speedup: PositiveFloat
+    sequential_passes: PositiveInt
+    plan_passes: PositiveInt
+    max_abs_error: NonNegativeFloat
+    fid_sequential: Fid = None
+    fid_plan: Fid = None
     fid_extractor: str = ""
-    fid_num_samples: int = 0
-    others: dict = field(default_factory=dict)
+    fid_num_samples: NonNegativeInt = 0
+    others: dict[str, HandPlanResult] = field(default_factory=dict)
     passed: bool = True
     accelerator: str = ""
     run_id: str = ""
@@ -99,8 +125,7 @@ def _read_file(fs: pafs.FileSystem, path: str, uri: str) -> list[HistoryRow]:
     try:
         table = pq.read_table(path, filesystem=fs)
     except (pa.ArrowException, OSError) as e:
-        raise HistoryError(f"{where} is not a Parquet file ({e}); a history folder holds only the files "
-                           "tarflow-gs appends: move it elsewhere") from None
+        raise HistoryError(_stray(where, f"not a Parquet file ({e})")) from None
     problems = []
     for f in SCHEMA:
         if f.name not in table.column_names:
@@ -111,11 +136,24 @@ def _read_file(fs: pafs.FileSystem, path: str, uri: str) -> list[HistoryRow]:
         elif f.name not in NULLABLE and table.column(f.name).null_count:
             problems.append(f"column {f.name} has empty values")
     if problems:
-        raise HistoryError(f"{where} is not a tarflow-gs history file ({'; '.join(problems)}); a history folder "
-                           "holds only the files tarflow-gs appends: move it elsewhere")
+        raise HistoryError(_stray(where, f"not a tarflow-gs history file ({'; '.join(problems)})"))
     names = [f.name for f in SCHEMA if f.name in table.column_names]
-    return [HistoryRow(**{**ADDED_LATER, **r, "others": json.loads(r["others"] or "{}")})
-            for r in table.select(names).to_pylist()]
+    rows = []
+    for i, r in enumerate(table.select(names).to_pylist()):
+        try:
+            others = json.loads(r["others"] or "{}")
+        except json.JSONDecodeError as e:
+            raise HistoryError(_stray(where, f"not a tarflow-gs history file (rows[{i}].others is not JSON: {e})")) \
+                from None
+        rows.append({**ADDED_LATER, **r, "others": others})
+    try:
+        return validate(list[HistoryRow], rows, "rows")
+    except SchemaError as e:
+        raise HistoryError(_stray(where, f"not a tarflow-gs history file ({e})")) from None
+
+
+def _stray(where: str, what: str) -> str:
+    return f"{where} is {what}; a history folder holds only the files tarflow-gs appends: move it elsewhere"
 
 
 def append_history(uri: str, new_rows: list[HistoryRow]) -> None:

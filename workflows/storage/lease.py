@@ -18,6 +18,10 @@ depends on what the store guarantees, never on timing:
 A refused run is told who holds the output; the holder finds out at its next heartbeat that it lost
 the lease (a swap refused) and stops writing. The conditional writes go through the store's own
 client (s3fs's botocore for S3, gcsfs for GCS), the same one every other byte goes through.
+
+The file is a `LeaseRecord`. One that is not (a pid out of range, NaN, an unknown field) names no
+holder: a refusal says what is wrong with it, and it is taken over only when it ages out (object
+stores) or its lock is free (a local disk), never judged by its pid.
 """
 from __future__ import annotations
 
@@ -34,6 +38,10 @@ from datetime import datetime
 from urllib.parse import quote
 
 from fsspec.asyn import sync
+from pydantic import NonNegativeFloat, PositiveInt, with_config
+from typing_extensions import TypedDict
+
+from tarflow.schema import STRICT_FIELDS, SchemaError, validate
 
 from .files import client, is_local, join, resolve, store_of, translated
 
@@ -44,6 +52,29 @@ LEASE_NAME = "_lease.json"
 
 class LeaseError(RuntimeError):
     """The output is being written by another run, or this run lost its lease."""
+
+
+@with_config(STRICT_FIELDS)
+class Writer(TypedDict):
+    """Who writes an output: a run, the host it runs on (and that host's boot), its process."""
+
+    run_id: str
+    host: str
+    boot: str | None  # None: a host that does not say
+    pid: PositiveInt
+
+
+@with_config(STRICT_FIELDS)
+class LeaseRecord(Writer):
+    """What `_lease.json` holds: its writer and the write's count and time."""
+
+    beat: PositiveInt  # writes by this holder so far: every write differs, so a renewal changes the version
+    written: NonNegativeFloat  # time.time() of the write, by the holder's clock: shown to people, never compared
+
+
+# a lease's holder as read (a dict, as the file holds it), or why the file holds none (`_parse`)
+Held = LeaseRecord | str
+GONE = "is gone"  # of a lease removed while it was read
 
 
 def _boot_id() -> str | None:
@@ -70,7 +101,7 @@ class _LocalLock:
     def __init__(self, path: str):
         self.path, self.fd = path, None
 
-    def take(self, payload: bytes) -> tuple[bool, dict | None]:
+    def take(self, payload: bytes) -> tuple[bool, Held | None]:
         """(won, the holder it replaced or refused); won with None: created afresh."""
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         while True:
@@ -100,18 +131,18 @@ class _LocalLock:
             self.fd = fd
             return True, replaced
 
-    def _holder(self) -> dict:
+    def _holder(self) -> Held:
         # the winner writes its name right after it takes the lock: give it a moment
         for _ in range(50):
             try:
                 with open(self.path, "rb") as f:
                     held = _parse(f.read())
             except FileNotFoundError:
-                held = None
-            if held:
+                held = GONE
+            if not isinstance(held, str):
                 return held
             time.sleep(0.02)
-        return {}
+        return held
 
     def lost(self) -> str | None:
         try:
@@ -154,7 +185,7 @@ class _S3Object:
     def swap(self, payload: bytes, version: str) -> str | None:
         return self._put(payload, IfMatch=version)
 
-    def read(self) -> tuple[dict, str, float] | None:
+    def read(self) -> tuple[Held, str, float] | None:
         """(holder, ETag, seconds since its last write by the store's clock), or None if there is none."""
         async def get():
             answer = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self.key)
@@ -167,7 +198,7 @@ class _S3Object:
             except FileNotFoundError:
                 return None
         now = email.utils.parsedate_to_datetime(answer["ResponseMetadata"]["HTTPHeaders"]["date"])
-        return _parse(data) or {}, answer["ETag"], max(0.0, (now - answer["LastModified"]).total_seconds())
+        return _parse(data), answer["ETag"], max(0.0, (now - answer["LastModified"]).total_seconds())
 
     def delete(self, version: str) -> None:
         with translated(self.uri, f"remove {LEASE_NAME}"):
@@ -206,7 +237,7 @@ class _GCSObject:
     def swap(self, payload: bytes, version: str) -> str | None:
         return self._put(payload, version)
 
-    def read(self) -> tuple[dict, str, float] | None:
+    def read(self) -> tuple[Held, str, float] | None:
         with translated(self.uri, f"read {LEASE_NAME}"):
             try:
                 headers, meta = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key)
@@ -220,7 +251,7 @@ class _GCSObject:
         now = email.utils.parsedate_to_datetime(headers["Date"])
         updated = datetime.fromisoformat(meta["updated"])  # RFC 3339, the server's clock
         # the Date header has whole seconds: a write in this second would look written in the future
-        return _parse(data) or {}, str(meta["generation"]), max(0.0, (now - updated).total_seconds())
+        return _parse(data), str(meta["generation"]), max(0.0, (now - updated).total_seconds())
 
     def delete(self, version: str) -> None:
         with translated(self.uri, f"remove {LEASE_NAME}"):
@@ -238,12 +269,25 @@ def _conflict(e: OSError) -> bool:
                                                                               "ConditionalRequestConflict")
 
 
-def _parse(data: bytes) -> dict | None:
+def _parse(data: bytes) -> Held:
+    """The lease's holder, or why `data` holds none (empty while its holder writes it, or foreign)."""
+    if not data.strip():
+        return "is empty"
     try:
         held = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return None  # empty (being written) or foreign
-    return held if isinstance(held, dict) else None
+    except ValueError:  # not JSON, or not UTF-8
+        return "is not a lease this build reads (not JSON)"
+    try:
+        return validate(LeaseRecord, held, "")
+    except SchemaError as e:
+        return f"is not a lease this build reads ({e})"
+
+
+def _holder_text(held: Held) -> str:
+    """`run R on host H (pid P)`, or what the unreadable lease is: for messages."""
+    if isinstance(held, str):
+        return f"an unknown run ({LEASE_NAME} {held})"
+    return f"run {held['run_id']} on host {held['host']} (pid {held['pid']})"
 
 
 class Lease:
@@ -265,7 +309,7 @@ class Lease:
                              "cannot be guaranteed there; write to a local disk, S3 or GCS")
         self.run_id = uuid.uuid4().hex[:12]
         self.timeout_s, self.heartbeat_s = timeout_s, heartbeat_s
-        self.me = {"run_id": self.run_id, "host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid()}
+        self.me = Writer(run_id=self.run_id, host=socket.gethostname(), boot=_boot_id(), pid=os.getpid())
         self.taken_over: list[str] = []  # run ids of dead holders this run replaced
         self.version: str | None = None  # the object version this run wrote last (object stores)
         self.lost: str | None = None
@@ -276,7 +320,7 @@ class Lease:
     def _payload(self) -> bytes:
         # every write differs (a beat count), so a renewal changes the version a stale judgement saw
         self._beats += 1
-        return json.dumps({**self.me, "beat": self._beats, "written": time.time()}).encode()
+        return json.dumps(LeaseRecord(**self.me, beat=self._beats, written=time.time())).encode()
 
     def acquire(self) -> "Lease":
         if self.store is None:
@@ -302,33 +346,36 @@ class Lease:
                 self._took_over(held, why)
                 break
         else:
-            found = self.store.read() or ({}, None, 0.0)
+            found = self.store.read() or (GONE, None, 0.0)
             raise LeaseError(self._refusal(found[0], found[2]))
         self._thread = threading.Thread(target=self._beat, name="tarflow-gs-lease", daemon=True)
         self._thread.start()
         return self
 
-    def _stale(self, held: dict, age: float) -> str | None:
-        """Why an object store's lease no longer holds (None: its holder may be alive)."""
+    def _stale(self, held: Held, age: float) -> str | None:
+        """Why an object store's lease no longer holds (None: its holder may be alive; an unreadable lease
+        ages like any other)."""
         if age > self.timeout_s:
             return f"its last heartbeat was {age:.0f}s ago by the store's clock (timeout {self.timeout_s:.0f}s)"
-        here = held.get("host") == self.me["host"] and held.get("boot") == self.me["boot"] is not None
-        if here and isinstance(held.get("pid"), int) and not _alive(held["pid"]):
+        if isinstance(held, str):
+            return None
+        here = held["host"] == self.me["host"] and held["boot"] == self.me["boot"] is not None
+        if here and not _alive(held["pid"]):
             return f"its process {held['pid']} on this host is gone"
         return None
 
-    def _took_over(self, held: dict, why: str) -> None:
-        log.warning("%s: taking over the lease of run %s (%s, pid %s): %s", self.uri, held.get("run_id"),
-                    held.get("host"), held.get("pid"), why)
-        self.taken_over.append(str(held.get("run_id")))
+    def _took_over(self, held: Held, why: str) -> None:
+        log.warning("%s: taking over the lease of %s: %s", self.uri, _holder_text(held), why)
+        if not isinstance(held, str):
+            self.taken_over.append(held["run_id"])
 
-    def _refusal(self, held: dict, age: float | None = None) -> str:
+    def _refusal(self, held: Held, age: float | None = None) -> str:
         if age is None:  # a local lock: held for as long as its process lives
-            return (f"output {self.uri} is being written by run {held.get('run_id')} on host {held.get('host')} "
-                    f"(pid {held.get('pid')}, holding its lock on {LEASE_NAME}); wait for it to finish or stop it")
-        return (f"output {self.uri} is being written by run {held.get('run_id')} on host {held.get('host')} "
-                f"(pid {held.get('pid')}, heartbeat {age:.0f}s ago); wait for it to finish, or if that run is dead, "
-                f"retry after {self.timeout_s:.0f}s without a heartbeat (or delete {LEASE_NAME})")
+            return (f"output {self.uri} is being written by {_holder_text(held)}, which holds its lock on "
+                    f"{LEASE_NAME}; wait for it to finish or stop it")
+        return (f"output {self.uri} is being written by {_holder_text(held)}, last heartbeat {age:.0f}s ago; wait "
+                f"for it to finish, or if that run is dead, retry after {self.timeout_s:.0f}s without a heartbeat "
+                f"(or delete {LEASE_NAME})")
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -338,9 +385,8 @@ class Lease:
                 log.warning("%s: lease heartbeat failed (%s); retrying in %.0fs", self.uri, e, self.heartbeat_s)
                 continue
             if version is None:
-                found = self.store.read() or ({}, None, 0.0)
-                self.lost = (f"run {found[0].get('run_id')} on host {found[0].get('host')} took over the lease "
-                             f"of {self.uri}")
+                found = self.store.read() or (GONE, None, 0.0)
+                self.lost = f"{_holder_text(found[0])} took over the lease of {self.uri}"
                 return
             self.version = version
 

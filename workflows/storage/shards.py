@@ -35,8 +35,8 @@ import bisect
 import hashlib
 import io
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from dataclasses import asdict, field
+from typing import Annotated, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -44,9 +44,16 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, Field, NonNegativeFloat, NonNegativeInt, PositiveInt, \
+    ValidationError, with_config
+from pydantic.dataclasses import dataclass
+from typing_extensions import TypedDict
+
+from tarflow.schema import STRICT_FIELDS, describe, validate
+from tarflow.spec import SamplingSpec
 
 from .files import join, read_bytes, resolve, write_atomic
+from .lease import Writer
 
 MANIFEST_NAME = "_manifest.json"
 RECORDS_DIR = "_shards"
@@ -65,12 +72,25 @@ class ShardError(ValueError):
     """A shard set that is missing, corrupt, or does not match what its manifest says."""
 
 
+def _parsed(tp, data, where: str):
+    """`data` (parsed JSON) as `tp`, or a ShardError naming the file `where` and each bad field by its path."""
+    try:
+        return validate(tp, data, "", ShardError)
+    except ShardError as e:
+        raise ShardError(f"{where} is corrupt ({e})") from None
+
+
+def _a_sampling_spec(spec: dict) -> dict:
+    validate(SamplingSpec, spec, "")
+    return spec  # kept as written: a resume compares it field by field
+
+
 class Numerics(BaseModel):
     """What decides pixels besides the inputs: the workers' torch threads and their device type (None
     until the first worker starts)."""
 
-    model_config = ConfigDict(extra="forbid")
-    threads: int
+    model_config = STRICT_FIELDS
+    threads: PositiveInt
     device: str | None = None
 
 
@@ -78,14 +98,14 @@ class RunIdentity(BaseModel):
     """Everything that decides a generation run's images: built once from the inputs, recorded in the
     manifest (`settings`) and in every shard's metadata, and compared field by field on resume."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_FIELDS
     model_hash: str
     plan_hash: str
-    spec: dict  # the sampling spec's JSON form (`SamplingSpec.to_dict`)
-    num_samples: int
-    shard_size: int
-    image_shape: list[int]
-    num_classes: int
+    spec: Annotated[dict, AfterValidator(_a_sampling_spec)]  # the sampling spec's JSON form (`SamplingSpec.to_dict`)
+    num_samples: PositiveInt
+    shard_size: PositiveInt
+    image_shape: Annotated[list[PositiveInt], Field(min_length=3, max_length=3)]  # (C, H, W)
+    num_classes: NonNegativeInt  # 0: an unconditional model
     numerics: Numerics
 
     @classmethod
@@ -93,8 +113,8 @@ class RunIdentity(BaseModel):
         try:
             return cls.model_validate(settings)
         except ValidationError as e:
-            raise ShardError(f"{where}: its run identity is not one this build reads ({e.errors()[0]['msg']} at "
-                             f"{'.'.join(map(str, e.errors()[0]['loc']))})") from None
+            raise ShardError(f"{where}: its run identity is not one this build reads "
+                             f"({describe(e, cls, 'settings')})") from None
 
     def to_dict(self) -> dict:
         return self.model_dump()
@@ -120,31 +140,70 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-@dataclass
+@with_config(STRICT_FIELDS)
+class ShardStats(TypedDict, total=False):
+    """What made one shard, as its worker measured it (a plain dict in memory; any key may be absent)."""
+
+    batches: PositiveInt
+    block_passes: list[NonNegativeInt]  # network passes per block over the shard's batches, forward block order
+    fallbacks: NonNegativeInt
+    device: str
+    seconds: NonNegativeFloat  # sampling, encoding and the write
+
+
+@dataclass(config=STRICT_FIELDS)
 class ShardEntry:
     """One completed shard as the manifest lists it."""
 
     file: str
-    index: int
-    rows: int
-    first_id: int
-    last_id: int  # inclusive
-    sha256: str
-    size_bytes: int
-    stats: dict = field(default_factory=dict)
+    index: NonNegativeInt
+    rows: PositiveInt
+    first_id: NonNegativeInt
+    last_id: NonNegativeInt  # inclusive
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    size_bytes: PositiveInt
+    stats: ShardStats = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.last_id - self.first_id + 1 != self.rows:
+            raise ValueError(f"rows={self.rows}: ids {self.first_id}..{self.last_id} are "
+                             f"{self.last_id - self.first_id + 1}")
 
 
-@dataclass
+@with_config(STRICT_FIELDS)
+class Provenance(TypedDict, total=False):
+    """What made a generated set, for people: never compared (`settings` is what a resume must match)."""
+
+    checkpoint: str
+    plan: dict  # the plan's JSON form as it was (`Plan.to_dict`): not read back, so a later plan format reads it
+    software: dict[str, str | None]  # package versions (None: not installed)
+    writer: Writer  # the run that holds, or last held, the output's lease
+
+
+@dataclass(config=STRICT_FIELDS)
 class Manifest:
-    """Identity of a generation run and its completed shards."""
+    """Identity of a generation run and its completed shards. Read back through this model (and records
+    through `ShardEntry`, checked against the layout): every number in range, every listed file and id
+    range the layout's own, no unknown fields; the JSON form is what `to_json` has always written."""
 
     settings: dict  # the run's identity, `RunIdentity.to_dict()` for a generated set
-    num_samples: int
-    shard_size: int
-    shards: list[ShardEntry] = field(default_factory=list)
-    provenance: dict = field(default_factory=dict)
-    format: str = MANIFEST_FORMAT
-    version: int = MANIFEST_VERSION
+    num_samples: PositiveInt
+    shard_size: PositiveInt
+    shards: list[ShardEntry] = field(default_factory=list)  # by index, each once
+    provenance: Provenance = field(default_factory=dict)
+    format: Literal[MANIFEST_FORMAT] = MANIFEST_FORMAT
+    version: Literal[MANIFEST_VERSION] = MANIFEST_VERSION
+
+    def __post_init__(self):
+        for key in ("num_samples", "shard_size"):
+            if key in self.settings and self.settings[key] != getattr(self, key):
+                raise ValueError(f"{key}={getattr(self, key)}: its settings say {self.settings[key]!r}")
+        for i, entry in enumerate(self.shards):
+            problem = self.misfit(entry)
+            if problem is None and i and entry.index <= self.shards[i - 1].index:
+                problem = f"index={entry.index}: the shards are listed by index, each once"
+            if problem:
+                raise ValueError(f"shards[{i}].{problem}")
 
     @property
     def num_shards(self) -> int:
@@ -164,6 +223,20 @@ class Manifest:
     def shard_file(self, index: int) -> str:
         """Where shard `index` lives: `data/train-00012-of-00049.parquet`, the layout `datasets` loads."""
         return f"{DATA_DIR}/train-{index:05d}-of-{self.num_shards:05d}.parquet"
+
+    def misfit(self, entry: ShardEntry) -> str | None:
+        """Why `entry` is not shard `entry.index` as this set's layout cuts it (`field=value: why`), or None:
+        a listed file outside the layout (`../x`) is never read."""
+        if entry.index >= self.num_shards:
+            return f"index={entry.index}: the set has shards 0..{self.num_shards - 1}"
+        if entry.file != self.shard_file(entry.index):
+            return f"file={entry.file!r}: shard {entry.index} is {self.shard_file(entry.index)}"
+        ids = self.shard_ids(entry.index)
+        if entry.first_id != ids.start:
+            return f"first_id={entry.first_id}: shard {entry.index} starts at id {ids.start}"
+        if entry.last_id != ids.stop - 1:
+            return f"last_id={entry.last_id}: shard {entry.index} ends at id {ids.stop - 1}"
+        return None
 
     def add(self, entry: ShardEntry) -> None:
         """Insert or replace by index, keeping the list sorted: O(log n) to find the place."""
@@ -189,13 +262,12 @@ class Manifest:
             raise ShardError(f"{where} is not a tarflow-gs shard manifest (format != {MANIFEST_FORMAT!r})")
         if d.get("version") != MANIFEST_VERSION:
             raise ShardError(f"{where}: manifest version {d.get('version')!r}, this build reads {MANIFEST_VERSION}")
-        try:
-            d.pop("complete", None)
-            d.pop("rows", None)
-            d["shards"] = [ShardEntry(**e) for e in d["shards"]]
-            return cls(**d)
-        except (KeyError, TypeError) as e:
-            raise ShardError(f"{where} is corrupt (malformed: {e})") from None
+        derived = {k: d.pop(k) for k in ("complete", "rows") if k in d}  # written for people; must agree
+        manifest = _parsed(cls, d, where)
+        for k, said in derived.items():
+            if type(said) is not type(getattr(manifest, k)) or said != getattr(manifest, k):
+                raise ShardError(f"{where} is corrupt ({k}={said!r}: its shards say {getattr(manifest, k)!r})")
+        return manifest
 
 
 def _text(fs, path: str, where: str) -> str:
@@ -212,23 +284,31 @@ def read_manifest(uri: str) -> Manifest:
     if fs.get_file_info(path).type != pafs.FileType.File:
         raise ShardError(f"no {MANIFEST_NAME} under {uri}: not a generated shard set (or generation never started)")
     manifest = Manifest.from_json(_text(fs, path, f"{uri}/{MANIFEST_NAME}"), f"{uri}/{MANIFEST_NAME}")
-    for entry in read_records(uri):
+    for entry in read_records(uri, manifest):
         manifest.add(entry)
     return manifest
 
 
-def read_records(uri: str) -> list[ShardEntry]:
-    """Committed shard records not yet folded into the manifest (a corrupt one is an error naming it)."""
+def read_records(uri: str, layout: Manifest) -> list[ShardEntry]:
+    """Committed shard records not yet folded into the manifest `layout`, each checked to be one of its
+    shards (a corrupt one is an error naming it)."""
     fs, base = resolve(uri)
     infos = fs.get_file_info(pafs.FileSelector(join(base, RECORDS_DIR), allow_not_found=True))
     entries = []
     for info in sorted((i for i in infos if i.base_name.endswith(".json") and not i.base_name.startswith(".")),
                        key=lambda i: i.base_name):
         where = f"{uri}/{RECORDS_DIR}/{info.base_name}"
+        text = _text(fs, info.path, where)
         try:
-            entries.append(ShardEntry(**json.loads(_text(fs, info.path, where))))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise ShardError(f"{where} is corrupt ({e}): delete it and resume generate to redo its shard") from None
+            entry = validate(ShardEntry, json.loads(text), "", ShardError)
+            problem = layout.misfit(entry)
+        except json.JSONDecodeError as e:
+            problem = f"not valid JSON: {e}"
+        except ShardError as e:
+            problem = str(e)
+        if problem:
+            raise ShardError(f"{where} is corrupt ({problem}): delete it and resume generate to redo its shard")
+        entries.append(entry)
     return entries
 
 
@@ -397,9 +477,13 @@ def recover_entries(uri: str, identity: RunIdentity, layout: Manifest) -> tuple[
         ids = table.column("sample_id").to_numpy()
         if not np.array_equal(ids, np.asarray(layout.shard_ids(index))):
             continue
+        try:
+            entry = ShardEntry(name, index, table.num_rows, int(ids[0]), int(ids[-1]),
+                               hashlib.sha256(data).hexdigest(), len(data), meta.get("stats", {}))
+        except ValidationError:  # its recorded stats are not what this build writes
+            continue
         device = made_by.numerics.device
-        entries.append(ShardEntry(name, index, table.num_rows, int(ids[0]), int(ids[-1]),
-                                  hashlib.sha256(data).hexdigest(), len(data), meta.get("stats", {})))
+        entries.append(entry)
     return entries, device
 
 

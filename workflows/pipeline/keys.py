@@ -1,0 +1,51 @@
+"""Stage keys: each stage's output is named by a hash of that stage's inputs, so an output that exists
+for the same inputs is reused, and a changed input re-runs only the stages downstream of it.
+
+Each key is a plain function of the run config and of what the stages before it produced (their
+keys, the plan), testable without Ray. Their values must not change for the same inputs: a run made
+by an earlier version would be recomputed rather than skipped (`tests/test_pipeline.py` pins them).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+from tarflow import Plan, SamplingSpec
+
+from ..config import RunConfig
+from ..runtime import worker_threads
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def profile(cfg: RunConfig, spec: SamplingSpec, model_hash: str) -> str:
+    """The model, the calibration, the whole sampling spec, the profile workers' resources."""
+    return _hash("profile", model_hash, cfg.calibration.model_dump(), spec.to_dict(),
+                 cfg.resources.profile.model_dump())
+
+
+def plan(cfg: RunConfig, spec: SamplingSpec, model_hash: str, profile_key: str | None,
+         given_plan: Plan | None) -> str:
+    """The plan section, the spec, the generate workers' resources (the plan is raced there) and the plan's
+    source: the profile (`profile_key`, None without one) or a given plan."""
+    return _hash("plan", model_hash, cfg.plan.model_dump(), spec.to_dict(), cfg.resources.generate.model_dump(),
+                 profile_key, given_plan.to_dict() if given_plan else None)
+
+
+def generate(cfg: RunConfig, spec: SamplingSpec, model_hash: str, plan: Plan) -> str:
+    """What decides the images: the model, the plan's solvers, the spec, the sample set, and where and with how
+    many torch threads the workers sample (not how many workers: images do not depend on that)."""
+    return _hash("generate", model_hash, plan.fingerprint(), spec.to_dict(), cfg.samples.model_dump(),
+                 cfg.resources.generate.num_gpus > 0, worker_threads(cfg.resources.generate))
+
+
+def fid(cfg: RunConfig, generate_key: str) -> str | None:
+    """The samples and the FID settings; None where FID is off."""
+    return _hash("fid", generate_key, cfg.fid.model_dump()) if cfg.fid.enabled else None
+
+
+def report(cfg: RunConfig, generate_key: str, fid_key: str | None) -> str:
+    """The samples, their FID (None: off), the run's name and the report section."""
+    return _hash("report", generate_key, fid_key, cfg.name, cfg.report.model_dump())
