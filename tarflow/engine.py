@@ -1,12 +1,16 @@
 """Engines: how one pass of a block solver (`solvers.py`) runs the network. The solvers' loops and pass rules
 are the same on every engine; an engine gives them a run with the state they update and `pass_(rule, L)`.
 
-- "eager" (`EagerRun`): the KV cache sliced to the solved prefix, `start` a host integer, the state read on
-  the host after every pass (`live` is True: no pass ever runs after a stop). Cheapest on a CPU: the default.
+- "eager" (`EagerRun`): the KV cache sliced to the solved prefix, the state held as host values (`start`
+  an integer): a rule reads each tensor it decides with once (`host` is `.item()`), chooses with Python's
+  conditional (`where`) and assigns (`put`), and a span is written or not as the host decided; `live` is
+  True (no pass ever runs after a stop). Cheapest on a CPU: the default.
 - "static" (`StaticRun`): every pass has fixed shapes over preallocated buffers (a `Workspace` per batch
   shape: iterate, a zero-filled KV cache of the full length plus the widest window's padding, positions,
-  state), reads `start` from a device tensor and updates the flags on the device; the host reads them
-  every `check_every` passes, and a pass after a stop is a no-op (`live` is the `active` flag: iterate,
+  state as 0-d tensors), reads `start` from a device tensor and updates the state on the device (`host` is
+  the identity, `where` is `torch.where`, `put` copies into the workspace in place: a captured pass reads
+  nothing on the host and finds its state where it was captured); the host reads the state every
+  `check_every` passes, and a pass after a stop is a no-op (`live` is the `active` flag: iterate,
   cache and counters keep their values), so checking less often costs passes, never changes samples.
   A pass attends over a bucket of keys that holds its queries' prefix where the host set `start`
   (segments, token steps), over every key a window can reach where a window moved it, and with the
@@ -58,45 +62,26 @@ def conditioning(block: MetaBlock, labels, guidance: Guidance, batch: int, devic
     return cond, q_scale
 
 
-def _state(device, length: int) -> dict:
-    """The state tensors a solver's pass rules update (see solvers.py); `start` is the engine's own."""
-    return {"active": torch.zeros((), dtype=torch.bool, device=device),
-            "bad": torch.zeros((), dtype=torch.bool, device=device),
-            "iters": torch.zeros((), dtype=torch.long, device=device),
-            "cap": torch.zeros((), dtype=torch.long, device=device),
-            "residual": torch.zeros((), device=device),
-            # float64: a 0-d move compares with tol as exactly as a Python float does
-            "tol": torch.zeros((), dtype=torch.float64, device=device),
-            "bound": torch.zeros((), dtype=torch.float64, device=device),
-            "prev": torch.full((length,), float("inf"), device=device)}  # each token's move in its last pass
+# The state a solver's pass rules update (see solvers.py), `start` aside: each entry's host value, as eager holds it
+# (reset by the loops before they use it), and the dtype of the 0-d tensor that holds it on static. float64 `tol`
+# and `bound`: a 0-d move compares with them as exactly as a Python float does.
+STATE = {"active": (False, torch.bool), "bad": (False, torch.bool), "iters": (0, torch.long), "cap": (0, torch.long),
+         "residual": (0.0, torch.float32), "tol": (0.0, torch.float64), "bound": (0.0, torch.float64)}
+KINDS = {"start": int, **{name: type(value) for name, (value, _) in STATE.items()}}  # what `read` returns
 
 
-class _Run:
-    """What a solver's loop calls on either engine: `set` the state per segment, `read` it on the host."""
-
-    KINDS = {"active": bool, "bad": bool, "iters": int, "start": int, "residual": float}
-
-    def set(self, **values) -> None:
-        for name, value in values.items():
-            if name == "start":
-                self._set_start(value)
-            else:
-                getattr(self, name).fill_(value)
-
-    def read(self, *names) -> list:
-        """Host values of state entries, in one device sync."""
-        values = [getattr(self, n) for n in names]
-        tensors = [v for v in values if isinstance(v, torch.Tensor)]
-        host = iter([tensors[0].item()] if len(tensors) == 1 else torch.stack([v.double() for v in tensors]).tolist())
-        return [self.KINDS[n](next(host) if isinstance(v, torch.Tensor) else v) for n, v in zip(names, values)]
+def _moves(length: int, device) -> torch.Tensor:
+    """Each token's move in its last pass (none yet)."""
+    return torch.full((length,), float("inf"), device=device)
 
 
 # ---- eager ---------------------------------------------------------------------------------------------------------
 
 class _Span:
     """The tokens start..start+L-1 of an eager pass: slices of the state (views: a read is valid until the
-    span is written)."""
+    span is written); `when` is a host bool."""
 
+    __slots__ = ("start", "length")
     valid = None  # every token of an eager pass is a real one
 
     def __init__(self, start: int, length: int):
@@ -106,15 +91,15 @@ class _Span:
         return t.narrow(dim, self.start, self.length)
 
     def write(self, t: torch.Tensor, values: torch.Tensor, when, old=None, dim: int = 1) -> None:
-        if when is not True:
-            values = torch.where(when, values, self.read(t, dim) if old is None else old)
-        self.read(t, dim).copy_(values)
+        if when:
+            t.narrow(dim, self.start, self.length).copy_(values)
 
 
-class EagerRun(_Run):
+class EagerRun:
     """One block's inversion on the eager engine: its input z (permuted), the iterate, a KV cache grown
-    over the solved prefix, conditioning and state. `update` is one network pass; `jacobi_trace` and
-    the bounds use it directly."""
+    over the solved prefix, conditioning, and the state as host values (a rule's `host` reads a tensor once,
+    `where` is Python's conditional, `put` assigns). `update` is one network pass; `jacobi_trace` and the
+    bounds use it directly."""
 
     engine_name = "eager"
     live = True
@@ -134,9 +119,8 @@ class EagerRun(_Run):
         # keys/values in float32 unless the spec is bf16: a bf16 start is polished in float32
         self.cache = KVCache(len(block.attn_blocks), T, None if self.autocast else torch.float32)
         self.x = self.initial(init)
-        self.__dict__.update(_state(z.device, T))
-        self.bound.fill_(bound)
-        self.start = 1
+        self.prev = _moves(T, z.device)
+        self.__dict__.update({name: value for name, (value, _) in STATE.items()}, bound=bound, start=1)
 
     def update(self, x: torch.Tensor, s: int, e: int) -> torch.Tensor:
         """New values of tokens s..e-1 from the current x (inputs: tokens s-1..e-2)."""
@@ -166,10 +150,21 @@ class EagerRun(_Run):
         L = min(L, self.num_tokens - s)  # a window at the end of the block is shorter
         rule(self, self.update(self.x, s, s + L), _Span(s, L))
 
-    def _set_start(self, value) -> None:
-        self.start = int(value)
+    @staticmethod
+    def host(t: torch.Tensor):
+        return t.item()
 
-    set_start = _set_start
+    @staticmethod
+    def where(cond: bool, a, b):
+        return a if cond else b
+
+    def set(self, **values) -> None:
+        self.__dict__.update(values)
+
+    put = set  # a rule's values are host values too
+
+    def read(self, *names) -> list:
+        return [getattr(self, n) for n in names]
 
     def reads_every(self, check_every: int) -> int:
         return 1
@@ -276,7 +271,9 @@ class Workspace:
         self.g = torch.zeros(self.length, 1, device=device)
         self.q_scale = torch.ones(rows, 1, 1, 1, device=device)
         self.start = torch.ones((), dtype=torch.long, device=device)
-        self.__dict__.update(_state(device, self.length))
+        self.__dict__.update({name: torch.full((), value, dtype=dtype, device=device)
+                              for name, (value, dtype) in STATE.items()})
+        self.prev = _moves(self.length, device)
         self.blocks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.pool = None  # the graphs' memory pool, made at the first capture
 
@@ -327,7 +324,7 @@ def _static_pass(run: "StaticRun", module: MetaBlock, rule, L: int, bucket: int,
         rule(run, ws.z.index_select(1, out) * a.float().exp() + b.float(), _DeviceSpan(out, run.num_tokens))
 
 
-class StaticRun(_Run):
+class StaticRun:
     """One block's inversion over a `Workspace`; passes run statically or replay captured graphs."""
 
     def __init__(self, engine: "Static", ws: Workspace, block: MetaBlock, z, labels, guidance: Guidance,
@@ -335,7 +332,7 @@ class StaticRun(_Run):
         self.capture, self.ws, self.block, self.guidance, self.dtype = engine.capture, ws, block, guidance, dtype
         self.weights = _weights(block)
         self.entry = ws.graphs(block, self.weights)
-        for name in ("x", "prev", "active", "bad", "iters", "cap", "residual", "tol", "bound", "start"):
+        for name in ("x", "prev", "start", *STATE):
             setattr(self, name, getattr(ws, name))
         self.live = ws.active
         self.num_tokens = T = z.shape[1]
@@ -411,12 +408,29 @@ class StaticRun(_Run):
         self.entry.graphs[key] = replay
         return replay
 
-    def _set_start(self, value: int) -> None:
-        self.ws.start.fill_(value)
-        self.known_start = value
+    @staticmethod
+    def host(t: torch.Tensor) -> torch.Tensor:
+        return t  # no host read inside a pass: it stays capturable
 
-    def set_start(self, value: torch.Tensor) -> None:
-        self.ws.start.copy_(value)
+    where = staticmethod(torch.where)
+
+    def put(self, **values) -> None:
+        """A rule's new state, copied into the workspace (where a captured pass finds it)."""
+        for name, value in values.items():
+            getattr(self.ws, name).copy_(value)
+
+    def set(self, **values) -> None:
+        """The loop's host values; `start` is where the host knows it."""
+        for name, value in values.items():
+            getattr(self.ws, name).fill_(value)
+        if "start" in values:
+            self.known_start = values["start"]
+
+    def read(self, *names) -> list:
+        """Host values of state entries, in one device sync."""
+        values = [getattr(self.ws, n) for n in names]
+        host = [values[0].item()] if len(values) == 1 else torch.stack([v.double() for v in values]).tolist()
+        return [KINDS[n](v) for n, v in zip(names, host)]
 
     def reads_every(self, check_every: int) -> int:
         return check_every

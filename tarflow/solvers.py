@@ -10,14 +10,16 @@ after k), so a budget >= L reproduces sequential sampling up to floating-point r
 
 A solver is one class, written once (as a diffusers scheduler is): its block-plan type (the
 fields a plan gives it, checked in `__post_init__`; pydantic gives it a JSON form), its pass
-rules and one loop. A pass rule is tensor updates of a small state after one network pass over
-tokens `start..start+L-1`: the iterate `x`, `active`, `bad`, `iters`, `residual`, each token's
-last move `prev` and `start`. The loop sets the state, runs passes and reads the state every
-`check_every` passes. How a pass runs is the engine's business (`engine.py`): eager (the cache
-sliced to the solved prefix, `start` a host integer, the state read after every pass, the CPU
-default), static (fixed shapes, `start` and flags on the device, passes after a stop are no-ops)
-or graph (static, captured as CUDA graphs). `SOLVERS` registers the solvers: the plan union
-(`plan.BlockPlan`), `solve_block`'s dispatch and the profile's candidates come from it.
+rules and one loop. A pass rule updates a small state after one network pass over tokens
+`start..start+L-1`: the iterate `x`, each token's last move `prev`, and `start`, `active`, `bad`,
+`iters`, `residual`, through a few operations the run gives it (`host`, `where`, `put`: see the
+pass rules below), so that one rule serves every engine. The loop sets the state, runs passes and
+reads the state every `check_every` passes. How a pass runs is the engine's business
+(`engine.py`): eager (the cache sliced to the solved prefix, the state host values, each decision
+read once per pass, the CPU default), static (fixed shapes, the state 0-d tensors on the device,
+updated in place, passes after a stop are no-ops) or graph (static, captured as CUDA graphs).
+`SOLVERS` registers the solvers: the plan union (`plan.BlockPlan`), `solve_block`'s dispatch and
+the profile's candidates come from it.
 
 To add a solver: its class here and its entry in SOLVERS, nothing else. The class gives its
 `solver` tag and fields with their checks (`__post_init__`), `init`, `padding` (how far a static
@@ -99,12 +101,16 @@ class BlockStats:
 
 
 # ---- pass rules: what one pass does to the state, on any engine --------------------------------------------------
-# `run` is an engine's run (engine.py): the iterate `run.x` (batch, tokens, dim) and `run.prev` (tokens), the
-# flags and counters as tensors, `run.start` (a host int on eager, a device tensor on static), and `run.live`:
-# whether this pass counts (True on eager, which never runs a pass after a stop; the `active` flag on static,
-# where passes after a stop run frozen until the host reads). `span` is the pass's tokens start..start+L-1:
-# `read` / `write` (a write only where `when` holds, `old` the values read before), and `valid` (None, or
-# which tokens are real where a static pass runs past the last one).
+# `run` is an engine's run (engine.py): the iterate `run.x` (batch, tokens, dim) and `run.prev` (tokens), the state
+# (`start`, `active`, `bad`, `iters`, `cap`, `residual`, `tol`, `bound`: host values on eager, 0-d device tensors on
+# static), and `run.live`: whether this pass counts (True on eager, which never runs a pass after a stop; the
+# `active` flag on static, where passes after a stop run frozen until the host reads). A rule computes on
+# tensors, takes values it decides with through `run.host` (read once on eager; on static they stay on the
+# device) and `run.where` (a choice), and stores the new state with one `run.put` (assigned on eager, copied in
+# place on static: a captured pass updates its workspace). Operators are those both kinds of value share
+# (`&`, `|`, `^ True`: a Python bool's `~` is an int). `span` is the pass's tokens start..start+L-1: `read` /
+# `write` (a write only where `when` holds, `old` the values read before), and `valid` (None, or which tokens are
+# real where a static pass runs past the last one).
 
 def pass_rule(moves_start: bool, stops: bool):
     """Marks a pass rule with what the static engine must know of it: whether a pass may move `start` (up to
@@ -116,28 +122,23 @@ def pass_rule(moves_start: bool, stops: bool):
     return mark
 
 
-def _live(run, flag: torch.Tensor) -> torch.Tensor:
-    """`flag` where this pass counts (every eager pass does: no tensor op for it there)."""
-    return flag if run.live is True else run.live & flag
-
-
 def _checked(run, new, span):
-    """(the tokens' values before the pass, the new values finite and bounded on the real tokens, each token's
-    move (worst sample and channel))."""
+    """(the tokens' values before the pass, whether the new values are finite and bounded on the real tokens,
+    each token's move (worst sample and channel))."""
     old = span.read(run.x)
     inside = new.abs() <= run.bound  # also False for NaN and inf
     moved = (new - old).abs().amax(dim=(0, 2))
     if span.valid is not None:
         inside = inside | ~span.valid.view(1, -1, 1)
         moved = torch.where(span.valid, moved, 0.0)
-    return old, inside.all(), moved
+    return old, run.host(inside.all()), moved
 
 
 @pass_rule(moves_start=True, stops=False)
 def step_pass(run, new, span) -> None:
     """One token from its exact inputs (the sequential sampler, and the divergence fallback); start += 1."""
     span.write(run.x, new, run.live)
-    run.set_start(run.start + run.live)
+    run.put(start=run.start + run.live)
 
 
 def _steps(run, start: int, count: int, stats: BlockStats) -> None:
@@ -213,13 +214,12 @@ class GaussSeidelJacobi:
         (max abs, worst sample), at `cap` iterations, or on an iterate that is not finite and bounded (bad:
         the iterate is not taken, the loop falls back to sequential steps). Iterates are never clamped."""
         old, ok, moved = _checked(run, new, span)
-        go = _live(run, ok)
-        delta = moved.max()
+        go = run.live & ok
+        delta = run.host(moved.max())
         span.write(run.x, new, go, old)
-        run.bad.logical_or_(_live(run, ~ok))
-        run.iters.add_(run.live)
-        run.residual.copy_(torch.where(go, delta, run.residual))
-        run.active.copy_(go & (delta > run.tol) & (run.iters < run.cap))
+        iters = run.iters + run.live
+        run.put(bad=run.bad | (run.live & (ok ^ True)), iters=iters, residual=run.where(go, delta, run.residual),
+                active=go & (delta > run.tol) & (iters < run.cap))
 
 
 @dataclass(frozen=True)
@@ -405,22 +405,22 @@ class Sliding:
         cache, as ParaDiGMS does for diffusion, so no pass is spent on converged tokens (fixed segments
         wait for their slowest token). The run stops at the end of the block or on divergence (bad)."""
         old, ok, moved = _checked(run, new, span)
-        go = _live(run, ok)
+        go = run.live & ok
         prev = span.read(run.prev, dim=0)
         stable = (moved <= run.tol) & (prev <= run.tol)
         if span.valid is not None:
             stable = stable | ~span.valid
         L = new.shape[1]
         ar = torch.arange(L, device=new.device)
-        advance = torch.where(stable, L, ar).min().clamp(max=L - 1) + 1  # the first unstable token is final too
-        accepted = torch.where(ar < advance - 1, moved, 0.0).max()
+        # the first unstable token is final too
+        advance = run.host(torch.where(stable, L, ar).min().clamp(max=L - 1) + 1)
+        accepted = run.host(torch.where(ar < advance - 1, moved, 0.0).max())
         span.write(run.x, new, go, old)
         span.write(run.prev, moved, go, prev, dim=0)
-        run.residual.copy_(torch.where(go, torch.maximum(run.residual, accepted), run.residual))
-        run.iters.add_(run.live)
-        run.bad.logical_or_(_live(run, ~ok))
-        run.set_start(torch.where(go, torch.clamp(run.start + advance, max=run.num_tokens), run.start))
-        run.active.copy_(go & (run.start < run.num_tokens))
+        end = run.start + advance  # past the last token where a static window runs past it
+        start = run.where(go, run.where(end < run.num_tokens, end, run.num_tokens), run.start)
+        run.put(residual=run.where(go & (accepted > run.residual), accepted, run.residual), iters=run.iters + run.live,
+                bad=run.bad | (run.live & (ok ^ True)), start=start, active=go & (start < run.num_tokens))
 
 
 # The solver registry: the plan union (`plan.BlockPlan`), `solve_block` and the profile's candidates read it;

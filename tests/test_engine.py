@@ -98,6 +98,32 @@ def test_captured_passes_replay_as_static_ones(tiny8x8_batch, guidance, capture_
     assert recorder.captured == made and recorder.replays > 0
 
 
+def test_a_static_pass_reads_nothing_on_the_host(tiny8x8_batch, monkeypatch):
+    """The pass rules are shared with eager, which reads its state on the host (`run.host`): on static they must
+    stay on the device, since a host read inside a CUDA graph capture fails. Every plan kind, CFG, the bf16 start
+    and the divergence fallback, with every tensor-to-host conversion refused while a static pass runs."""
+    model, z, y = tiny8x8_batch
+    static_pass = engines._static_pass
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a host read inside a static pass")
+
+    def device_only(*args):
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+                m.setattr(torch.Tensor, name, refused)
+            static_pass(*args)
+
+    monkeypatch.setattr(engines, "_static_pass", device_only)
+    for bp, guidance, bound in [*((bp, g, 1e4) for bp in PLANS for g in GUIDANCE),
+                                (Jacobi(tol=1e-6, coarse="bf16"), GUIDANCE[0], 1e4),
+                                (Jacobi(tol=1e-5), GUIDANCE[0], 0.5), (Sliding(window=6, tol=1e-5), GUIDANCE[0], 0.5)]:
+        static = solve_block(model.blocks[1], z, y, bp, guidance, divergence_bound=bound, engine="static")
+        eager = solve_block(model.blocks[1], z, y, bp, guidance, divergence_bound=bound, engine="eager")
+        assert (static.x - eager.x).abs().max().item() <= STATIC_TOL, bp.short()
+        assert static.stats.fallbacks == eager.stats.fallbacks
+
+
 def test_a_failed_capture_restores_the_state_and_turns_capture_off(tiny8x8_batch, capture_on):
     """The warm-up ran frozen, then capture failed: the pass still runs (exact samples), the first error is
     kept and named in every later block's stats, and nothing is captured again in this process."""

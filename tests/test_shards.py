@@ -185,7 +185,7 @@ def _v3_config(out) -> GenerateConfig:
 def test_a_set_written_before_the_typed_manifest_reads_and_resumes(ray_local, tmp_path):
     """The manifest (shards 0 and 1 folded in) and the record of shard 2 that main's code wrote read as they
     are and are written back byte for byte; generate resumes the set, redoing nothing it holds."""
-    from workflows.stages.generate import generate, prepare
+    from workflows.stages.generate import _inputs, _read_output, _with_pending, generate
 
     out = _v3_set(tmp_path)
     text = (out / sh.MANIFEST_NAME).read_text()
@@ -195,8 +195,9 @@ def test_a_set_written_before_the_typed_manifest_reads_and_resumes(ray_local, tm
     assert (tmp_path / "again" / sh.RECORDS_DIR / "00002.json").read_bytes() == record
     assert [e.index for e in sh.read_manifest(str(out)).shards] == [0, 1, 2]
     before = {p.name: p.read_bytes() for p in (out / "data").iterdir()}
-    job = prepare(_v3_config(out))
-    assert job.pending == [3] and job.notes == []
+    job = _inputs(_v3_config(out))
+    _read_output(job)
+    assert _with_pending(job).pending == [3] and job.notes == []
     summary = generate(_v3_config(out), progress=False)
     assert (summary.shards_written, summary.shards_skipped) == (1, 3)
     assert sh.verify_shards(str(out)).complete

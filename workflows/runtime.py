@@ -178,21 +178,22 @@ class WorkerStartError(ClusterError):
 
 
 class _Host:
-    """The actor a pool runs: it builds one `Worker` and, if the constructor raises, keeps the error for
-    `ready` to raise. A constructor that raises inside a Ray actor kills it, and every later call on it
-    fails at once, so a pool that retried would spin (its driver's Ray log grew by GBs a minute); a live
-    actor that answers with the error ends the pool with it."""
+    """The actor a pool runs: it builds its one `Worker` in `ready`, from arguments the pool passes to every
+    (re)started actor, so that:
+    - a worker's constructor error is `ready`'s answer and ends the pool with it. A constructor that raises
+      inside a Ray actor's own constructor kills the actor and every later call fails at once, so a pool that
+      retried would spin (its driver's Ray log grew by GBs a minute);
+    - the worker's arguments are no actor constructor arguments: Ray keeps constructor arguments that sit in
+      the object store (a model's weights) only as long as their first use, so a restarted actor could not
+      find them (ray#53727). As arguments of `ready`, references among them are resolved by Ray at every
+      call, and the pool holds them for its life."""
 
-    def __init__(self, cls: type, threads: int, *args):  # args at the top level: Ray resolves refs there only
-        self.worker, self.error = None, None
-        try:
-            self.worker = cls(*args, threads)
-        except Exception as e:  # any error of a constructor is the pool's answer
-            self.error = e
+    def __init__(self, cls: type, threads: int):
+        self.cls, self.threads, self.worker = cls, threads, None
 
-    def ready(self) -> dict:
-        if self.error is not None:
-            raise self.error
+    def ready(self, *args) -> dict:
+        if self.worker is None:
+            self.worker = self.cls(*args, self.threads)
         return self.worker.ready()
 
     def call(self, method: Callable, *args):
@@ -212,7 +213,9 @@ class ActorPool:
     pool. `replacements` counts the deaths.
 
     A worker whose constructor raises ends the pool at once with that error (`WorkerStartError`); one
-    that dies while starting `max_attempts` times in a row (its process killed each time) ends it too."""
+    that dies while starting `max_attempts` times in a row (its process killed each time) ends it too.
+    `args` (object references among them, e.g. a model's weights put once) reach every worker as it
+    starts or restarts (`_Host`)."""
 
     def __init__(self, cls: type, args: tuple, res: Resources, label: str, start_timeout_s: float = 300.0,
                  max_attempts: int = 3, num_actors: int | None = None):
@@ -221,8 +224,9 @@ class ActorPool:
         self.asked = f"{num_cpus:g} CPU + {num_gpus:g} GPU per worker"
         host = type(cls.__name__, (_Host,), {})  # Ray titles actor processes ray::<class>: the worker's name
         remote = ray.remote(host).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0)
-        self.actors = [remote.remote(cls, threads, *args) for _ in range(num_actors or res.actors)]
-        self._ready = {a.ready.remote(): slot for slot, a in enumerate(self.actors)}
+        self.args = args
+        self.actors = [remote.remote(cls, threads) for _ in range(num_actors or res.actors)]
+        self._ready = {a.ready.remote(*args): slot for slot, a in enumerate(self.actors)}
         self._start_deaths = [0] * len(self.actors)  # deaths while starting, in a row, per slot
         self._idle: list[int] = []  # slots of started actors with no unit
         self.placements: list[dict] = []
@@ -256,7 +260,7 @@ class ActorPool:
                 if e.actor_init_failed or self._start_deaths[slot] >= self.max_attempts:
                     raise WorkerStartError(f"{self.label} worker died {self._start_deaths[slot]} time(s) while "
                                            f"starting: {' '.join(str(e).split())[:500]}") from None
-                self._ready[self.actors[slot].ready.remote()] = slot  # died while starting: Ray restarts it
+                self._ready[self.actors[slot].ready.remote(*self.args)] = slot  # died while starting: Ray restarts it
                 continue
             self._start_deaths[slot] = 0
             slots.append(slot)
@@ -307,7 +311,7 @@ class ActorPool:
                             self.label, i, type(e).__name__)
                 self.replacements += 1
                 queue.appendleft((i, (method, args)))
-                self._ready[self.actors[slot].ready.remote()] = slot  # back in the pool once Ray restarted it
+                self._ready[self.actors[slot].ready.remote(*self.args)] = slot  # back in the pool once Ray restarted it
                 idle_since = time.monotonic()
                 continue
             free.append(slot)

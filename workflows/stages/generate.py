@@ -153,13 +153,10 @@ def _read_output(job: Job) -> None:
 class ShardWorker(runtime.Worker):
     """Ray actor: holds the model once and writes whole shards (Ray's batch-inference pattern)."""
 
-    def __init__(self, work: list, out: str, run_id: str, threads: int):
+    def __init__(self, job: dict, out: str, run_id: str, threads: int):
         super().__init__(threads)
-        # `work` is [a reference to the driver's put of model, spec, plan, identity, provenance], nested in a
-        # list so that it is no constructor argument in the object store (ray#53727: a restart needs those,
-        # and Ray does not keep them for it). The driver holds the reference while the pool lives, so a
-        # restarted actor finds it; losing it means losing the driver's node, and with it the run.
-        job = ray.get(work[0])
+        # `job` (model, spec, plan, identity, provenance) is put once by the driver, which holds it while the
+        # pool lives: a restarted actor gets it again (`runtime._Host`); losing the driver's node loses the run
         model = Model.from_config(ModelConfig(**job["model_config"]))
         model.load_state_dict(job["state_dict"])
         self.model = model.eval().to(self.device)
@@ -311,7 +308,7 @@ def _generate(job: Job, lease: Lease, progress: bool | None, on_shard) -> Genera
     start = time.perf_counter()  # from here: actor start, model loads, sampling, writes
     work = ray.put({"model_config": job.model_config, "state_dict": job.state_dict, "spec": job.spec,
                     "plan": job.plan, "identity": job.identity, "provenance": provenance})
-    args = ([work], cfg.out, lease.run_id)
+    args = (work, cfg.out, lease.run_id)
     bar = Progress(job.manifest.num_samples, "generate", "img", progress, initial=job.manifest.rows)
     written = samples = 0
     with runtime.ActorPool(ShardWorker, args, cfg.resources, "generate", cfg.start_timeout_s, cfg.max_attempts,
