@@ -57,7 +57,7 @@ def report_command(data_files, history, title, out):
     if history:
         data.history = read_history(history)
     html_path, json_path = write_report(data, out)
-    click.echo(f"report: {html_path}\nfigures: {json_path}")
+    click.echo(f"report: {html_path}\nfigures: {json_path} (their data), {out}/figures/ (PNG)")
 
 
 def _check_run_id(value: str | None) -> str | None:

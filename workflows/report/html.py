@@ -25,6 +25,8 @@ import numpy as np
 from matplotlib.dates import ConciseDateFormatter
 from matplotlib.figure import Figure
 
+from tarflow.schedule import MIN_GAIN
+
 from .data import ModelResult, ReportData
 
 SECTIONS = ("summary", "blocks", "convergence", "history", "samples")  # on every page; "scaling" where measured
@@ -162,7 +164,7 @@ def draw_figures(data: ReportData) -> tuple[list[dict], dict[str, bytes]]:
     return specs, {s["id"]: _png(_draw(s)) for s in specs}
 
 
-PAYS = 1.1  # the scheduler keeps a plan only if it races at least 10% faster than sequential
+PAYS = 1 / (1 - MIN_GAIN)  # the speedup at which the scheduler keeps a parallel plan rather than sequential
 
 
 def where_plans_pay(m: ModelResult) -> str | None:
