@@ -148,7 +148,7 @@ def test_torchscript_inception_runs_offline_and_matches_torch_fidelity_inception
     # the same weights inside torch-fidelity's own Inception give the same features
     weights = str(export_compat_weights(tmp_path / "inception.pth"))
     compat = build_extractor("inception-v3-compat", weights)
-    np.testing.assert_allclose(extract(compat, images)[0], features, atol=1e-6)  # as the README says
+    np.testing.assert_allclose(extract(compat, images)[0], features, atol=1e-6)  # as docs/fid.md says
     # the exported weights have no classifier: no Inception Score rather than a uniform softmax's 1.0
     assert not has_isc(build_extractor("inception-v3-compat", weights, isc=True))
     assert has_isc(build_extractor("mnist5k-classifier", isc=True))
@@ -238,9 +238,9 @@ def test_one_extractor_registry_gives_the_configs_and_cli_choices_and_the_docs_t
     assert FidSettings().extractor == DEFAULT_EXTRACTOR
     option = next(p for p in main.commands["fid"].params if p.name == "extractor")
     assert list(option.type.choices) == list(EXTRACTORS) and option.default == DEFAULT_EXTRACTOR
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    rows = dict(re.findall(r"^\| `([a-z0-9-]+)`(?: \(default\))? \| (\d+)-d", readme, re.M))
-    assert rows == {name: str(info.dim) for name, info in EXTRACTORS.items()}, "README's extractor table"
+    page = (Path(__file__).resolve().parents[1] / "docs" / "fid.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z0-9-]+)`(?: \(default\))? \| (\d+)-d", page, re.M))
+    assert rows == {name: str(info.dim) for name, info in EXTRACTORS.items()}, "docs/fid.md's extractor table"
 
 
 FID_RESULT = {"fid": 3.5, "extractor": "mnist5k-classifier", "samples": "s", "sample_count": 300, "reference": "r",

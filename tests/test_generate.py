@@ -3,6 +3,8 @@ import json
 import os
 import shutil
 import signal
+import threading
+import time
 
 import numpy as np
 import pyarrow.dataset as ds
@@ -264,8 +266,9 @@ def test_a_full_disk_is_a_message_and_the_run_resumes(ray_local, assets, tmp_pat
     assert sh.verify_shards(str(out)).complete
 
 
-def _our_shard_workers():
-    """pids of ShardWorker actor processes of this test's Ray (children of its raylet), busy ones first."""
+def _busy_shard_workers():
+    """pids of ShardWorker actors of this test's Ray (children of its raylet) that are running a unit. An idle
+    one, or one still starting, would not test a replacement: a death while starting is a start failure."""
     me, found = os.getpid(), []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -274,25 +277,34 @@ def _our_shard_workers():
             grandparent = int(open(f"/proc/{parent}/stat").read().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        if title.startswith("ray::ShardWorker") and grandparent == me:
-            found.append((not title.startswith("ray::ShardWorker.call"), int(pid)))
-    return [pid for _, pid in sorted(found)]
+        if title.startswith("ray::ShardWorker.call") and grandparent == me:
+            found.append(int(pid))
+    return found
 
 
 def test_killed_actor_is_replaced_and_every_id_written_once(ray_local, assets, tmp_path, capfd):
     """...and without Ray's warning that a restart may fail for lack of constructor arguments (ray#53727):
     the actors take the model from a reference the driver keeps, not as such arguments."""
     cfg = _cfg(assets, tmp_path / "out", num_samples=96, shard_size=8, actors=2)
-    killed = []
+    killed, first_shard, done = [], threading.Event(), threading.Event()
 
+    def kill_one():  # once a shard is committed, the first actor seen running a unit (a start is no replacement)
+        first_shard.wait()
+        while not killed and not done.is_set():
+            busy = _busy_shard_workers()
+            if busy:
+                os.kill(busy[0], signal.SIGKILL)
+                killed.append(busy[0])
+            time.sleep(0.01)
 
-    def kill_one(entry):
-        if not killed:
-            pid = _our_shard_workers()[0]
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-
-    summary = generate(cfg, progress=False, on_shard=kill_one)
+    killer = threading.Thread(target=kill_one, daemon=True)
+    killer.start()
+    try:
+        summary = generate(cfg, progress=False, on_shard=lambda entry: first_shard.set())
+    finally:
+        done.set()
+        first_shard.set()
+        killer.join()
     assert killed and summary.actor_replacements >= 1
     manifest = sh.verify_shards(cfg.out)
     assert manifest.complete and manifest.rows == 96

@@ -87,6 +87,43 @@ def test_a_pool_whose_workers_cannot_start_ends_at_once_with_their_error(ray_loc
     assert time.monotonic() - start < 20
 
 
+def test_a_worker_killed_while_idle_and_restarted_by_ray_is_started_again_with_its_arguments(ray_local):
+    """An actor killed between units is restarted by Ray before the pool hears of it: the next unit reaches a
+    fresh actor. It must get the worker's arguments again (a reference the pool holds: ray#53727) and run the
+    unit, the death counted, rather than run it on no worker."""
+    class Held(runtime.Worker):  # local: Ray ships it by value to the actors
+        def __init__(self, table, threads):
+            super().__init__(threads)
+            self.table = table
+
+        def look_up(self, key):
+            return os.getpid(), self.table[key]
+
+    table = runtime.ray.put({k: k * k for k in range(8)})
+    with runtime.ActorPool(Held, (table,), Resources(actors=1, num_cpus=0.5), "test", start_timeout_s=60) as pool:
+        [(_, (pid, _))] = list(pool.map_unordered([(Held.look_up, (0,))]))
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not [p for p in _processes("ray::Held") if p != pid]:  # Ray restarted it, the pool does not know
+            assert time.monotonic() < deadline, "Ray did not restart the killed actor"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        results = dict(pool.map_unordered([(Held.look_up, (k,)) for k in range(8)]))
+        assert {k: v for k, (_, v) in results.items()} == {k: k * k for k in range(8)}
+        assert pool.replacements == 1 and pid not in {p for p, _ in results.values()}
+
+
+def _processes(title: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if open(f"/proc/{pid}/cmdline").read().startswith(title):
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
 def _ray_temp_dir() -> str:
     # a short path of our own: Ray's socket paths have a length limit, and its logs are measured and removed
     return tempfile.mkdtemp(prefix="ray-", dir="/tmp")

@@ -198,7 +198,14 @@ class _Host:
 
     def call(self, method: Callable, *args):
         """The result of one unit: `method` (a method of the worker's class) on the worker."""
+        if self.worker is None:
+            raise _Restarted(f"{self.cls.__name__} was restarted by Ray since its `ready`: it holds no worker")
         return method(self.worker, *args)
+
+
+class _Restarted(RuntimeError):
+    """A unit reached an actor that died while idle and that Ray restarted before the pool heard of it: the
+    pool counts it as a death, starts the worker again (`ready`) and gives the unit to the next free one."""
 
 
 class ActorPool:
@@ -302,7 +309,7 @@ class ActorPool:
             slot, i, method, args = running.pop(ref)
             try:
                 result = get(ref)
-            except ray.exceptions.RayActorError as e:
+            except (ray.exceptions.RayActorError, _Restarted) as e:
                 attempts[i] = attempts.get(i, 0) + 1
                 if attempts[i] >= self.max_attempts:
                     raise ClusterError(f"{self.label}: unit {i} lost its worker {attempts[i]} times (last: "
