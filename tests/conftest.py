@@ -74,6 +74,8 @@ def ray_local():
     """A real local Ray for the whole session: small, no dashboard, never a stray cluster."""
     import ray
 
+    if ray.is_initialized():  # a command a test ran in this process (CliRunner) left its private local Ray up
+        ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              object_store_memory=300 * 1024**2)
     yield ray

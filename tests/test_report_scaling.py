@@ -12,6 +12,7 @@ from tarflow import SamplingSpec
 from tarflow.schema import validate
 from workflows import pipeline
 from workflows.config import ConfigError, RunConfig
+from workflows.pipeline import RunResult, summary_text
 from workflows.report import ModelResult, ReportData, SamplerResult, ScalingPoint, render_html, where_plans_pay, \
     write_report
 from workflows.stages.compare import batch_scaling
@@ -76,6 +77,7 @@ def test_the_headline_says_where_plans_pay_and_every_figure_is_a_file(tmp_path):
     assert where_plans_pay(ModelResult("demo")) is None
     html_path, _ = write_report(ReportData("t", [mixed]), tmp_path)
     assert headline in html_path.read_text()
+    assert headline in summary_text(RunResult(RunConfig(output="o"), SamplingSpec(), model_result=mixed))
     files = sorted(p.name for p in (tmp_path / "figures").iterdir())
     assert files == ["samples-demo-sequential.png", "scaling-demo.png"]
     assert all((tmp_path / "figures" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)

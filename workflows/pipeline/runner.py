@@ -35,7 +35,7 @@ from tarflow.schema import SchemaError
 from tarflow.schedule import hand_plan
 
 from ..config import GenerateConfig, RunConfig
-from ..report import ModelResult, ReportData, report_files
+from ..report import ModelResult, ReportData, report_files, where_plans_pay
 from ..stages import compare, fid, generate, plan as planning, profile as profiling
 from ..stages.fid import FIDResult
 from ..storage import shards as sh
@@ -366,6 +366,9 @@ def summary_text(result: RunResult) -> str:
             b.solver == "sequential" for b in mr.blocks) and mr.blocks else ""
         lines.append(f"{r.plan}: {r.speedup:.2f}x vs sequential at batch {mr.batch_size}{same}, "
                      f"max |error| {r.max_abs_error:.1e}")
+    headline = where_plans_pay(result.model_result) if result.model_result is not None else None
+    if headline:  # the report's headline: the run's own batch size is not the only one that matters
+        lines.append(headline)
     if result.report:
         lines.append(f"report: {result.report}")
     return "\n".join(lines)
