@@ -69,6 +69,22 @@ def tiny8x8_checkpoint_path_with_noise_std(tmp_path_factory):
                            {"noise_std": 0.1})
 
 
+def our_ray_processes(title: str) -> list[int]:
+    """pids of the processes below this test process (its private Ray's workers) whose title starts with
+    `title`, e.g. "ray::ShardWorker.call" for a ShardWorker actor running a unit: never another Ray's."""
+    from workflows.reaper import descendants
+
+    found = []
+    for pid in descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/cmdline") as f:
+                if f.read().startswith(title):
+                    found.append(pid)
+        except OSError:  # ended since
+            continue
+    return found
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray for the whole session: small, no dashboard, never a stray cluster."""

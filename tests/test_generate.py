@@ -11,7 +11,7 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import holding_lease, make_tiny16x16_4blocks_model, make_tiny_model
+from conftest import holding_lease, make_tiny16x16_4blocks_model, make_tiny_model, our_ray_processes
 
 from tarflow import CheckpointError, GSJacobi, Guidance, ModelRef, Plan, PlanError, SamplingSpec, SpecError, \
     load_checkpoint, sample, sample_ids, save_checkpoint
@@ -266,22 +266,6 @@ def test_a_full_disk_is_a_message_and_the_run_resumes(ray_local, assets, tmp_pat
     assert sh.verify_shards(str(out)).complete
 
 
-def _busy_shard_workers():
-    """pids of ShardWorker actors of this test's Ray (children of its raylet) that are running a unit. An idle
-    one, or one still starting, would not test a replacement: a death while starting is a start failure."""
-    me, found = os.getpid(), []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            title = open(f"/proc/{pid}/cmdline").read()
-            parent = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
-            grandparent = int(open(f"/proc/{parent}/stat").read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if title.startswith("ray::ShardWorker.call") and grandparent == me:
-            found.append(int(pid))
-    return found
-
-
 def test_killed_actor_is_replaced_and_every_id_written_once(ray_local, assets, tmp_path, capfd):
     """...and without Ray's warning that a restart may fail for lack of constructor arguments (ray#53727):
     the actors take the model from a reference the driver keeps, not as such arguments."""
@@ -291,7 +275,7 @@ def test_killed_actor_is_replaced_and_every_id_written_once(ray_local, assets, t
     def kill_one():  # once a shard is committed, the first actor seen running a unit (a start is no replacement)
         first_shard.wait()
         while not killed and not done.is_set():
-            busy = _busy_shard_workers()
+            busy = our_ray_processes("ray::ShardWorker.call")
             if busy:
                 os.kill(busy[0], signal.SIGKILL)
                 killed.append(busy[0])

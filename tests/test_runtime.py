@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import our_ray_processes
 
 from workflows import runtime
 from workflows.config import Resources
@@ -104,24 +105,13 @@ def test_a_worker_killed_while_idle_and_restarted_by_ray_is_started_again_with_i
         [(_, (pid, _))] = list(pool.map_unordered([(Held.look_up, (0,))]))
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 60
-        while not [p for p in _processes("ray::Held") if p != pid]:  # Ray restarted it, the pool does not know
+        while not [p for p in our_ray_processes("ray::Held") if p != pid]:  # Ray restarted it, the pool does not know
             assert time.monotonic() < deadline, "Ray did not restart the killed actor"
             time.sleep(0.2)
         time.sleep(1.0)
         results = dict(pool.map_unordered([(Held.look_up, (k,)) for k in range(8)]))
         assert {k: v for k, (_, v) in results.items()} == {k: k * k for k in range(8)}
         assert pool.replacements == 1 and pid not in {p for p, _ in results.values()}
-
-
-def _processes(title: str) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if open(f"/proc/{pid}/cmdline").read().startswith(title):
-                found.append(int(pid))
-        except OSError:
-            continue
-    return found
 
 
 def _ray_temp_dir() -> str:

@@ -267,8 +267,8 @@ def report_stage(ctx: RunContext, plan: Plan, profile: Profile | None) -> None:
 
     def work():
         mr, where = measure(ctx, plan, profile)
-        append_once(history, history_row(cfg.name, _comparison_label(cfg), plan, mr, where, run_id=key))
-        for name, text in report_files(report_data(ctx, mr, where, read_history(history))).items():
+        rows = append_once(history, history_row(cfg.name, _comparison_label(cfg), plan, mr, where, run_id=key))
+        for name, text in report_files(report_data(ctx, mr, where, rows)).items():
             store.write_text(f"{folder}/{name}", text)  # report.html last: it marks the stage done
         return [where]
 
@@ -318,12 +318,15 @@ def history_row(name: str, label: str, plan: Plan, mr: ModelResult, where: dict,
                       run_id=run_id)
 
 
-def append_once(history: str, row: HistoryRow) -> None:
-    """Append `row` unless the history holds a row of its run already (a retried report stage)."""
-    if any(r.run_id == row.run_id for r in read_history(history)):
+def append_once(history: str, row: HistoryRow) -> list[HistoryRow]:
+    """Append `row` unless the history holds a row of its run already (a retried report stage); returns the
+    history's rows after it, oldest first (one read of the store)."""
+    rows = read_history(history)
+    if any(r.run_id == row.run_id for r in rows):
         log.info("history %s holds run %s already: no second row", history, row.run_id)
-        return
+        return rows
     append_history(history, [row])
+    return sorted([*rows, row], key=lambda r: r.timestamp)  # as `read_history` orders them
 
 
 def report_data(ctx: RunContext, mr: ModelResult, where: dict, history: list[HistoryRow]) -> ReportData:
