@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,7 +44,7 @@ def make_tiny16x16_2blocks_model():
 
 def make_tiny16x16_4blocks_model():
     """16x16 (64 tokens), 4 blocks, out_std 0.03: enough sampling per shard for a node to die in the middle of
-    one, and 2 torch threads change its pixels."""
+    one."""
     return make_tiny_model(img_size=16, out_std=0.03)
 
 
@@ -67,6 +68,21 @@ def tiny8x8_checkpoint_path_with_noise_std(tmp_path_factory):
 
     return save_checkpoint(make_tiny_model(), tmp_path_factory.mktemp("tiny8x8") / "tiny8x8-noise.safetensors",
                            {"noise_std": 0.1})
+
+
+def locked_versions() -> dict[str, str]:
+    """cluster/constraints.txt as {canonical name: version}: the environment `bash .ci/run --lock` tested."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (Path(__file__).resolve().parents[1] / "cluster" / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", f"{line}: the lock pins exact versions"
+            pins[canonicalize_name(req.name)] = spec.version
+    return pins
 
 
 def our_ray_processes(title: str) -> list[int]:
@@ -153,8 +169,7 @@ def holding_lease(uri: str):
 def s3_server():
     """A real S3-protocol server (moto's server mode, what Ray's own S3 tests use) on loopback, for the session.
 
-    Its endpoint and test credentials go into this process's environment, so pyarrow, boto3 and fsspec
-    here, and every process started after (Ray workers, CLI subprocesses), reach it with plain
+    Its endpoint and test credentials go into this process's environment, so pyarrow and s3fs here, and every process started after (Ray workers, CLI subprocesses), reach it with plain
     `s3://bucket/key` URIs; nothing can fall through to a public or cloud-metadata address."""
     from moto.server import ThreadedMotoServer
 
@@ -170,11 +185,12 @@ def s3_server():
 
 @pytest.fixture
 def s3_bucket(s3_server, request):
-    """A new, empty bucket on the loopback S3 server: its `s3://name` URI."""
-    import boto3
+    """A new, empty bucket on the loopback S3 server: its `s3://name` URI (made through s3fs, the project's
+    own client: a bucket is a top-level directory to it)."""
+    import s3fs
 
     name = _bucket_name(request)
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    s3fs.S3FileSystem(endpoint_url=s3_server, skip_instance_cache=True).mkdir(name)
     return f"s3://{name}"
 
 

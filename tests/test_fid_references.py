@@ -54,10 +54,12 @@ def test_torchmetrics_fid_state_loads_as_published_and_gives_the_same_fid(ray_lo
     loaded = load_stats(path, "mnist5k-classifier")
     assert (loaded.count, loaded.image_size, loaded.extractor) == (300, (28, 28), "mnist5k-classifier")
     ours, ref, fid = own_stats
-    np.testing.assert_allclose(loaded.mu, ref.mu, rtol=1e-10, atol=1e-12)
+    # torchmetrics ran the classifier in batches of 64, our reference in shards of 100: the same features to
+    # float32 rounding (other batch sizes order sums differently), so mu to a few float32 ulps of the largest
+    np.testing.assert_allclose(loaded.mu, ref.mu, rtol=0, atol=8 * np.finfo(np.float32).eps * np.abs(ref.mu).max())
     settings = FidSettings(reference_extractor="mnist5k-classifier")
     result = evaluate_fid(shard_sets[0], str(path), settings, cache_dir=None, write_result=False)
-    assert result.fid == pytest.approx(fid, rel=1e-9)
+    assert result.fid == pytest.approx(fid, rel=1e-5)
     assert result.kid is None and any("hold no features" in n for n in result.notes)
 
     # and torchmetrics' own FID over the same two sets agrees
@@ -129,12 +131,18 @@ def test_kid_equals_torch_fidelity_and_keeps_the_same_subset_however_split(ray_l
         (a, _), (b, _) = pool.run(shard_sets[0]), pool.run(resharded)
     stride = kid_stride(300, 64)
     assert stride == 5 and list(a.kid.index) == list(range(0, 300, stride)) == list(b.kid.index)
-    np.testing.assert_array_equal(a.kid.features, b.kid.features)
+    # the same rows; their values to float32 rounding only: shards of 100 and 33 run the classifier in other
+    # batch sizes, whose kernels order sums differently (small batches differ in the last bits today)
     full = extract(build_extractor("mnist5k-classifier"), digits_u8[0])[0]
-    np.testing.assert_allclose(a.kid.features, full[::stride], atol=1e-5)
+    rounding = 8 * np.finfo(np.float32).eps * np.abs(full).max()
+    np.testing.assert_allclose(a.kid.features, b.kid.features, rtol=0, atol=rounding)
+    np.testing.assert_allclose(a.kid.features, full[::stride], rtol=0, atol=rounding)
     one, two = evaluate_fid(shard_sets[0], shard_sets[1], few, cache_dir=tmp_path, write_result=False), \
         evaluate_fid(resharded, shard_sets[1], few, cache_dir=tmp_path, write_result=False)
-    assert one.kid == two.kid and one.kid.kid_features == [60, 60]
+    assert (one.kid.kid_subset_size, one.kid.kid_subsets, one.kid.kid_features) == \
+        (two.kid.kid_subset_size, two.kid.kid_subsets, two.kid.kid_features) and one.kid.kid_features == [60, 60]
+    assert one.kid.kid_mean == pytest.approx(two.kid.kid_mean, rel=1e-5, abs=1e-9)
+    assert one.kid.kid_std == pytest.approx(two.kid.kid_std, rel=1e-5, abs=1e-9)
     assert load_stats(one.reference_stats).kid.features.shape == (60, 64)  # the cache keeps KID's subset
 
     merged = KeptFeatures.of(full[100:], 100, 7) + KeptFeatures.of(full[:100], 0, 7)  # arrival order is irrelevant

@@ -134,11 +134,13 @@ def test_an_s3_lease_is_stale_by_the_store_clock_and_the_loser_finds_out(s3_buck
 
 def test_a_heartbeat_keeps_an_s3_lease_fresh(s3_bucket):
     uri = f"{s3_bucket}/out"
-    holder = Lease(uri, timeout_s=2, heartbeat_s=0.5).acquire()
+    # ages are whole seconds of the store's clock, and the heartbeat thread shares the GIL with the in-process
+    # server: a heartbeat 10x faster than the timeout keeps it fresh on a loaded box; 2.5 timeouts go by
+    holder = Lease(uri, timeout_s=4, heartbeat_s=0.4).acquire()
     try:
-        time.sleep(3.5)
+        time.sleep(10)
         with pytest.raises(LeaseError, match=f"being written by run {holder.run_id}"):
-            Lease(uri, timeout_s=2).acquire()
+            Lease(uri, timeout_s=4).acquire()
         holder.check()
     finally:
         holder.release()

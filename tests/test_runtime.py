@@ -80,12 +80,14 @@ def test_a_pool_whose_workers_cannot_start_ends_at_once_with_their_error(ray_loc
             super().__init__(threads)
             raise ValueError(f"{path} is not what this worker needs")
 
+    # "at once" against the start timeout: a pool that retried would end at 600 s if at all; two actors start,
+    # raise and are reported in seconds, or a minute or two on a loaded 2-core box
     start = time.monotonic()
     with pytest.raises(runtime.ClusterError, match="test worker could not start: ValueError: W.pth is not what"):
         with runtime.ActorPool(Broken, ("W.pth",), Resources(actors=2, num_cpus=0.5), "test",
-                               start_timeout_s=60) as pool:
+                               start_timeout_s=600) as pool:
             list(pool.map_unordered([(Broken.ready, ())]))
-    assert time.monotonic() - start < 20
+    assert time.monotonic() - start < 150
 
 
 def test_a_worker_killed_while_idle_and_restarted_by_ray_is_started_again_with_its_arguments(ray_local):
@@ -123,10 +125,12 @@ def _size(root: str) -> int:
     return sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file())
 
 
-def test_fid_with_weights_that_are_not_inception_weights_ends_with_a_message_within_a_minute(tmp_path):
+def test_fid_with_weights_that_are_not_inception_weights_ends_with_a_message(tmp_path):
     """`fid --extractor inception-v3-compat --extractor-weights W` with W a harmless wrong file stayed at 0/N
-    forever while the driver's Ray log filled the disk. It ends within 60 s naming the file and what it lacks,
-    and its Ray writes under 50 MB (its own RAY_TMPDIR, removed after)."""
+    forever while the driver's Ray log filled the disk (~4 GB a minute). It ends naming the file and what it
+    lacks, and its Ray writes under 50 MB (its own RAY_TMPDIR, removed after): the size is the check of the
+    spin; the time allows a whole CLI (imports, a private Ray, an actor) on a loaded 2-core box."""
+    limit_s = 180
     weights = tmp_path / "W.pth"
     torch.save({"a": torch.zeros(1)}, weights)
     ray_tmp = _ray_temp_dir()
@@ -137,15 +141,15 @@ def test_fid_with_weights_that_are_not_inception_weights_ends_with_a_message_wit
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=limit_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        pytest.fail(f"still running after 60 s; its Ray wrote {_size(ray_tmp) >> 20} MB")
+        pytest.fail(f"still running after {limit_s} s; its Ray wrote {_size(ray_tmp) >> 20} MB")
     finally:
         written = _size(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert time.monotonic() - start < 60 and proc.returncode == 1 and "Traceback" not in err, err
+    assert time.monotonic() - start < limit_s and proc.returncode == 1 and "Traceback" not in err, err
     assert f"{weights} is not torch-fidelity's Inception-v3 weights" in " ".join(err.split()), err
     assert written < 50 << 20
 

@@ -1,11 +1,11 @@
 """`tarflow-gs sample` writes a deterministic PNG grid; the shipped demo checkpoint loads and samples."""
 import json
 
+import numpy as np
 import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import numpy as np
 from conftest import make_tiny_model
 from tarflow import GSJacobi, Guidance, Plan, SamplingSpec, demo_checkpoint, load_checkpoint, sample_ids
 from workflows.cli import main
@@ -27,9 +27,11 @@ def test_sample_writes_a_deterministic_grid(tmp_path, tiny8x8_checkpoint_path_wi
     again = run(*common, "--seed", 5, "--batch-size", 4, "--out", tmp_path / "b.png")
     other = run(*common, "--seed", 6, "--out", tmp_path / "c.png")
     assert again.exit_code == 0 and other.exit_code == 0
-    a, b, c = ((tmp_path / f"{n}.png").read_bytes() for n in "abc")
-    assert a == b  # same seed, different batching: same images
-    assert a != c
+    a, b, c = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in "abc")
+    # same seed, another batching: the same images up to one 8-bit level (a batch of 4 + 2 orders its float32
+    # sums otherwise than a batch of 6: ~1e-7 apart, which can round a pixel the other way), as docs promise
+    assert np.abs(a - b).max() <= 1
+    assert np.abs(a - c).max() > 1  # another seed: other images
     with Image.open(tmp_path / "a.png") as img:
         assert img.size == (3 * 8 + 4 * 2, 2 * 8 + 3 * 2)  # 3x2 grid of 8x8 images, 2px padding
 

@@ -18,7 +18,6 @@ import logging
 import platform
 import time
 from dataclasses import dataclass, field
-from importlib import metadata as importlib_metadata
 from typing import Callable
 
 import numpy as np
@@ -27,7 +26,7 @@ import ray
 
 from tarflow import Model, ModelConfig, Plan, SamplingSpec, model_hash, sample_ids
 
-from .. import runtime
+from .. import runtime, versions
 from ..config import GenerateConfig
 from ..progress import Progress
 from ..storage import shards as sh
@@ -42,13 +41,8 @@ class GenerateError(RuntimeError):
 
 
 def software_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for dist in ("tarflow-gs", "torch", "ray", "pyarrow", "numpy", "pillow"):
-        try:
-            versions[dist] = importlib_metadata.version(dist)
-        except importlib_metadata.PackageNotFoundError:
-            versions[dist] = None
-    return versions
+    return {"python": platform.python_version(),
+            **{dist: versions.installed(dist) for dist in ("tarflow-gs", "torch", "ray", "pyarrow", "numpy", "pillow")}}
 
 
 LOCAL_VERIFY_BYTES = 1 << 30  # a resume hashes up to this much in the driver; larger sets, in the actors

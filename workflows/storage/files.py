@@ -19,12 +19,15 @@ in one request) does that by itself; on a local disk a hidden temporary is renam
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import uuid
 
 import fsspec
 import pyarrow.fs as pafs
+
+from .. import versions
 
 STORE_TIMEOUT_S = float(os.environ.get("TARFLOW_GS_STORE_TIMEOUT_S", "60"))
 # per store: its fsspec options (deadlines, no listing cache: actors write what the driver lists), the
@@ -78,6 +81,12 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e)[:300]}"
 
 
+@functools.cache
+def _client_unmet(extra: str) -> tuple[str, ...]:
+    """What the store's extra declares and this environment does not meet (checked once a process)."""
+    return tuple(versions.unmet((extra,), base=False))
+
+
 class _StoreHandler(pafs.FSSpecHandler):
     """pyarrow's view of an fsspec filesystem, with every call's error naming the store."""
 
@@ -115,6 +124,11 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     if scheme in STORES and not BUCKET_NAME.fullmatch(store_of(uri).partition("://")[2]):
         raise StoreError(f"{uri}: {store_of(uri).partition('://')[2]!r} is not a bucket name (a placeholder left "
                          "in a config?): give the bucket to write to")
+    if scheme in STORES and (unmet := _client_unmet(STORES[scheme][1])):
+        # before any call: a client below its floor fails deep in a request (s3fs 0.4 has no call_s3),
+        # where the error would read like a credentials problem
+        raise StoreError(f"{uri}: the {scheme}:// client is not the one {versions.PROJECT} runs on: "
+                         + "; ".join(unmet))
     try:
         fs, path = fsspec.core.url_to_fs(uri)
     except ImportError as e:
