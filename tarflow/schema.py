@@ -21,8 +21,9 @@ from pathlib import Path
 
 from .atomic import write_atomic
 
-# unknown fields are errors; NaN and inf are never valid numbers in a config or a plan
-STRICT_FIELDS = {"extra": "forbid", "allow_inf_nan": False}
+# unknown fields are errors; NaN and inf are never valid numbers in a config or a plan. No protected
+# namespaces: pydantic before 2.10 reserves the `model_` prefix and warns at import on `model_hash`
+STRICT_FIELDS = {"extra": "forbid", "allow_inf_nan": False, "protected_namespaces": ()}
 _RELATIVE = re.compile(r"[a-z_][\w.\[\]]*( has |=)")
 
 

@@ -16,12 +16,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 # What pydantic releases write differently for one model: annotations (newer ones add dataclasses' docstrings),
 # keywords that say what JSON Schema assumes anyway (additionalProperties: true), propertyNames of enum-keyed
-# dicts (newer ones only), integers written as floats. None of it changes what a config means.
+# dicts (newer ones only), integers written as floats, and two spellings of one constraint: older ones add
+# `enum: [c]` beside `const: c` and wrap a `$ref` that has siblings in a one-element `allOf`. None of it
+# changes what a config means.
 _GENERATOR_DIALECT = {"description", "title", "$comment", "propertyNames"}
 
 
 def _meaning(schema):
     if isinstance(schema, dict):
+        schema = dict(schema)
+        if len(schema.get("allOf", ())) == 1:
+            schema = {**schema.pop("allOf")[0], **schema}
+        if "const" in schema and schema.get("enum") == [schema["const"]]:
+            del schema["enum"]
         return {k: _meaning(v) for k, v in schema.items()
                 if k not in _GENERATOR_DIALECT and not (k == "additionalProperties" and v is True)}
     if isinstance(schema, list):

@@ -7,10 +7,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from tarflow import ModelRef, Plan, SamplingSpec
+from tarflow.schema import STRICT_FIELDS
 
 from ..fidelity.registry import DEFAULT_EXTRACTOR, EXTRACTOR_NAMES, check_weights_allowed, describe_extractors
 
-CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
+CONFIG = ConfigDict(**STRICT_FIELDS)
 
 
 class Resources(BaseModel):
