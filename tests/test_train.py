@@ -30,7 +30,9 @@ def test_one_epoch_lowers_heldout_loss_and_writes_provenance(tmp_path):
     path = train(cfg, progress=False, log=lambda msg: None)
     model, meta = load_checkpoint(path, with_metadata=True)
     after = evaluate_bits_per_dim(model, test_set, cfg.noise_std)
-    assert after < before - 0.5, (before, after)
+    # one epoch took 8.89 -> 8.28 bits/dim (torch 2.4 and 2.14): how far 25 steps go is the build's random
+    # streams and arithmetic; that they learn at all is the guarantee, with room below the measured drop
+    assert after < before - 0.3, (before, after)
     assert meta["noise_std"] == cfg.noise_std and meta["dataset"] == "digits" and meta["epoch"] == 1
     assert meta["train_config"] == cfg.to_dict()
     assert meta["heldout_bits_per_dim"] == pytest.approx(after, abs=1e-3)
