@@ -4,7 +4,6 @@ rather than as an AttributeError deep in the lease."""
 from pathlib import Path
 
 import pytest
-from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from conftest import locked_versions
@@ -56,7 +55,7 @@ def test_a_client_below_its_floor_is_named_with_the_version_and_the_floor(tmp_pa
         files._client_unmet.cache_clear()
 
 
-def test_a_missing_client_is_named_with_its_floor(tmp_path, monkeypatch):
+def test_a_missing_client_is_named_with_its_floor(monkeypatch):
     monkeypatch.setattr(versions, "installed", lambda dist: None if dist == "gcsfs" else "999")
     assert versions.unmet(("gcs",), base=False) == [
         f"gcsfs is not installed, but tarflow-gs needs gcsfs{versions.declared(('gcs',), base=False)[0].specifier} "

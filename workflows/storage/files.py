@@ -127,8 +127,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     if scheme in STORES and (unmet := _client_unmet(STORES[scheme][1])):
         # before any call: a client below its floor fails deep in a request (s3fs 0.4 has no call_s3),
         # where the error would read like a credentials problem
-        raise StoreError(f"{uri}: the {scheme}:// client is not the one {versions.PROJECT} runs on: "
-                         + "; ".join(unmet))
+        raise StoreError(f"{uri}: the {scheme}:// store cannot be opened: " + "; ".join(unmet))
     try:
         fs, path = fsspec.core.url_to_fs(uri)
     except ImportError as e:
