@@ -169,8 +169,8 @@ def holding_lease(uri: str):
 def s3_server():
     """A real S3-protocol server (moto's server mode, what Ray's own S3 tests use) on loopback, for the session.
 
-    Its endpoint and test credentials go into this process's environment, so pyarrow and s3fs here, and every process started after (Ray workers, CLI subprocesses), reach it with plain
-    `s3://bucket/key` URIs; nothing can fall through to a public or cloud-metadata address."""
+    Its endpoint and test credentials go into this process's environment, so pyarrow and s3fs here, and
+    every process started after (Ray workers, CLI subprocesses), reach it with plain `s3://bucket/key` URIs; nothing can fall through to a public or cloud-metadata address."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

@@ -37,12 +37,12 @@ def declared(extras: tuple[str, ...] = (), *, base: bool = True) -> list[Require
     requirements = [Requirement(line) for line in lines]
 
     def wanted(req: Requirement, extra: str | None) -> bool:
-        """Whether `req` belongs to the base set (extra None) or to `extra`; a marker may also name the
-        Python version or platform, so it is evaluated whole."""
-        in_extra = req.marker is not None and "extra" in str(req.marker)
-        if in_extra != (extra is not None):
-            return False
-        return req.marker is None or req.marker.evaluate({"extra": extra or ""})
+        """Whether `req` belongs to the base set (extra None) or to `extra`: its marker, evaluated whole (it
+        may also name the Python version or platform), holds with no extra, or only with `extra`."""
+        if req.marker is None:
+            return extra is None
+        base = req.marker.evaluate({"extra": ""})
+        return base if extra is None else not base and req.marker.evaluate({"extra": extra})
 
     out, seen, todo = ([r for r in requirements if wanted(r, None)] if base else []), set(), list(extras)
     while todo:
