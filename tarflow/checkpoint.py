@@ -12,6 +12,7 @@ to be read, so a profile or plan can reload its model from what it recorded.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -27,7 +28,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from .atomic import write_atomic
 from .model import Model, ModelConfig
-from .schema import STRICT_FIELDS, input_file
+from .schema import STRICT_FIELDS, input_file, parse_json
 
 FORMAT_NAME = "tarflow-gs"
 FORMAT_VERSION = 1
@@ -75,6 +76,8 @@ def infer_config(state_dict: dict, in_channels: int = 3, head_dim: int = 64) -> 
     """Recover the architecture of a raw apple/ml-tarflow state dict from its shapes."""
     if "var" not in state_dict:
         raise CheckpointError("not a TarFlow state dict: key 'var' (the prior variance, shape (T, D)) is missing")
+    if state_dict["var"].dim() != 2:
+        raise CheckpointError(f"key 'var' has shape {tuple(state_dict['var'].shape)}, not (T, D)")
     T, D = state_dict["var"].shape
     block_ids = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
     if not block_ids or block_ids != list(range(len(block_ids))):
@@ -87,6 +90,8 @@ def infer_config(state_dict: dict, in_channels: int = 3, head_dim: int = 64) -> 
     channels = state_dict["blocks.0.pos_embed"].shape[1]
     class_embed = state_dict.get("blocks.0.class_embed")
     num_classes = class_embed.shape[0] if class_embed is not None else 0
+    if "blocks.0.proj_out.weight" not in state_dict:
+        raise CheckpointError("key 'blocks.0.proj_out.weight' is missing: cannot infer the output form")
     out_rows = state_dict["blocks.0.proj_out.weight"].shape[0]
     if out_rows not in (D, 2 * D):
         raise CheckpointError(f"'blocks.0.proj_out.weight' has {out_rows} rows; expected 2*D={2 * D} (nvp) or D={D}")
@@ -101,6 +106,36 @@ def infer_config(state_dict: dict, in_channels: int = 3, head_dim: int = 64) -> 
             "give the image channels of this raw checkpoint (--in-channels, model.in_channels)")
     return ModelConfig(in_channels, side * patch, patch, channels, len(block_ids), len(layer_ids),
                        num_classes, out_rows == 2 * D, head_dim).validate()
+
+
+def claimed_config(claimed, state_dict: dict, where: str) -> ModelConfig:
+    """The config a checkpoint's metadata claims, if its tensors are that architecture; else CheckpointError.
+    Every dimension is checked against the tensors present (`infer_config`) before anything is built, so
+    a file's claims cannot size an allocation or a loop: 10**7 blocks or 2**30 channels over a small
+    file's tensors are a message, not minutes of building."""
+    if not isinstance(claimed, dict):
+        raise CheckpointError(f"{where} is {type(claimed).__name__}, not an object")
+    names = [f.name for f in dataclasses.fields(ModelConfig)]
+    unknown = sorted(set(claimed) - set(names))
+    if unknown:
+        raise CheckpointError(f"{where} has unknown field(s) {', '.join(unknown)}; a model config has {', '.join(names)}")
+    for f in dataclasses.fields(ModelConfig):
+        if f.name not in claimed and f.default is dataclasses.MISSING:
+            raise CheckpointError(f"{where} lacks {f.name}")
+        value = claimed.get(f.name, f.default)
+        kind = bool if f.name == "nvp" else int
+        if type(value) is not kind:
+            raise CheckpointError(f"{where}: {f.name}={value!r}, not {'true or false' if kind is bool else 'an integer'}")
+    try:
+        config = ModelConfig(**claimed).validate()
+        found = infer_config(state_dict, config.in_channels, config.head_dim)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    differ = [f"{name}={getattr(config, name)} (the tensors are {getattr(found, name)})"
+              for name in names if getattr(config, name) != getattr(found, name)]
+    if differ:
+        raise CheckpointError(f"{where} does not match the weights in the file: {'; '.join(differ)}")
+    return config
 
 
 def check_state_dict(model: Model, state_dict: dict) -> None:
@@ -185,14 +220,17 @@ def load_checkpoint(ref, in_channels: int = 3, head_dim: int = 64, with_metadata
             raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from e
         if meta.get("format") != FORMAT_NAME or "config" not in meta:
             raise CheckpointError(f"{path}: safetensors file without tarflow-gs metadata (format/config)")
-        if int(meta.get("version", 0)) > FORMAT_VERSION:
-            raise CheckpointError(f"{path}: format version {meta['version']} is newer than supported {FORMAT_VERSION}")
-        try:
-            config = ModelConfig(**json.loads(meta["config"])).validate()
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: invalid config in metadata ({e})") from e
+        if meta.get("version") not in {str(v) for v in range(1, FORMAT_VERSION + 1)}:
+            raise CheckpointError(f"{path}: format version {meta.get('version')!r}; this build reads 1 to "
+                                  f"{FORMAT_VERSION}")
+        config = claimed_config(parse_json(meta["config"], f"{path}: the config in its metadata", CheckpointError),
+                                state_dict, f"{path}: the config in its metadata")
         model = _build(config, state_dict)
-        provenance = json.loads(meta.get("provenance", "{}"))
+        provenance = parse_json(meta.get("provenance", "{}"), f"{path}: the provenance in its metadata",
+                                CheckpointError)
+        if not isinstance(provenance, dict):
+            raise CheckpointError(f"{path}: the provenance in its metadata is {type(provenance).__name__}, "
+                                  "not an object")
     else:
         state_dict = load_torch_data(path, "checkpoint")
         if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):

@@ -25,6 +25,10 @@ from .atomic import write_atomic
 # namespaces: pydantic before 2.10 reserves the `model_` prefix and warns at import on `model_hash`
 STRICT_FIELDS = {"extra": "forbid", "allow_inf_nan": False, "protected_namespaces": ()}
 _RELATIVE = re.compile(r"[a-z_][\w.\[\]]*( has |=)")
+# the deepest nesting of lists and objects a file may have: the project's own files nest at most 6 deep;
+# a file nested deeper is refused before a recursive reader (Python's json, PyYAML, pydantic) can
+# exhaust the stack on it
+MAX_NESTING = 32
 
 
 class SchemaError(ValueError):
@@ -211,12 +215,39 @@ def json_schema(tp) -> dict:
     return _adapter(tp).json_schema()
 
 
-def loads(tp, text: str, what: str, error: type[SchemaError] = SchemaError):
+def check_nesting(data, what: str, error: type[Exception] = SchemaError):
+    """`data` (parsed JSON or YAML) if it nests at most MAX_NESTING lists and objects deep, else `error`.
+    Walked with a stack of its own (a reader that recursed would be what the bound protects), each
+    container once per depth it is reached at: YAML aliases share one container among many places,
+    and an alias bomb is small as shared containers, vast as a tree."""
+    stack, seen = [(data, 1)], {}
+    while stack:
+        value, depth = stack.pop()
+        if not isinstance(value, (dict, list)) or seen.get(id(value), 0) >= depth:
+            continue
+        if depth > MAX_NESTING:
+            raise error(f"{what} nests lists and objects more than {MAX_NESTING} deep: not a file this project "
+                        "writes")
+        seen[id(value)] = depth
+        stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return data
+
+
+def parse_json(text: str | bytes, what: str, error: type[Exception] = SchemaError):
+    """The value of a JSON text, nested at most MAX_NESTING deep; anything else is `error` naming `what`.
+    Every JSON the project reads comes through here."""
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as e:
+    except RecursionError:  # deeper than the interpreter's stack: far beyond the bound
+        raise error(f"{what} nests lists and objects more than {MAX_NESTING} deep: not a file this project "
+                    "writes") from None
+    except (ValueError, TypeError) as e:  # not JSON, not UTF-8, or not text at all
         raise error(f"{what} is not valid JSON ({e})") from None
-    return validate(tp, data, what, error)
+    return check_nesting(data, what, error)
+
+
+def loads(tp, text: str, what: str, error: type[SchemaError] = SchemaError):
+    return validate(tp, parse_json(text, what, error), what, error)
 
 
 def load(tp, path, what: str, error: type[SchemaError] = SchemaError):

@@ -103,6 +103,7 @@ class Denoise:
         return self.multiplier > 0
 
 
+MAX_BATCH = 65_536  # a batch's noise, activations and KV caches are allocated at once: a bound before any of it
 Labels = Union[Literal["uniform", "none"], tuple[int, ...], None]
 
 
@@ -123,8 +124,9 @@ class SamplingSpec:
     def __post_init__(self):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise SpecError(f"seed={self.seed!r}: must be an integer >= 0")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise SpecError(f"batch_size={self.batch_size!r}: must be an integer >= 1")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or \
+                not 1 <= self.batch_size <= MAX_BATCH:
+            raise SpecError(f"batch_size={self.batch_size!r}: must be an integer in [1, {MAX_BATCH}]")
         if self.autocast not in AUTOCAST_DTYPES:
             raise SpecError(f"autocast={self.autocast!r}: allowed values are {', '.join(AUTOCAST_DTYPES)}")
         if isinstance(self.labels, list):

@@ -29,7 +29,7 @@ from .atomic import write_atomic
 from .checkpoint import load_torch_data, save_checkpoint
 from .data import ImageDataset, load_dataset
 from .model import Model
-from .schema import STRICT_FIELDS, JSONForm, SchemaError
+from .schema import STRICT_FIELDS, JSONForm, SchemaError, parse_json
 
 STATE_SUFFIX = ".state.pt"
 STATE_VERSION = 1
@@ -166,7 +166,8 @@ def load_train_state(path) -> dict:
 
 def resume_config(checkpoint) -> TrainConfig:
     """The TrainConfig of an interrupted run, from the state stored next to its checkpoint (which may have moved)."""
-    stored = json.loads(load_train_state(Path(str(checkpoint) + STATE_SUFFIX))["config"])
+    path = Path(str(checkpoint) + STATE_SUFFIX)
+    stored = parse_json(load_train_state(path)["config"], f"{path}: its config", TrainConfigError)
     return TrainConfig.from_dict({**stored, "out": str(checkpoint)})
 
 
@@ -197,7 +198,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
                   "epochs": cfg.epochs, "git_revision": git_revision(), "num_train_images": len(train_set)}
     if resume:
         state = load_train_state(cfg.state_path)
-        stored = TrainConfig.from_dict(json.loads(state["config"]))
+        stored = TrainConfig.from_dict(parse_json(state["config"], f"{cfg.state_path}: its config", TrainConfigError))
         diff = {k: (v, getattr(cfg, k)) for k, v in stored.to_dict().items() if k != "out" and getattr(cfg, k) != v}
         if diff:
             raise TrainConfigError(f"{cfg.state_path}: cannot resume, config differs (stored, given): {diff}")
@@ -206,7 +207,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, log=pri
         scheduler.load_state_dict(state["scheduler"])
         gen.set_state(state["rng"])
         start_epoch, seconds = int(state["epoch"]), float(state["seconds"])
-        provenance = json.loads(state["provenance"])
+        provenance = parse_json(state["provenance"], f"{cfg.state_path}: its provenance", TrainConfigError)
         provenance["train_config"] = cfg.to_dict()
         log(f"resuming {cfg.out} after epoch {start_epoch}/{cfg.epochs}")
     num_dims = train_set.images[0].numel()

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -46,6 +47,7 @@ def test_two_nights_on_s3_remember_and_the_second_fails_on_an_injected_regressio
     output = f"{s3_bucket}/nightly"
     history = f"{output}/history"  # the default: beside the nights, in the bucket
 
+    leftovers = set(Path(tempfile.gettempdir()).glob("tarflow-gs-nightly-*"))
     first = _night(config, output, "night-1")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     assert "tiny: no baseline" in first.stdout
@@ -79,3 +81,5 @@ def test_two_nights_on_s3_remember_and_the_second_fails_on_an_injected_regressio
     retry = _night(config, output, "night-2")
     assert retry.returncode == 1 and "measured nothing again" in retry.stdout, retry.stderr[-3000:]
     assert len(read_history(history)) == 2
+    # the hand plans' working folder goes with each night, a failing one too
+    assert set(Path(tempfile.gettempdir()).glob("tarflow-gs-nightly-*")) == leftovers

@@ -114,7 +114,7 @@ def test_profile_json_round_trip(profiled, tmp_path):
     (lambda d: d.update(version=9), "profile.version=9: this build reads version 2"),
     (lambda d: d.pop("model_hash"), r"profile.model_hash: Field required"),
     (lambda d: d.update(colour="red"), r"profile.colour: unknown field; allowed here: model_hash, model"),
-    (lambda d: d["spec"].update(batch_size=0), "profile.spec.batch_size=0: must be an integer >= 1"),
+    (lambda d: d["spec"].update(batch_size=0), "profile.spec.batch_size=0: must be an integer in .1, 65536."),
     (lambda d: d["blocks"].pop(), "profile.blocks has 1 entries, num_blocks=2"),
     (lambda d: d["blocks"][1].update(block=0), r"profile.blocks\[1\].block=0"),
     (lambda d: d["blocks"][0]["igm"].pop("zeros"), r"profile.blocks\[0\].igm has keys \['z'\]"),

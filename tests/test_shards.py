@@ -97,7 +97,7 @@ def test_corrupt_missing_and_incomplete_shards_raise_clear_errors(tmp_path):
         sh.read_images(uri)
     assert sh.read_images(uri, allow_partial=True)[0].tolist() == [0, 1, 2, 3]
     (tmp_path / "set" / "_manifest.json").write_text("{not json")
-    with pytest.raises(sh.ShardError, match="_manifest.json is corrupt .not valid JSON"):
+    with pytest.raises(sh.ShardError, match="_manifest.json is corrupt .the text is not valid JSON"):
         sh.read_manifest(uri)
     with pytest.raises(sh.ShardError, match="no _manifest.json"):
         sh.read_manifest(str(tmp_path / "elsewhere"))
@@ -105,9 +105,8 @@ def test_corrupt_missing_and_incomplete_shards_raise_clear_errors(tmp_path):
 
 def test_atomic_write_replaces_whole_file_and_cleans_temporaries(tmp_path):
     fs, base = files.resolve(str(tmp_path))
-    target = f"{base}/f.bin"
-    files.write_atomic(fs, target, b"first")
-    files.write_atomic(fs, target, b"second")
+    files.write_atomic(fs, base, "f.bin", b"first")
+    files.write_atomic(fs, base, "f.bin", b"second")
     assert (tmp_path / "f.bin").read_bytes() == b"second"
     (tmp_path / ".shard-00003.parquet.tmp-deadbeef").write_bytes(b"half a shard")
     assert files.remove_temporaries(fs, base) == 1

@@ -1,9 +1,11 @@
-"""Remote stores that cannot be used end a command with a message naming the store and what to check,
-within a stated time: no traceback, no hang. Every store is aimed at loopback only: a local server that
+"""Remote stores that cannot be used, and a Ray cluster that cannot be joined, end a command with a message
+naming the store (or address) and what to check, within a stated time: no traceback, no hang; SIGTERM ends
+a run with a message too. Every store is aimed at loopback only: a local server that
 accepts and never answers, a closed port for the cloud metadata services, no credentials anywhere."""
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -115,3 +117,35 @@ def test_the_shipped_configs_placeholder_bucket_is_a_message(tmp_path, silent_se
     _message(*_run(["run", str(config), "--no-progress"], _env(silent_server, closed_port)),
              r"'<bucket>' is not a bucket name", "give the bucket")
     _message(*_run(_generate("s3://<bucket>/set"), _env(silent_server, closed_port)), r"'<bucket>' is not a bucket")
+
+
+def test_a_cluster_that_accepts_but_never_answers_is_a_message_within_a_bound(tmp_path, silent_server, closed_port):
+    """Ray itself retries such an address for about ten minutes, printing only its own warnings."""
+    env = _env(silent_server, closed_port, RAY_ADDRESS=f"127.0.0.1:{silent_server}", TARFLOW_GS_CONNECT_TIMEOUT_S="5")
+    result, seconds = _run(_generate(str(tmp_path / "out")), env)
+    _message(result, seconds, rf"cannot join the Ray cluster at RAY_ADDRESS=127.0.0.1:{silent_server}: it accepts "
+                              r"connections but Ray did not answer within 5s", "unset RAY_ADDRESS")
+    assert not (tmp_path / "out" / "_manifest.json").exists(), "nothing is written before the cluster is joined"
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_the_same_command_resumes(tmp_path):
+    """What Kubernetes sends: once Ray's C++ dump and exit 15 or 134 mid-write; now a one-line message, exit 143
+    (128 + SIGTERM), the lease released, every finished shard kept."""
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "disabled"}
+    out = tmp_path / "out"
+    args = [shutil.which("tarflow-gs"), "generate", "--checkpoint", "demo", "--num-samples", "400", "--batch-size", "4",
+            "--shard-size", "8", "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + BOUND_S
+    while not list((out / "_shards").glob("*.json")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stdout[-2000:] + stderr[-3000:]
+    assert "generate: stopped by SIGTERM; finished work is kept" in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr and "SIGTERM received" not in stderr, stderr[-3000:]
+    assert not (out / "_lease.json").exists()
+    resumed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=BOUND_S + 60)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    done = int(re.search(r"\((\d+) already done\)", resumed.stdout).group(1))
+    assert 1 <= done < 50, resumed.stdout

@@ -6,6 +6,7 @@ Every command, job and stage goes through here; nothing else calls `ray.init` or
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import math
 import os
@@ -23,6 +24,7 @@ import torch
 
 from tarflow.profile import device_name
 
+from . import interrupt
 from .config.stages import Resources
 
 log = logging.getLogger(__name__)
@@ -40,12 +42,66 @@ def cluster_address() -> str | None:
     return os.environ.get("RAY_ADDRESS") or None
 
 
+# how long joining a cluster may take: a TCP answer from its address, then Ray's own handshake
+CONNECT_TIMEOUT_S = float(os.environ.get("TARFLOW_GS_CONNECT_TIMEOUT_S", "60"))
+
+
+def _unreachable(address: str, why: str) -> ClusterError:
+    return ClusterError(
+        f"cannot join the Ray cluster at RAY_ADDRESS={address}: {why}. Check that its head node is up (`ray status` "
+        "there), that this is its GCS address (head-ip:6379 as `ray start --head` prints it, or `auto` on one of its "
+        "nodes) and that the port is open from here; or unset RAY_ADDRESS to run on a private local Ray")
+
+
+def check_reachable(address: str | None = None) -> None:
+    """Raise ClusterError, within CONNECT_TIMEOUT_S, unless something accepts connections at the cluster address
+    (default RAY_ADDRESS): Ray itself retries an address where nothing listens for about ten minutes. Cheap, and
+    starts nothing: commands call it before they create any output."""
+    address = address or cluster_address()
+    if not address or address == "auto" or address.startswith(("http://", "https://")):
+        return  # `auto` is resolved by Ray from this node's files; a dashboard address is refused by `connect`
+    host, sep, port = address.partition("://")[2 if "://" in address else 0].rpartition(":")
+    if not sep or not port.isdigit():
+        return  # not host:port: Ray's own parser says what is wrong with it
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=min(10.0, CONNECT_TIMEOUT_S)).close()
+    except OSError as e:
+        raise _unreachable(address, f"nothing answers there ({e})") from None
+
+
+class _Expired(BaseException):
+    """The join's deadline passed (a BaseException: Ray's connect loop retries on any Exception)."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float):
+    """Raise _Expired in the main thread once `seconds` pass. None in other threads (signals reach only the main
+    one), nor where a timer is already set (a caller's own deadline, pytest-timeout's): it is left to run."""
+    if threading.current_thread() is not threading.main_thread() or signal.getitimer(signal.ITIMER_REAL)[0] > 0:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise _Expired()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def connect(address: str | None = None) -> None:
     """Ray for this process, once. `address` (default: RAY_ADDRESS) `auto` or a GCS address
     (host:port, as `ray job submit` sets it for the job's driver) joins that cluster, `ray://` uses
     Ray Client; none starts a private local Ray for this process alone, never a stray cluster.
     A dashboard address (`http(s)://...:8265`, what `ray job submit --address` takes) is refused
-    with the command to use instead: `ray.init` would hand it to Ray Client and fail."""
+    with the command to use instead: `ray.init` would hand it to Ray Client and fail. Joining ends
+    within CONNECT_TIMEOUT_S (plus one of Ray's own tries, which cannot be interrupted) with a
+    message naming the address, never a wait without one. From here on SIGTERM stops the process as
+    Ctrl-C does (`interrupt`): Ray's own handler exits mid-work."""
     address = address or cluster_address()
     if address and address.startswith(("http://", "https://")):
         raise ClusterError(
@@ -56,23 +112,30 @@ def connect(address: str | None = None) -> None:
         return
     try:
         if address:
+            check_reachable(address)
             log.info("joining the Ray cluster at %s", address)
-            ray.init(address=address, log_to_driver=True)
+            with _deadline(CONNECT_TIMEOUT_S):
+                ray.init(address=address, log_to_driver=True)
         else:
             log.info("starting a private local Ray (%d CPUs)", os.cpu_count() or 1)
             ray.init(address="local", include_dashboard=False, log_to_driver=False)
             _start_reaper()
+    except _Expired:
+        raise _unreachable(address, f"it accepts connections but Ray did not answer within {CONNECT_TIMEOUT_S:g}s "
+                                    "(TARFLOW_GS_CONNECT_TIMEOUT_S)") from None
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise ClusterError(f"cannot connect to Ray at {address or 'a new local instance'}: {e}") from None
+    interrupt.stop_on_sigterm()  # after ray.init, which installs a handler of its own
     atexit.register(shutdown)  # after ray.init's own: atexit runs it first
 
 
 def shutdown() -> None:
-    """Disconnect from Ray (stopping a private one) with Ctrl-C ignored: a Ctrl-C inside `ray.shutdown`
+    """Disconnect from Ray (stopping a private one) with Ctrl-C and SIGTERM ignored: a Ctrl-C inside `ray.shutdown`
     (Ray's atexit handler, which waits) leaves Ray half stopped and prints a traceback. Once the process
     is ending, a second Ctrl-C has nothing left to interrupt."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     ray.shutdown()
 
 

@@ -2,25 +2,32 @@
 
 Every expected error (a missing or corrupt file, a bad field, a plan for another model, Ray
 refusing) ends the command with its one-paragraph message on stderr and exit status 1; bad
-option values exit 2 naming the option. A traceback means a bug."""
+option values exit 2 naming the option; SIGTERM stops a command as Ctrl-C does and exits 143
+(`workflows.interrupt`). A traceback means a bug."""
 from __future__ import annotations
 
 import click
 
+from .. import interrupt
 from .errors import expected_errors
 
 
 class _Group(click.Group):
     def invoke(self, ctx):
+        interrupt.stop_on_sigterm()
         try:
             return super().invoke(ctx)
         except expected_errors() as e:
             raise click.ClickException(" ".join(str(e).split()) or type(e).__name__) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             # stop Ray now, deaf to a second Ctrl-C (one inside Ray's own atexit shutdown prints a traceback)
             from ..runtime import shutdown
 
             shutdown()
+            if isinstance(e, interrupt.Terminated):
+                click.echo(f"{ctx.invoked_subcommand or 'tarflow-gs'}: stopped by SIGTERM; finished work is kept, the "
+                           "same command resumes it", err=True)
+                ctx.exit(interrupt.EXIT_STATUS)
             raise click.Abort() from None
 
 

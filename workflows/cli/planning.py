@@ -1,9 +1,9 @@
 """`tarflow-gs profile` and `tarflow-gs plan`: measure a model's blocks, then compute (or write) a plan."""
 from __future__ import annotations
 
-import json
-
 import click
+
+from tarflow.schema import SchemaError, parse_json
 
 from ..config import CalibrationSection, PlanSection
 from .options import build, checkpoint_options, field_option, resources_options, spec_options
@@ -11,8 +11,8 @@ from .options import build, checkpoint_options, field_option, resources_options,
 
 def _int_list(text: str, name: str) -> list[int]:
     try:
-        values = json.loads(text)
-    except json.JSONDecodeError:
+        values = parse_json(text, name)
+    except SchemaError:
         values = None
     if not isinstance(values, list) or not all(isinstance(v, int) for v in values):
         raise click.BadParameter(f"{text!r}: expected a list of integers such as [8,1,1,1]", param_hint=name)
@@ -68,10 +68,13 @@ def plan_command(profile_path, tol, hand, paper_lists, guess, checkpoint, in_cha
     given = [name for name, v in (("--profile", profile_path), ("--hand", hand), ("--paper-lists", paper_lists)) if v]
     if len(given) != 1:
         raise click.UsageError("give exactly one of --profile, --hand, --paper-lists")
+    tol = build(PlanSection, {("tol",): tol}, {("tol",): "--tol"}).tol
+    if not profile_path and click.get_current_context().get_parameter_source("tol").name != "DEFAULT":
+        raise click.UsageError(f"--tol bounds the auto plan computed from --profile; {given[0]} writes the plan "
+                               "as given, with no tolerance: drop --tol")
     if profile_path:
         from ..stages.plan import auto_plan
 
-        tol = build(PlanSection, {("tol",): tol}, {("tol",): "--tol"}).tol
         prof = Profile.load(profile_path)
         model_ref = ModelRef(checkpoint, in_channels) if checkpoint else prof.model
         if model_ref is None:

@@ -5,7 +5,7 @@ import collections.abc
 
 import yaml
 
-from tarflow.schema import SchemaError, input_file, validate
+from tarflow.schema import MAX_NESTING, SchemaError, check_nesting, input_file, validate
 
 
 class ConfigError(SchemaError):
@@ -38,6 +38,9 @@ def load_yaml(tp, path, what: str):
         data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: {what} is not valid YAML ({e})") from None
+    except RecursionError:  # PyYAML composes nested nodes recursively: far beyond the bound
+        raise ConfigError(f"{path}: {what} nests lists and mappings more than {MAX_NESTING} deep") from None
+    check_nesting(data, f"{path}: {what}", ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a {what} is a mapping of sections, got {type(data).__name__}")
     try:

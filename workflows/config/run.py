@@ -50,6 +50,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field, model_validator
 
 from tarflow import ModelRef, SamplingSpec
+from tarflow.spec import MAX_BATCH
 
 from .errors import load_yaml
 from .stages import CONFIG, FidSettings, Resources, SampleSet
@@ -59,7 +60,7 @@ class CalibrationSection(BaseModel):
 
     data: str | None = Field(None, description="dataset name (mnist5k, digits) or image folder; null: the model's "
                                                "own sequential samples")
-    num_images: int = Field(32, ge=1, description="calibration images, rounded up to whole batches")
+    num_images: int = Field(32, ge=1, le=100_000, description="calibration images, rounded up to whole batches")
 
 
 class PlanSection(BaseModel):
@@ -85,7 +86,7 @@ class PlanSection(BaseModel):
 class ReportSection(BaseModel):
     model_config = CONFIG
 
-    scaling_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+    scaling_batch_sizes: list[Annotated[int, Field(ge=1, le=MAX_BATCH)]] = Field(
         default_factory=list, description="batch sizes at which the report also profiles the model, schedules an "
         "auto plan (plan.tol) and times it against sequential, for its speedup-vs-batch-size section; with an auto "
         "plan the run's own batch size is a point too, from the comparison. []: no such section")

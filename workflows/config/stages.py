@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from tarflow import ModelRef, Plan, SamplingSpec
+from tarflow.spec import MAX_BATCH
 from tarflow.schema import STRICT_FIELDS
 
 from ..fidelity.registry import DEFAULT_EXTRACTOR, EXTRACTOR_NAMES, check_weights_allowed, describe_extractors
+from ..storage.shards import layout_problem
 
 CONFIG = ConfigDict(**STRICT_FIELDS)
 
@@ -34,6 +36,12 @@ class SampleSet(BaseModel):
     num_samples: int = Field(1000, ge=1, description="sample ids 0..num_samples-1")
     shard_size: int = Field(1024, ge=1, description="samples per Parquet shard")
 
+    @model_validator(mode="after")
+    def _bounded(self):
+        if (problem := layout_problem(self.num_samples, self.shard_size)) is not None:
+            raise ValueError(problem)
+        return self
+
 
 class FidSettings(BaseModel):
     """The feature extractor FID (and IS, KID) use, what made reference statistics that do not say, the
@@ -44,13 +52,13 @@ class FidSettings(BaseModel):
     extractor: Literal[EXTRACTOR_NAMES] = Field(DEFAULT_EXTRACTOR, description=describe_extractors())
     weights: str | None = Field(None, description="extractor weights file, read as tensors (inception-v3-compat: "
                                                   "torch-fidelity's .pth, for no internet)")
-    batch_size: int = Field(200, ge=1, description="images per extractor call")
+    batch_size: int = Field(200, ge=1, le=MAX_BATCH, description="images per extractor call")
     reference_extractor: Literal[EXTRACTOR_NAMES] | None = Field(
         None, description="the extractor that made ADM/TTUR mu-sigma reference statistics (their files do not say)")
     reference_image_size: int | None = Field(
         None, ge=1, description="the image size reference statistics were computed at, where their file does not "
                                 "say (ADM/TTUR .npz; a torchmetrics .pth not named <name>_<size>_fid_stats.pth)")
-    kid_samples: int = Field(2000, ge=0, description="features per image set kept for KID, a strided subset "
+    kid_samples: int = Field(2000, ge=0, le=100_000, description="features per image set kept for KID, a strided subset "
                                                      "(0: no KID)")
 
     @field_validator("weights")

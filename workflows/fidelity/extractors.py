@@ -42,6 +42,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
+from tarflow.atomic import write_atomic
 from tarflow.checkpoint import load_torch_data
 
 from .registry import ExtractorError, check_weights_allowed, extractor_info
@@ -287,10 +288,7 @@ def export_compat_weights(out_path) -> Path:
                           f"{b}.bn.bias": source[f"{a}.beta"], f"{b}.bn.running_mean": source[f"{a}.mean"],
                           f"{b}.bn.running_var": source[f"{a}.var"],
                           f"{b}.bn.num_batches_tracked": target[f"{b}.bn.num_batches_tracked"]})
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(converted, out_path)
-    return out_path
+    return write_atomic(out_path, lambda tmp: torch.save(converted, tmp))
 
 
 def to_rgb_uint8(images: np.ndarray) -> torch.Tensor:

@@ -93,6 +93,24 @@ class FeatureStats:
         return (self.sum_outer - np.outer(self.sum, self.sum) / self.count) / (self.count - 1)
 
 
+# a covariance read from a file is symmetric and positive semi-definite up to the rounding of float32
+# storage (relative error ~6e-8 per entry, at most ~3e-6 of the largest eigenvalue at 2048-d); anything
+# further off is not a covariance, and FID from it can come out negative or plausible and wrong
+COVARIANCE_RTOL = 1e-5
+FID_RTOL = 1e-6  # of the traces: sqrtm's rounding on rank-deficient covariances
+
+
+def _check_covariance(sigma: np.ndarray, where: str) -> None:
+    scale = float(np.abs(sigma).max())
+    if not np.allclose(sigma, sigma.T, rtol=0, atol=COVARIANCE_RTOL * scale):
+        raise StatsError(f"{where}: sigma is not symmetric (largest |sigma - sigma^T| "
+                         f"{float(np.abs(sigma - sigma.T).max()):.3g} of entries up to {scale:.3g}): not a covariance")
+    eigenvalues = np.linalg.eigvalsh(sigma)
+    if eigenvalues[0] < -COVARIANCE_RTOL * max(float(eigenvalues[-1]), 0.0):
+        raise StatsError(f"{where}: sigma has eigenvalue {eigenvalues[0]:.4g} (largest {eigenvalues[-1]:.4g}): a "
+                         "covariance is positive semi-definite, so this is not one")
+
+
 @dataclass
 class FIDStats:
     """mu and sigma of one image set, with what made them: the unit reference `.npz` files hold."""
@@ -119,6 +137,7 @@ class FIDStats:
         for name, value in (("mu", self.mu), ("sigma", self.sigma)):
             if not np.isfinite(value).all():
                 raise StatsError(f"{where}: {name} holds NaN or inf")
+        _check_covariance(self.sigma, where)
         if self.count is not None and (not _is_int(self.count) or self.count < 2):
             raise StatsError(f"{where}: count={self.count!r}, a covariance needs at least 2 images")
         if len(self.image_size) != 2 or any(not _is_int(s) or s < 1 for s in self.image_size):
@@ -146,7 +165,8 @@ class FIDStats:
                  extractor=np.str_(self.extractor),
                  image_size=np.asarray(self.image_size, np.int64), dataset=np.str_(self.dataset),
                  format=np.str_(STATS_FORMAT), **kid)
-        write_atomic(*resolve(str(path)), buffer.getvalue())  # a crash never leaves a truncated file
+        fs, where = resolve(str(path))  # a crash never leaves a truncated file
+        write_atomic(fs, *where.rsplit("/", 1), buffer.getvalue())
         return path
 
     @classmethod
@@ -189,7 +209,11 @@ def frechet_distance(a: FIDStats, b: FIDStats) -> float:
     if not math.isfinite(fid):
         raise StatsError(f"FID of {a.dataset} vs {b.dataset} is {fid}, not a number: their statistics are too "
                          "large, or their covariances have no real square root")
-    return fid
+    # a distance: below zero only by the rounding of the trace terms it is a difference of
+    if fid < -FID_RTOL * (np.trace(a.sigma) + np.trace(b.sigma)):
+        raise StatsError(f"FID of {a.dataset} vs {b.dataset} came out {fid:.6g}, below zero: a distance cannot be; "
+                         "the statistics are not what they claim")
+    return max(fid, 0.0)
 
 
 def _size(path: Path, image_size) -> tuple[int, int] | None:

@@ -20,8 +20,8 @@ from pathlib import Path
 from tarflow import Plan
 
 from .. import runtime
-from ..config import ConfigError, NightlyConfig, ReportSection, RunConfig, Thresholds
-from ..report import ReportData, report_files
+from ..config import ConfigError, NightlyConfig, NightlyModel, ReportSection, RunConfig, Thresholds
+from ..report import ModelResult, ReportData, report_files
 from ..stages import compare
 from ..storage.files import Store
 from ..storage.history import HistoryRow, append_history, read_history
@@ -112,6 +112,43 @@ def recorded_run(cfg: NightlyConfig, run_id: str, history: list[HistoryRow] | No
                                 "appended nothing"])
 
 
+def _measure(entry: NightlyModel, night: Store, workdir: Path, now: datetime) -> tuple[HistoryRow, ModelResult]:
+    """One model of the night: its pipeline run, the comparison with sequential and hand plans, their FIDs."""
+    run_cfg = RunConfig.load(entry.config)
+    if run_cfg.plan.source != "auto":
+        raise ConfigError(f"{entry.config}: the nightly job measures the auto plan; remove plan.path / plan.hand "
+                          "and list hand plans under hand_plans")
+    update = {"output": night.path(run_cfg.name)}  # nothing cached across nights; a retry resumes its night
+    if entry.num_samples is not None:
+        update["samples"] = run_cfg.samples.model_copy(update={"num_samples": entry.num_samples})
+    run_cfg = run_cfg.model_copy(update=update)
+    log.info("nightly: %s", run_cfg.name)
+    result = run_pipeline(run_cfg)
+    plans = {"auto plan": result.plan}
+    num_blocks, num_tokens = result.plan.num_blocks, result.plan.num_tokens
+    for notation in entry.hand_plans:
+        plans[f"hand {notation}"] = Plan.from_paper_notation(notation, num_blocks, num_tokens).bound_to(
+            result.plan.model_hash)
+    mr, where = compare.compare_in_worker(run_cfg.model, plans, result.spec, run_cfg.resources.generate,
+                                          repeats=3, name=run_cfg.name,
+                                          block_metrics=[{"crm_share": b.crm_share, "igm_z": b.igm_z,
+                                                          "igm_zeros": b.igm_zeros}
+                                                         for b in result.model_result.blocks])
+    mr.scaling = result.model_result.scaling  # measured by the run's report stage, in a generate worker too
+    seq, auto = mr.runs[0], mr.run("auto plan")
+    if result.fid is not None:
+        auto.fid = result.fid.fid
+        mr.fid_extractor, mr.fid_num_samples = result.fid.extractor, result.fid.sample_count
+        if entry.fid_sequential:
+            seq.fid = _fid_of(run_cfg, "sequential", Plan.sequential(num_blocks, num_tokens), workdir)
+        for r in mr.runs[2:]:
+            r.fid = _fid_of(run_cfg, r.plan, plans[r.plan], workdir)
+    others = {r.plan: {"speedup": r.speedup, "passes": r.passes, "max_abs_error": r.max_abs_error, "fid": r.fid}
+              for r in mr.runs[2:]}
+    return history_row(run_cfg.name, "auto plan", result.plan, mr, where, now.isoformat(timespec="seconds"),
+                       others), mr
+
+
 def run_nightly(cfg: NightlyConfig, now: datetime | None = None, accept: bool = False, run_id: str | None = None,
                 require_baseline: bool = False) -> NightlyResult:
     """Measure every model, append a row each to the history, write the report; returns the gate's verdict.
@@ -122,44 +159,14 @@ def run_nightly(cfg: NightlyConfig, now: datetime | None = None, accept: bool = 
     done = recorded_run(cfg, stamp)
     if done is not None:
         return done
-    night = Store(f"{cfg.output.rstrip('/')}/{stamp}")
-    workdir = Path(tempfile.mkdtemp(prefix="tarflow-gs-nightly-"))
+    night = Store(Store(cfg.output).path(stamp))
     rows, models = [], []
-    for entry in cfg.models:
-        run_cfg = RunConfig.load(entry.config)
-        if run_cfg.plan.source != "auto":
-            raise ConfigError(f"{entry.config}: the nightly job measures the auto plan; remove plan.path / plan.hand "
-                              "and list hand plans under hand_plans")
-        update = {"output": night.path(run_cfg.name)}  # nothing cached across nights; a retry resumes its night
-        if entry.num_samples is not None:
-            update["samples"] = run_cfg.samples.model_copy(update={"num_samples": entry.num_samples})
-        run_cfg = run_cfg.model_copy(update=update)
-        log.info("nightly: %s", run_cfg.name)
-        result = run_pipeline(run_cfg)
-        plans = {"auto plan": result.plan}
-        num_blocks, num_tokens = result.plan.num_blocks, result.plan.num_tokens
-        for notation in entry.hand_plans:
-            plans[f"hand {notation}"] = Plan.from_paper_notation(notation, num_blocks, num_tokens).bound_to(
-                result.plan.model_hash)
-        mr, where = compare.compare_in_worker(run_cfg.model, plans, result.spec, run_cfg.resources.generate,
-                                              repeats=3, name=run_cfg.name,
-                                              block_metrics=[{"crm_share": b.crm_share, "igm_z": b.igm_z,
-                                                              "igm_zeros": b.igm_zeros}
-                                                             for b in result.model_result.blocks])
-        mr.scaling = result.model_result.scaling  # measured by the run's report stage, in a generate worker too
-        seq, auto = mr.runs[0], mr.run("auto plan")
-        if result.fid is not None:
-            auto.fid = result.fid.fid
-            mr.fid_extractor, mr.fid_num_samples = result.fid.extractor, result.fid.sample_count
-            if entry.fid_sequential:
-                seq.fid = _fid_of(run_cfg, "sequential", Plan.sequential(num_blocks, num_tokens), workdir)
-            for r in mr.runs[2:]:
-                r.fid = _fid_of(run_cfg, r.plan, plans[r.plan], workdir)
-        others = {r.plan: {"speedup": r.speedup, "passes": r.passes, "max_abs_error": r.max_abs_error, "fid": r.fid}
-                  for r in mr.runs[2:]}
-        rows.append(history_row(run_cfg.name, "auto plan", result.plan, mr, where, now.isoformat(timespec="seconds"),
-                                others))
-        models.append(mr)
+    # the hand plans' plan files; removed however the night ends
+    with tempfile.TemporaryDirectory(prefix="tarflow-gs-nightly-") as workdir:
+        for entry in cfg.models:
+            row, measured = _measure(entry, night, Path(workdir), now)
+            rows.append(row)
+            models.append(measured)
     return record(cfg, stamp, rows, models, accept, require_baseline)
 
 
@@ -198,7 +205,7 @@ def record(cfg: NightlyConfig, stamp: str, rows: list[HistoryRow], models: list,
     header = [f"nightly run {stamp}; history {cfg.history}", "thresholds: " + json.dumps(cfg.thresholds.model_dump())]
     data = ReportData(f"tarflow-gs nightly {stamp}", models, history + rows,
                       header + notes + [f"REGRESSION: {p}" for p in problems])
-    night = Store(f"{cfg.output.rstrip('/')}/{stamp}")
+    night = Store(Store(cfg.output).path(stamp))
     for name, text in report_files(data).items():
         night.write_text(name, text)
     append_history(cfg.history, rows)

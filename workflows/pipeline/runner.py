@@ -34,6 +34,7 @@ from tarflow.profile import Profile
 from tarflow.schema import SchemaError
 from tarflow.schedule import hand_plan
 
+from .. import runtime
 from ..config import GenerateConfig, RunConfig
 from ..report import ModelResult, ReportData, report_files, where_plans_pay
 from ..stages import compare, fid, generate, plan as planning, profile as profiling
@@ -121,6 +122,7 @@ class RunContext:
         if cfg.fid.enabled:
             fid.check_reference(cfg.fid.reference, cfg.fid, model.config.img_size)
         _check_not_a_shard_set(cfg.output)
+        runtime.check_reachable()
         store = Store(cfg.output)
         store.check_writable()
         stop_after = None if stop_after == STAGES[-1] else stop_after  # after the last stage: the whole run

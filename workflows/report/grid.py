@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tarflow.atomic import write_atomic
+
 
 def grid_png(images, nrow: int | None = None) -> str:
     """Base64 PNG of a grid (square by default) of images (N, C, H, W) in model space [-1, 1]."""
@@ -37,7 +39,5 @@ def save_grid(images: torch.Tensor, path, nrow: int = 10) -> Path:
     """Images (N, C, H, W) in [-1, 1] as one PNG grid with 2-pixel white padding."""
     from torchvision.utils import save_image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image((images.clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
-    return path
+    return write_atomic(path, lambda tmp: save_image((images.clamp(-1, 1) + 1) / 2, tmp, nrow=nrow, padding=2,
+                                                     pad_value=1.0, format="PNG"))

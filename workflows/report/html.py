@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 
 from tarflow.schedule import MIN_GAIN
 
+from ..storage.files import Store, write_atomic
 from .data import ModelResult, ReportData
 
 SECTIONS = ("summary", "blocks", "convergence", "history", "samples")  # on every page; "scaling" where measured
@@ -293,13 +294,13 @@ def write_report(data: ReportData, out_dir) -> tuple[Path, Path]:
     """Write the report's files into a local directory, and every figure and sample grid as a PNG under
     `figures/` (for slides and READMEs); returns (report.html, report.json)."""
     out_dir = Path(out_dir)
-    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    store = Store(str(out_dir))  # atomic writes that stay inside out_dir (no link is written through)
     drawn = draw_figures(data)
     for name, text in report_files(data, drawn).items():
-        (out_dir / name).write_text(text)
+        store.write_text(name, text)
     pngs = {f"{figure_id}.png": png for figure_id, png in drawn[1].items()}
     pngs.update({f"samples-{m.name}-{r.plan}.png": base64.b64decode(r.grid_png)
                  for m in data.models for r in m.runs if r.grid_png})
     for name, png in pngs.items():
-        (out_dir / "figures" / re.sub(r"[^A-Za-z0-9._-]+", "-", name)).write_bytes(png)
+        write_atomic(store.fs, store.base, f"figures/{re.sub(r'[^A-Za-z0-9._-]+', '-', name)}", png)
     return out_dir / "report.html", out_dir / "report.json"

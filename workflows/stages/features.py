@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import ray
 
 from .. import runtime
 from ..config import FidSettings, Resources
@@ -133,32 +132,42 @@ def check_shards(location: str) -> sh.Manifest:
     return sh.read_manifest(location)
 
 
-def _units(source: ImageSource, image_size: tuple[int, int] | None,
-           kid_samples: int) -> tuple[list[tuple], str, int]:
-    """The tasks of one source as (worker method, args), a description of the images and their number."""
-    if source.kind == "shards":
-        manifest = check_shards(source.location)
-        stride = kid_stride(manifest.num_samples, kid_samples)
-        return [(FeatureWorker.shard, (source.location, e, stride)) for e in manifest.shards], source.location, \
-            manifest.num_samples
-    if source.kind == "folder":
-        root = Path(source.location)
-        paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not paths:
-            raise EvaluateError(f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        stride = kid_stride(len(paths), kid_samples)
-        return [(FeatureWorker.files, (paths[i:i + CHUNK_IMAGES], i, stride))
-                for i in range(0, len(paths), CHUNK_IMAGES)], str(root), len(paths)
-    if source.kind == "dataset":
-        from tarflow.data import load_dataset
+@dataclass
+class Work:
+    """The tasks of one source as (worker method, args), a description of its images and their number:
+    made from the source's listing alone (a manifest, a folder, a dataset), so bad input is found before
+    any Ray starts."""
 
-        size = None if image_size is None else image_size[0]
-        images = sh.to_uint8(load_dataset(source.location, image_size=size).images.numpy())
-        stride = kid_stride(len(images), kid_samples)
-        units = [(FeatureWorker.array, (ray.put(images[i:i + CHUNK_IMAGES]), i, stride))
-                 for i in range(0, len(images), CHUNK_IMAGES)]
-        return units, f"{source.location} (all {len(images)} images)", len(images)
-    raise EvaluateError(f"a {source.kind} source has no images to extract")
+    units: list[tuple]
+    description: str
+    num_images: int
+
+    @classmethod
+    def of(cls, source: ImageSource, image_size: tuple[int, int] | None, kid_samples: int) -> "Work":
+        if source.kind == "shards":
+            manifest = check_shards(source.location)
+            stride = kid_stride(manifest.num_samples, kid_samples)
+            return cls([(FeatureWorker.shard, (source.location, e, stride)) for e in manifest.shards],
+                       source.location, manifest.num_samples)
+        if source.kind == "folder":
+            root = Path(source.location)
+            paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not paths:
+                raise EvaluateError(f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            stride = kid_stride(len(paths), kid_samples)
+            return cls([(FeatureWorker.files, (paths[i:i + CHUNK_IMAGES], i, stride))
+                        for i in range(0, len(paths), CHUNK_IMAGES)], str(root), len(paths))
+        if source.kind == "dataset":
+            from tarflow.data import load_dataset
+
+            size = None if image_size is None else image_size[0]
+            images = sh.to_uint8(load_dataset(source.location, image_size=size).images.numpy())
+            stride = kid_stride(len(images), kid_samples)
+            # chunks go to the object store with their task (Ray puts large arguments there itself)
+            return cls([(FeatureWorker.array, (images[i:i + CHUNK_IMAGES], i, stride))
+                        for i in range(0, len(images), CHUNK_IMAGES)], f"{source.location} (all {len(images)} images)",
+                       len(images))
+        raise EvaluateError(f"a {source.kind} source has no images to extract")
 
 
 class FeaturePool:
@@ -177,15 +186,17 @@ class FeaturePool:
     def __exit__(self, *exc) -> None:
         self.pool.close()
 
-    def run(self, source: ImageSource | str, image_size: tuple[int, int] | None = None) -> tuple[PassStats, str]:
-        """(PassStats, description) of one source, merged in the driver as tasks finish.
+    def run(self, source: ImageSource | str | Work, image_size: tuple[int, int] | None = None) -> tuple[PassStats, str]:
+        """(PassStats, description) of one source (or its `Work`, made beforehand), merged in the driver as
+        tasks finish.
 
         `image_size` resizes a dataset to it; other sources must already have it (else an error)."""
         source = ImageSource.parse(source) if isinstance(source, str) else source
-        units, description, num_images = _units(source, image_size, self.settings.kid_samples)
+        work = source if isinstance(source, Work) else Work.of(source, image_size, self.settings.kid_samples)
+        description = work.description
         total = None
-        with Progress(num_images, f"features ({self.settings.extractor})", "img", self.progress) as bar:
-            for _, part in self.pool.map_unordered(units):
+        with Progress(work.num_images, f"features ({self.settings.extractor})", "img", self.progress) as bar:
+            for _, part in self.pool.map_unordered(work.units):
                 try:
                     total = part if total is None else total + part
                 except EvaluateError as e:

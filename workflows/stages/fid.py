@@ -27,7 +27,7 @@ from ..fidelity.metrics import kid
 from ..fidelity.stats import FIDStats, frechet_distance, load_stats
 from ..storage import shards as sh
 from ..storage.files import join, resolve, write_atomic
-from .features import EvaluateError, FeaturePool, ImageSource, IMAGE_SUFFIXES, check_shards, compute_stats
+from .features import EvaluateError, FeaturePool, ImageSource, IMAGE_SUFFIXES, Work, check_shards, compute_stats
 
 __all__ = ["EvaluateError", "FeaturePool", "FIDResult", "FIDResultError", "ImageSource", "KIDResult",
            "check_reference", "evaluate_fid", "reference_stats", "result_name"]
@@ -194,8 +194,9 @@ def evaluate_fid(samples: str, reference: str, settings: FidSettings = FidSettin
     # every input checked before any sample is read; a statistics file is read once, here
     given, where = check_reference(reference, settings), f"reference statistics {reference}"
     ref_source = ImageSource.parse(reference)
+    work = Work.of(source, None, settings.kid_samples)  # a bad manifest or an empty folder: said before Ray starts
     with FeaturePool(settings, resources, progress) as pool:
-        passed, description = pool.run(source)
+        passed, description = pool.run(work)
         sample_stats = passed.fid_stats(settings.extractor, description)
         if given is None:
             ref_stats, ref_path = reference_stats(reference, settings, sample_stats.image_size, cache_dir, pool)
@@ -220,5 +221,5 @@ def evaluate_fid(samples: str, reference: str, settings: FidSettings = FidSettin
                        notes, {**settings.model_dump(), **resources.model_dump()}, placements)
     if write_result and source.kind in ("shards", "folder"):
         fs, base = resolve(source.location)
-        write_atomic(fs, join(base, result_name(settings.extractor)), result.to_json().encode())
+        write_atomic(fs, base, result_name(settings.extractor), result.to_json().encode())
     return result

@@ -264,6 +264,7 @@ def generate(cfg: GenerateConfig, progress: bool | None = None,
     writer is refused); `on_shard` is called in the driver after each shard is committed (progress for
     callers)."""
     job = _inputs(cfg)  # every input checked before the output is touched
+    runtime.check_reachable()  # and the cluster, if one is named
     _check_output(cfg.out)  # what is in the way would fail the lease with a less useful message
     try:
         lease = Lease(cfg.out).acquire()
@@ -292,13 +293,14 @@ def _generate(job: Job, lease: Lease, progress: bool | None, on_shard) -> Genera
     provenance = {"checkpoint": cfg.model.checkpoint, "plan": job.plan.to_dict(), "software": software_versions()}
     job.manifest.provenance = {**provenance, "writer": lease.me}  # shards stay free of per-run ids: a redo is the same bytes
     fs, base = resolve(cfg.out)
+    if job.pending or job.unverified:
+        runtime.connect()  # before the first write: a cluster that cannot be joined leaves the output as it was
     _write_manifest(job)
     # this run holds the lease: any temporary left here belongs to a run that died
-    for directory in (base, join(base, sh.DATA_DIR)):
-        _write("remove stale temporaries", cfg, remove_temporaries, fs, directory)
+    for folder in ("", sh.DATA_DIR):
+        _write("remove stale temporaries", cfg, remove_temporaries, fs, base, folder)
     if not job.pending and not job.unverified:
         return _summarize(job, 0, 0, 0.0, None)
-    runtime.connect()
     start = time.perf_counter()  # from here: actor start, model loads, sampling, writes
     work = ray.put({"model_config": job.model_config, "state_dict": job.state_dict, "spec": job.spec,
                     "plan": job.plan, "identity": job.identity, "provenance": provenance})

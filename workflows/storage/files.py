@@ -181,19 +181,45 @@ def check_creatable(uri: str) -> None:
         raise PermissionError(f"cannot create {uri}: {p} is not writable")
 
 
-def write_atomic(fs: pafs.FileSystem, path: str, data: bytes, owner: str = "") -> None:
-    """Write `path` so that readers see the old content or the new, never part of it.
+class LinkError(OSError):
+    """A symbolic link inside an output, where the project would write, lock or delete through it."""
+
+
+def below(fs: pafs.FileSystem, root: str, name: str) -> str:
+    """The path of `name` (a folder or file; "" is `root`) under `root`, once no part of it below `root` is a
+    symbolic link.
+
+    Every path the project writes, replaces, locks or deletes under an output goes through here, so a
+    link planted inside an output (`data` -> /etc) cannot carry a write out of it. `root` itself is
+    what the user named and may be or sit under a link. Object stores have no links: a key is a name."""
+    path = join(root, name) if name else root
+    if is_local(fs) and name:
+        part = root
+        for step in name.split("/"):
+            part = join(part, step)
+            if os.path.islink(part):
+                raise LinkError(f"{part} is a symbolic link (to {os.readlink(part)}): tarflow-gs writes only inside "
+                                "its output, never through a link; remove the link")
+    return path
+
+
+def write_atomic(fs: pafs.FileSystem, root: str, name: str, data: bytes, owner: str = "") -> None:
+    """Write `name` under `root` so that readers see the old content or the new, never part of it.
 
     An object store's PUT does that by itself: written directly (a rename there is a copy and a delete,
     two more requests for nothing). On a local disk: a hidden temporary in the same directory, renamed
-    over `path`; its name carries `owner` (a run id), so a run removes only its own leftovers."""
-    directory, name = path.rsplit("/", 1)
+    over the file (a link there is replaced, never written through); its name carries `owner` (a run
+    id), so a run removes only its own leftovers."""
+    folder, _, _ = name.rpartition("/")
+    below(fs, root, folder)
+    path = join(root, name)
     if not is_local(fs):  # the PUT happens when the stream closes: name the store for its errors too
         with translated(fs.handler.uri, f"write {path}"):
             with fs.open_output_stream(path) as f:
                 f.write(data)
         return
-    tmp = join(directory, f".{name}.tmp-{owner}{'-' if owner else ''}{uuid.uuid4().hex[:12]}")
+    directory, base = path.rsplit("/", 1)
+    tmp = join(directory, f".{base}.tmp-{owner}{'-' if owner else ''}{uuid.uuid4().hex[:12]}")
     fs.create_dir(directory, recursive=True)
     try:
         with fs.open_output_stream(tmp) as f:
@@ -205,11 +231,13 @@ def write_atomic(fs: pafs.FileSystem, path: str, data: bytes, owner: str = "") -
         raise
 
 
-def remove_temporaries(fs: pafs.FileSystem, directory: str, owners: set[str] | None = None) -> int:
-    """Delete temporary files left by writers that died before their rename (only those of `owners`,
-    when given); returns how many. Only a local disk has them: object stores are written directly."""
+def remove_temporaries(fs: pafs.FileSystem, root: str, name: str = "", owners: set[str] | None = None) -> int:
+    """Delete temporary files left by writers that died before their rename, in the folder `name` under
+    `root` (only those of `owners`, when given); returns how many. Only a local disk has them: object
+    stores are written directly."""
     if not is_local(fs):
         return 0
+    directory = below(fs, root, name)
     infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
     stale = [i.path for i in infos if i.type == pafs.FileType.File and i.base_name.startswith(".")
              and ".tmp-" in i.base_name
@@ -229,6 +257,8 @@ class Store:
             self.fs.create_dir(self.base, recursive=True)
 
     def path(self, name: str) -> str:
+        """The URI of `name` here, for a stage to write under: refused if a link below the root leads out."""
+        below(self.fs, self.base, name)
         return f"{self.uri}/{name}"
 
     def exists(self, name: str) -> bool:
@@ -238,11 +268,11 @@ class Store:
         return read_bytes(self.fs, join(self.base, name)).decode()
 
     def write_text(self, name: str, text: str) -> None:
-        write_atomic(self.fs, join(self.base, name), text.encode())
+        write_atomic(self.fs, self.base, name, text.encode())
 
     def check_writable(self) -> None:
         """Raise OSError now if nothing can be written here (a read-only mount, a denied bucket)."""
-        probe = join(self.base, f".probe-{uuid.uuid4().hex[:12]}")
-        write_atomic(self.fs, probe, b"")
-        self.fs.delete_file(probe)
+        probe = f".probe-{uuid.uuid4().hex[:12]}"
+        write_atomic(self.fs, self.base, probe, b"")
+        self.fs.delete_file(join(self.base, probe))
 

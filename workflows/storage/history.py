@@ -5,8 +5,8 @@ The table is a folder of Parquet files, one per append, written atomically under
 appends never rewrite earlier rows, so two runs appending at once both keep their rows, and any
 Parquet reader opens the folder as one table (`pyarrow.dataset`, pandas, DuckDB). Reading checks each
 file against the schema and each row against `HistoryRow`, and names the file that is not a history file
-(a stray upload, another tool's table, a number out of range) instead of failing somewhere inside Arrow
-or comparing against NaN."""
+(a stray upload, another tool's table, a number out of range, a page whose checksum fails) instead of
+failing somewhere inside Arrow or comparing against NaN or a flipped bit."""
 from __future__ import annotations
 
 import io
@@ -22,7 +22,7 @@ from pydantic import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveIn
 from pydantic.dataclasses import dataclass
 from typing_extensions import TypedDict
 
-from tarflow.schema import STRICT_FIELDS, SchemaError, validate
+from tarflow.schema import STRICT_FIELDS, SchemaError, parse_json, validate
 
 from .files import join, resolve, write_atomic
 
@@ -123,8 +123,11 @@ def _read_file(fs: pafs.FileSystem, path: str, uri: str) -> list[HistoryRow]:
     name = path.rsplit("/", 1)[-1]
     where = f"history {uri}: {name}"
     try:
-        table = pq.read_table(path, filesystem=fs)
+        table = pq.read_table(path, filesystem=fs, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as e:
+        if "checksum" in str(e):
+            raise HistoryError(f"{where} is corrupt ({e}): its rows cannot be trusted; restore the file from a copy, "
+                               "or move it out of the history folder") from None
         raise HistoryError(_stray(where, f"not a Parquet file ({e})")) from None
     problems = []
     for f in SCHEMA:
@@ -141,10 +144,9 @@ def _read_file(fs: pafs.FileSystem, path: str, uri: str) -> list[HistoryRow]:
     rows = []
     for i, r in enumerate(table.select(names).to_pylist()):
         try:
-            others = json.loads(r["others"] or "{}")
-        except json.JSONDecodeError as e:
-            raise HistoryError(_stray(where, f"not a tarflow-gs history file (rows[{i}].others is not JSON: {e})")) \
-                from None
+            others = parse_json(r["others"] or "{}", f"rows[{i}].others", HistoryError)
+        except HistoryError as e:
+            raise HistoryError(_stray(where, f"not a tarflow-gs history file ({e})")) from None
         rows.append({**ADDED_LATER, **r, "others": others})
     try:
         return validate(list[HistoryRow], rows, "rows")
@@ -165,7 +167,9 @@ def append_history(uri: str, new_rows: list[HistoryRow]) -> None:
         for name, value in asdict(r).items():
             columns[name].append(json.dumps(value, sort_keys=True) if name == "others" else value)
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pydict(columns, schema=SCHEMA), buf)
+    # with page checksums, verified on read (as shards are): a flipped bit is an error, never a number the
+    # gate compares
+    pq.write_table(pa.Table.from_pydict(columns, schema=SCHEMA), buf, write_page_checksum=True)
     fs, path = resolve(uri)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    write_atomic(fs, join(path, f"rows-{stamp}-{uuid.uuid4().hex[:8]}.parquet"), buf.getvalue())
+    write_atomic(fs, path, f"rows-{stamp}-{uuid.uuid4().hex[:8]}.parquet", buf.getvalue())

@@ -26,6 +26,7 @@ stores) or its lock is free (a local disk), never judged by its pid.
 from __future__ import annotations
 
 import email.utils
+import errno
 import fcntl
 import json
 import logging
@@ -41,9 +42,9 @@ from fsspec.asyn import sync
 from pydantic import NonNegativeFloat, PositiveInt, with_config
 from typing_extensions import TypedDict
 
-from tarflow.schema import STRICT_FIELDS, SchemaError, validate
+from tarflow.schema import STRICT_FIELDS, SchemaError, parse_json, validate
 
-from .files import client, is_local, join, resolve, store_of, translated
+from .files import LinkError, client, is_local, join, resolve, store_of, translated
 
 log = logging.getLogger(__name__)
 
@@ -106,19 +107,24 @@ class _LocalLock:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         while True:
             try:
-                fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+                fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), True
             except FileExistsError:
-                try:
-                    fd, created = os.open(self.path, os.O_RDWR), False
+                try:  # never through a link: one planted here would have this run truncate its target
+                    fd, created = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW), False
                 except FileNotFoundError:
                     continue  # released between the two opens: try to create it again
+                except OSError as e:
+                    if e.errno != errno.ELOOP:
+                        raise
+                    raise LinkError(f"{self.path} is a symbolic link (to {os.readlink(self.path)}): tarflow-gs "
+                                    "writes only inside its output, never through a link; remove the link") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
                 return False, self._holder()
             try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                same = os.lstat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
             if not same:  # we locked a lease its holder released (unlinked) meanwhile: start over
@@ -146,7 +152,7 @@ class _LocalLock:
 
     def lost(self) -> str | None:
         try:
-            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+            if os.lstat(self.path).st_ino == os.fstat(self.fd).st_ino:
                 return None
         except FileNotFoundError:
             pass
@@ -241,7 +247,7 @@ class _GCSObject:
         with translated(self.uri, f"read {LEASE_NAME}"):
             try:
                 headers, meta = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key)
-                meta = json.loads(meta)
+                meta = parse_json(meta, f"the metadata of {LEASE_NAME}", OSError)
                 _, data = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, alt="media",
                                        ifGenerationMatch=meta["generation"])
             except FileNotFoundError:
@@ -274,11 +280,7 @@ def _parse(data: bytes) -> Held:
     if not data.strip():
         return "is empty"
     try:
-        held = json.loads(data)
-    except ValueError:  # not JSON, or not UTF-8
-        return "is not a lease this build reads (not JSON)"
-    try:
-        return validate(LeaseRecord, held, "")
+        return validate(LeaseRecord, parse_json(data, "its text"), "")
     except SchemaError as e:
         return f"is not a lease this build reads ({e})"
 

@@ -49,10 +49,10 @@ from pydantic import AfterValidator, BaseModel, Field, NonNegativeFloat, NonNega
 from pydantic.dataclasses import dataclass
 from typing_extensions import TypedDict
 
-from tarflow.schema import STRICT_FIELDS, describe, validate
+from tarflow.schema import STRICT_FIELDS, describe, parse_json, validate
 from tarflow.spec import SamplingSpec
 
-from .files import join, read_bytes, resolve, write_atomic
+from .files import below, join, read_bytes, resolve, write_atomic
 from .lease import Writer
 
 MANIFEST_NAME = "_manifest.json"
@@ -63,6 +63,22 @@ MANIFEST_VERSION = 3
 HASH_CHUNK_BYTES = 8 << 20
 ROW_GROUP_ROWS = 100  # readers that stream (datasets, DuckDB) hold one row group, not a whole shard
 METADATA_KEY = b"tarflow-gs"
+# what one set can hold, checked before anything is created or listed: the driver keeps a list of pending
+# shards and the manifest one entry per shard (about 300 bytes: 30 MB at the bound); an actor holds one
+# shard's encoded images while it writes it (65,536 at 256 px is about 10 GB)
+MAX_SHARDS = 100_000
+MAX_SHARD_SIZE = 65_536
+
+
+def layout_problem(num_samples: int, shard_size: int) -> str | None:
+    """Why a set of `num_samples` in shards of `shard_size` exceeds the bounds above, or None."""
+    if shard_size > MAX_SHARD_SIZE:
+        return f"shard_size={shard_size}: at most {MAX_SHARD_SIZE} samples per shard"
+    shards = -(-num_samples // shard_size)
+    if shards > MAX_SHARDS:
+        return (f"num_samples={num_samples}: {shards} shards of {shard_size}; a set holds at most {MAX_SHARDS} "
+                f"shards: raise shard_size (up to {MAX_SHARD_SIZE}) or make fewer samples")
+    return None
 
 
 # ---- the run's identity and the manifest ------------------------------------------------------
@@ -195,6 +211,8 @@ class Manifest:
     version: Literal[MANIFEST_VERSION] = MANIFEST_VERSION
 
     def __post_init__(self):
+        if (problem := layout_problem(self.num_samples, self.shard_size)) is not None:
+            raise ValueError(problem)
         for key in ("num_samples", "shard_size"):
             if key in self.settings and self.settings[key] != getattr(self, key):
                 raise ValueError(f"{key}={getattr(self, key)}: its settings say {self.settings[key]!r}")
@@ -255,9 +273,9 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str, where: str = MANIFEST_NAME) -> "Manifest":
         try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ShardError(f"{where} is corrupt (not valid JSON: {e})") from None
+            d = parse_json(text, "the text", ShardError)
+        except ShardError as e:
+            raise ShardError(f"{where} is corrupt ({e})") from None
         if not isinstance(d, dict) or d.get("format") != MANIFEST_FORMAT:
             raise ShardError(f"{where} is not a tarflow-gs shard manifest (format != {MANIFEST_FORMAT!r})")
         if d.get("version") != MANIFEST_VERSION:
@@ -300,10 +318,8 @@ def read_records(uri: str, layout: Manifest) -> list[ShardEntry]:
         where = f"{uri}/{RECORDS_DIR}/{info.base_name}"
         text = _text(fs, info.path, where)
         try:
-            entry = validate(ShardEntry, json.loads(text), "", ShardError)
+            entry = validate(ShardEntry, parse_json(text, "the text", ShardError), "", ShardError)
             problem = layout.misfit(entry)
-        except json.JSONDecodeError as e:
-            problem = f"not valid JSON: {e}"
         except ShardError as e:
             problem = str(e)
         if problem:
@@ -315,8 +331,8 @@ def read_records(uri: str, layout: Manifest) -> list[ShardEntry]:
 def write_manifest(uri: str, manifest: Manifest) -> None:
     """Write the manifest with its entries folded in, then drop the records it now holds."""
     fs, base = resolve(uri)
-    write_atomic(fs, join(base, MANIFEST_NAME), manifest.to_json().encode())
-    records = join(base, RECORDS_DIR)
+    write_atomic(fs, base, MANIFEST_NAME, manifest.to_json().encode())
+    records = below(fs, base, RECORDS_DIR)
     if fs.get_file_info(records).type == pafs.FileType.Directory:
         fs.delete_dir(records)
 
@@ -326,7 +342,7 @@ def commit_shard(uri: str, entry: ShardEntry) -> int:
     Returns the bytes written."""
     fs, base = resolve(uri)
     data = json.dumps(asdict(entry), sort_keys=True).encode()
-    write_atomic(fs, join(base, f"{RECORDS_DIR}/{entry.index:05d}.json"), data)
+    write_atomic(fs, base, f"{RECORDS_DIR}/{entry.index:05d}.json", data)
     return len(data)
 
 
@@ -446,7 +462,7 @@ def write_shard(uri: str, layout: Manifest, index: int, table: pa.Table, metadat
     pq.write_table(table, sink, compression="zstd", write_page_checksum=True, row_group_size=ROW_GROUP_ROWS)
     data = sink.getvalue().to_pybytes()
     name = layout.shard_file(index)
-    write_atomic(fs, join(base, name), data, owner)
+    write_atomic(fs, base, name, data, owner)
     ids = table.column("sample_id")
     return ShardEntry(name, index, table.num_rows, int(ids[0].as_py()), int(ids[-1].as_py()),
                       hashlib.sha256(data).hexdigest(), len(data), stats or {})
@@ -467,7 +483,7 @@ def recover_entries(uri: str, identity: RunIdentity, layout: Manifest) -> tuple[
         data = read_bytes(fs, info.path)
         try:
             table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
-            meta = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
+            meta = parse_json((table.schema.metadata or {}).get(METADATA_KEY, b"{}"), "its metadata", ShardError)
             made_by = RunIdentity.from_settings(meta.get("settings"), name)
         except (pa.ArrowException, OSError, ValueError):
             continue
@@ -577,4 +593,5 @@ def read_metadata(uri: str, entry: ShardEntry) -> dict:
     """The `tarflow-gs` key of one shard's Parquet schema metadata (model/plan hashes, settings, versions)."""
     fs, base = resolve(uri)
     schema = pq.read_schema(join(base, entry.file), filesystem=fs)
-    return json.loads((schema.metadata or {}).get(METADATA_KEY, b"{}"))
+    return parse_json((schema.metadata or {}).get(METADATA_KEY, b"{}"), f"the metadata of {uri}/{entry.file}",
+                      ShardError)
