@@ -185,6 +185,12 @@ def test_cli_prints_fid_and_writes_json(ray_local, shard_sets, tmp_path):
     bad = CliRunner().invoke(main, ["fid", "--samples", samples, "--reference", str(tmp_path / "nothing")])
     assert bad.exit_code != 0 and "neither a shard set" in bad.output
 
+    # --metrics names what the pass computes; an unknown one is refused naming the option
+    prc = CliRunner().invoke(main, ["fid", "--samples", samples, "--reference", shifted, "--metrics", "fid,prc"])
+    assert prc.exit_code == 0 and "precision: " in prc.output and "KID" not in prc.output, prc.output
+    unknown = CliRunner().invoke(main, ["fid", "--samples", samples, "--reference", shifted, "--metrics", "fid,psnr"])
+    assert unknown.exit_code == 2 and "Invalid value for '--metrics'" in unknown.output, unknown.output
+
 
 @pytest.fixture
 def unreadable_samples(shard_sets, tmp_path):
@@ -267,6 +273,12 @@ FID_RESULT = {"fid": 3.5, "extractor": "mnist5k-classifier", "samples": "s", "sa
     ({"kid": {**FID_RESULT["kid"], "kid_std": -1.0}}, "FID result.kid.kid_std=-1.0: must be >= 0"),
     ({"kid": {**FID_RESULT["kid"], "kid_subset_size": 301}}, "FID result.kid.kid_subset_size=301: must be in [2, 300]"),
     ({"colour": "red"}, "FID result.colour: unknown field"),
+    ({"precision_recall": {"precision": 1.5, "recall": 0.5, "f_score": 0.5, "k": 3, "features": [300, 300]}},
+     "FID result.precision_recall.precision=1.5: a share, in [0, 1]"),
+    ({"precision_recall": {"precision": 0.5, "recall": 0.5, "f_score": 0.5, "k": 3, "features": [3, 300]}},
+     "FID result.precision_recall.k=3, features=[3, 300]: k >= 1, more than k features a side"),
+    ({"inception_score_splits": {"mean": 9.0, "std": -1.0, "splits": 10}},
+     "FID result.inception_score_splits.mean=9.0, std=-1.0, splits=10"),
 ])
 def test_a_fid_result_is_read_back_typed_and_range_checked(edit, message):
     """The one model of `_fid-<extractor>.json` and the pipeline's FID stage output: what `run` prints is its

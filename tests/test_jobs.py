@@ -38,6 +38,30 @@ def test_gate_flags_speedup_fid_and_error_regressions():
         _row(1, float("nan"))  # a speedup that is no number is no row: the gate never sees one
 
 
+def test_the_gate_judges_any_metric_of_the_fid_pass_in_its_direction(tmp_path):
+    """precision higher is better, sFID and KID lower (KID can be below 0); a metric the last night had and this one
+    lacks is a regression too; the metrics survive the history's Parquet round trip."""
+    from dataclasses import replace
+
+    from workflows.storage.history import append_history, read_history
+
+    t = Thresholds(max_metric_worsening={"precision": 0.05, "sfid": 0.1, "kid": 0.5})
+    last = replace(_row(0, 3.0), metrics={"precision": 0.80, "sfid": 5.0, "kid": -0.002, "recall": 0.5})
+    append_history(str(tmp_path / "h"), [last])
+    [read] = read_history(str(tmp_path / "h"))
+    assert read.metrics == last.metrics
+    ok = {"precision": 0.77, "sfid": 5.4, "kid": -0.0015, "recall": 0.1}  # recall not gated
+    assert check_regressions(replace(_row(1, 3.0), metrics=ok), [read], t) == []
+    for name, value, said in (("precision", 0.75, "precision 0.75 vs 0.8"), ("sfid", 5.6, "sfid 5.6 vs 5"),
+                              ("kid", -0.0009, "kid -0.0009 vs -0.002")):
+        [problem] = check_regressions(replace(_row(1, 3.0), metrics={**ok, name: value}), [read], t)
+        assert said in problem, problem
+    [problem] = check_regressions(replace(_row(1, 3.0), metrics={"precision": 0.8, "kid": -0.0018}), [read], t)
+    assert "no sfid this run" in problem
+    with pytest.raises(ValidationError, match="max_metric_worsening"):
+        Thresholds(max_metric_worsening={"psnr": 0.1})
+
+
 def test_the_gate_compares_like_with_like():
     """A night on another GPU, at another batch size or with another FID sample count is no baseline."""
     t = Thresholds(max_speedup_drop=0.2)
@@ -196,6 +220,7 @@ def test_every_number_of_a_history_row_is_checked_when_made_and_when_read(tmp_pa
         columns = {f.name: [getattr(good, f.name)] for f in SCHEMA}
         columns[name] = [json.dumps(value) if name == "others" else value]
         columns["others"] = [columns["others"][0] if name == "others" else "{}"]
+        columns["metrics"] = ["{}"]  # the other JSON column, as written
         append_history(str(history), [good])
         pq.write_table(pa.table(columns, schema=SCHEMA), history / f"rows-{i}.parquet")
         with pytest.raises(HistoryError) as e:
@@ -215,7 +240,7 @@ def test_every_number_of_a_history_row_is_checked_when_made_and_when_read(tmp_pa
 
 def test_a_history_folder_with_a_stray_or_foreign_file_is_named(tmp_path):
     """A junk file or another table in the history folder: a message naming it (also from `report`), not an
-    Arrow or TypeError traceback; a file from before the accelerator and run-id columns still reads."""
+    Arrow or TypeError traceback; a file from before the accelerator, run-id and metrics columns still reads."""
     import os
     import subprocess
     import sys
@@ -227,11 +252,11 @@ def test_a_history_folder_with_a_stray_or_foreign_file_is_named(tmp_path):
 
     history = tmp_path / "history"
     append_history(str(history), [_row(0, 3.0)])
-    old = [f.name for f in SCHEMA if f.name not in ("accelerator", "run_id")]
+    old = [f.name for f in SCHEMA if f.name not in ("accelerator", "run_id", "metrics")]
     pq.write_table(pa.table({n: [getattr(_row(1, 2.0), n) if n != "others" else "{}"] for n in old},
                             schema=pa.schema([SCHEMA.field(n) for n in old])), history / "rows-old.parquet")
-    assert [(r.speedup, r.accelerator, r.run_id) for r in read_history(str(history))] == [(3.0, "NVIDIA A10G", ""),
-                                                                                    (2.0, "", "")]
+    assert [(r.speedup, r.accelerator, r.run_id, r.metrics) for r in read_history(str(history))] == [
+        (3.0, "NVIDIA A10G", "", {}), (2.0, "", "", {})]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for name, write in [("notes.txt", lambda p: p.write_text("not parquet")),
                         ("other.parquet", lambda p: pq.write_table(pa.table({"a": [1]}), p)),

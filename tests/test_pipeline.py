@@ -160,6 +160,7 @@ ALL = {"profile", "plan", "generate", "fid", "report"}
     ("samples.num_samples", 32, {"generate", "fid", "report"}),
     ("samples.shard_size", 4, {"generate", "fid", "report"}),
     ("fid.kid_samples", 50, {"fid", "report"}),
+    ("fid.metrics", ["fid", "prc"], {"fid", "report"}),  # a setting added later keys the stage once it is set
     ("fid.reference", "digits", {"fid", "report"}),
     ("name", "other", {"report"}),
     ("report.scaling_batch_sizes", [2], {"report"}),

@@ -69,8 +69,9 @@ def raise_for_option(e: Exception, options: dict[tuple, str]) -> None:
     `field=value: ...` a check's message starts with); return if no option gave it."""
     named = getattr(e, "fields", None) or [relative_field(str(e)) or ((), str(e))]
     for path, message in named:
-        if path in options:
-            raise click.BadParameter(message, param_hint=_hint(options[path])) from None
+        given = next((path[:n] for n in range(len(path), 0, -1) if path[:n] in options), None)  # or one item of it
+        if given is not None:
+            raise click.BadParameter(message, param_hint=_hint(options[given])) from None
 
 
 def _options_for(tp, table: list[tuple[tuple, str, str]], dest: str, overrides: dict | None = None):

@@ -8,6 +8,7 @@ Example::
       max_speedup_drop: 0.2                    # fail when speedup < (1 - 0.2) x the last passing run's
       max_fid_rise: 0.1                        # fail when the plan's FID > (1 + 0.1) x the last passing run's
       max_abs_error: 1.0e-3                    # fail when the plan deviates from sequential by more
+      max_metric_worsening: {}                 # e.g. {precision: 0.05, sfid: 0.1}: per metric of fid.metrics
     models:
       - config: jobs/configs/demo.yaml         # a run config; its output is replaced by the night's folder
         hand_plans: ["3-8-32-10"]              # optional paper-style plans, timed and FID'd beside the auto plan
@@ -20,9 +21,11 @@ with the cluster (`workflows.pipeline.nightly.check_durable`).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
+from ..fidelity.registry import BETTER_HIGHER
 from .errors import ConfigError, load_yaml
 from .stages import CONFIG
 
@@ -33,6 +36,9 @@ class Thresholds(BaseModel):
     max_speedup_drop: float = Field(0.2, ge=0, lt=1, description="allowed fractional drop of the speedup")
     max_fid_rise: float = Field(0.1, ge=0, description="allowed fractional rise of the plan's FID")
     max_abs_error: float = Field(1e-3, gt=0, description="allowed max abs deviation from sequential sampling")
+    max_metric_worsening: dict[Literal[tuple(BETTER_HIGHER)], Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict, description="per metric of the FID pass (fid.metrics), the allowed fractional "
+                                          "worsening in its direction, e.g. {precision: 0.05, sfid: 0.1}")
 
 
 class NightlyModel(BaseModel):

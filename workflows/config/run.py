@@ -31,6 +31,7 @@ Example (only `output` is required; the values shown for sections left out are t
       reference_extractor: null   # what made mu-sigma statistics (ADM/TTUR .npz files do not say)
       reference_image_size: null  # their image size, where the file does not say
       kid_samples: 2000           # features per side kept for KID (0: no KID)
+      metrics: [fid, is, kid]     # also prc: precision, recall, F (exact; passes over reference images)
       enabled: true
     report:
       scaling_batch_sizes: []     # also profile, plan and time at these batch sizes: speedup vs batch size

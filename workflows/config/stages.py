@@ -14,6 +14,7 @@ from ..fidelity.registry import DEFAULT_EXTRACTOR, EXTRACTOR_NAMES, check_weight
 from ..storage.shards import layout_problem
 
 CONFIG = ConfigDict(**STRICT_FIELDS)
+METRICS = ("fid", "is", "kid", "prc", "sfid", "fd-dinov2")
 
 
 class Resources(BaseModel):
@@ -58,8 +59,17 @@ class FidSettings(BaseModel):
     reference_image_size: int | None = Field(
         None, ge=1, description="the image size reference statistics were computed at, where their file does not "
                                 "say (ADM/TTUR .npz; a torchmetrics .pth not named <name>_<size>_fid_stats.pth)")
-    kid_samples: int = Field(2000, ge=0, le=100_000, description="features per image set kept for KID, a strided subset "
-                                                     "(0: no KID)")
+    kid_samples: int = Field(2000, ge=0, le=100_000,
+                             description="features per image set kept for KID, a strided subset (0: no KID)")
+    metrics: list[Literal[METRICS]] = Field(
+        ["fid", "is", "kid"], min_length=1,
+        description="what the pass computes: fid (always given), is (Inception Score: one split, and torch-fidelity's "
+                    "10), kid, prc (precision, recall and F, k = 3, exact: keeps every feature row, and passes over "
+                    "reference images rather than cached statistics), sfid (ADM's spatial FID; inception-v3-compat), "
+                    "fd-dinov2 (the Frechet distance in DINOv2 ViT-L/14 features: a second pass, over the samples "
+                    "and the reference's images)")
+    dinov2_weights: str | None = Field(None, description="fd-dinov2's weights: Meta's dinov2_vitl14_pretrain.pth, "
+                                                         "read as tensors (none: torch hub, through torch-fidelity)")
 
     @field_validator("weights")
     @classmethod

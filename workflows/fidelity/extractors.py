@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import io
+import math
 import os
 import warnings
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
@@ -45,7 +47,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from tarflow.atomic import write_atomic
 from tarflow.checkpoint import load_torch_data
 
-from .registry import ExtractorError, check_weights_allowed, extractor_info
+from .registry import DINOV2, ExtractorError, check_weights_allowed, extractor_info
 
 
 def _check_uint8_rgb(x: torch.Tensor) -> None:
@@ -166,8 +168,84 @@ class DigitClassifierFeatures(_Extractor):
         return tuple(out[name] for name in self.features_list)
 
 
+DINOV2_SIZE, DINOV2_PATCH = 224, 14  # torch-fidelity's input size for DINOv2; the network's patch
+
+
+def _dinov2_network(img_size: int = DINOV2_SIZE):
+    """DINOv2 ViT-L/14 as timm builds it (no weights), for `img_size` inputs, giving the normed class token."""
+    import timm
+
+    return timm.create_model("vit_large_patch14_dinov2", pretrained=False, img_size=img_size, num_classes=0)
+
+
+@functools.cache
+def _dinov2_layout() -> dict[str, torch.Tensor]:
+    """The tensors of Meta's DINOv2 ViT-L/14 checkpoint (`dinov2_vitl14_pretrain.pth`): timm's network at the
+    pretraining size (518 px, 37 x 37 positions) and the masking token Meta keeps, on the meta device."""
+    with torch.device("meta"):
+        layout = _dinov2_network(518).state_dict()
+        layout["mask_token"] = torch.empty(1, layout["cls_token"].shape[-1])
+    return layout
+
+
+def load_dinov2_weights(path) -> dict[str, torch.Tensor]:
+    """Meta's DINOv2 ViT-L/14 weights (`dinov2_vitl14_pretrain.pth` as torch hub caches it, or the same tensors
+    as safetensors), read as data and checked tensor by tensor, then made timm's network at 224 px: the
+    masking token dropped and the 37 x 37 position embedding resampled to 16 x 16 as DINOv2's own
+    `interpolate_pos_encoding` does at every call (bicubic, no antialias, scale (16 + 0.1) / 37), so the
+    network gives the hub model's features."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = load_torch_data(path, "extractor weights", ExtractorError)
+    state = dict(_checked(state, _dinov2_layout(), path, "DINOv2 ViT-L/14",
+                          "Meta's dinov2_vitl14_pretrain.pth (torch hub's checkpoints folder)"))
+    state.pop("mask_token")
+    pos = state["pos_embed"]
+    old, new = math.isqrt(pos.shape[1] - 1), DINOV2_SIZE // DINOV2_PATCH
+    grid = pos[:, 1:].float().reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, scale_factor=((new + 0.1) / old,) * 2, mode="bicubic",
+                                           antialias=False)
+    state["pos_embed"] = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, new * new, -1)], dim=1)
+    return state
+
+
+class DinoV2Features(_Extractor):
+    """DINOv2 ViT-L/14's class token (1024-d), the features of FD-DINOv2 (Stein et al. 2023; EDM2 reports it).
+
+    Preprocessing is torch-fidelity's (`dinov2-vit-l-14`): TF1-style bilinear resize to 224 x 224, then ImageNet
+    mean and std. With no weights file the network is torch-fidelity's own (torch hub's facebookresearch/dinov2,
+    downloaded); with one, timm's build of the same architecture holding Meta's tensors (`load_dinov2_weights`).
+    EDM2 resizes with bicubic antialiasing instead, so its published values differ slightly from these."""
+
+    LAYERS = {"fid": "dinov2", "kid": "dinov2", "prc": "dinov2"}
+    DUMMY_SIZE = DINOV2_SIZE
+
+    def __init__(self, name, features_list, state_dict: dict | None = None, **kwargs):
+        super().__init__(name, features_list)
+        if state_dict is None:
+            from torch_fidelity.feature_extractor_dinov2 import FeatureExtractorDinoV2
+
+            self.hub = FeatureExtractorDinoV2(name, ["dinov2"])
+        else:
+            self.hub, self.net = None, _dinov2_network()
+            self.net.load_state_dict(state_dict)
+
+    def forward(self, x):
+        _check_uint8_rgb(x)
+        if self.hub is not None:
+            return self.hub(x)
+        x = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(DINOV2_SIZE, DINOV2_SIZE), align_corners=False)
+        x = torchvision.transforms.functional.normalize(x, (255 * 0.485, 255 * 0.456, 255 * 0.406),
+                                                        (255 * 0.229, 255 * 0.224, 255 * 0.225))
+        return (self.net(x),)
+
+
 # the project's own extractor classes (inception-v3-compat is torch-fidelity's network, built by CompatInception)
-OWN_EXTRACTORS = {"inception-v3-torchscript": TorchScriptInception, "mnist5k-classifier": DigitClassifierFeatures}
+OWN_EXTRACTORS = {"inception-v3-torchscript": TorchScriptInception, "mnist5k-classifier": DigitClassifierFeatures,
+                  DINOV2: DinoV2Features}
 
 
 def register_extractors() -> None:
@@ -184,6 +262,8 @@ def check_extractor(name: str, weights_path: str | None = None) -> None:
     check_weights_allowed(name, weights_path)
     if name == "inception-v3-compat":
         load_compat_weights(weights_path)
+    elif name == DINOV2 and weights_path is not None:
+        load_dinov2_weights(weights_path)
 
 
 def build_extractor(name: str, weights_path: str | None = None, device: str = "cpu",
@@ -195,6 +275,8 @@ def build_extractor(name: str, weights_path: str | None = None, device: str = "c
     layers = [info.feature_layer] + ([info.isc_layer] if isc and info.isc_layer else [])
     if name == "inception-v3-compat":
         extractor = CompatInception(name, layers, load_compat_weights(weights_path))
+    elif name == DINOV2:
+        extractor = DinoV2Features(name, layers, None if weights_path is None else load_dinov2_weights(weights_path))
     else:
         extractor = OWN_EXTRACTORS[name](name, layers)
     extractor.requires_grad_(False).eval()
@@ -204,6 +286,27 @@ def build_extractor(name: str, weights_path: str | None = None, device: str = "c
         # the score 1.0, a number that looks real; no score is the honest answer
         extractor.features_list = layers[:1]
     return extractor.to(device)
+
+
+SFID_CHANNELS = 7  # ADM's sFID: mixed_6/conv[..., :7], 17 x 17 x 7 = 2023 features an image
+
+
+def watch_spatial(extractor: FeatureExtractorBase):
+    """sFID's features of `extractor`'s last batch, as a function to call after each batch; None for a network
+    without them. ADM's evaluator reads `mixed_6/conv` of the TF-2015 graph (the ReLU of the 1x1 branch of
+    its seventh mixed block, 17 x 17 x 192) and keeps its first 7 channels, flattened channels-last; in
+    torch-fidelity's port of that graph the block is `Mixed_6d` and the branch `branch1x1` (conv, batch
+    norm, ReLU), read here by a forward hook and flattened in the same (H, W, C) order."""
+    block = getattr(extractor, "Mixed_6d", None)
+    if block is None:
+        return None
+    seen = {}
+    block.branch1x1.register_forward_hook(lambda module, inputs, out: seen.__setitem__("out", out))
+
+    def spatial() -> np.ndarray:
+        return seen.pop("out")[:, :SFID_CHANNELS].permute(0, 2, 3, 1).flatten(1).float().cpu().numpy()
+
+    return spatial
 
 
 def has_isc(extractor: FeatureExtractorBase) -> bool:
@@ -245,22 +348,27 @@ def load_compat_weights(path=None) -> dict[str, torch.Tensor]:
     `export_compat_weights` wrote) or torch-fidelity's download, read as data (weights only), with every
     tensor of torch-fidelity's Inception present, of its shape and dtype kind, finite, and nothing else."""
     where = path if path is not None else _torch_hub_inception()
-    state = load_torch_data(where, "extractor weights", ExtractorError)
-    layout = _inception_layout()
+    return _checked(load_torch_data(where, "extractor weights", ExtractorError), _inception_layout(), where,
+                    "torch-fidelity's Inception-v3", f"torch-fidelity's {URL_INCEPTION_V3.rsplit('/', 1)[1]} or "
+                                                    "what `tarflow-gs fid-export-inception` writes")
+
+
+def _checked(state, layout: dict[str, torch.Tensor], where, network: str, give: str) -> dict[str, torch.Tensor]:
+    """`state` if it holds exactly the tensors of `layout` (a network's own state dict), each of its shape and
+    dtype kind and finite; else ExtractorError naming the first that is not, and what to give instead."""
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ExtractorError(f"{where} is not a state dict of tensors (torch-fidelity's Inception-v3 weights)")
+        raise ExtractorError(f"{where} is not a state dict of tensors ({network} weights)")
     missing, unexpected = [k for k in layout if k not in state], [k for k in state if k not in layout]
     if missing or unexpected:
         raise ExtractorError(
-            f"{where} is not torch-fidelity's Inception-v3 weights: it lacks {len(missing)} of its {len(layout)} "
+            f"{where} is not {network} weights: it lacks {len(missing)} of its {len(layout)} "
             f"tensors{f' ({missing[0]}, ...)' if missing else ''} and has {len(unexpected)} others"
-            f"{f' ({unexpected[0]}, ...)' if unexpected else ''}; give torch-fidelity's "
-            f"{URL_INCEPTION_V3.rsplit('/', 1)[1]} or what `tarflow-gs fid-export-inception` writes")
+            f"{f' ({unexpected[0]}, ...)' if unexpected else ''}; give {give}")
     for name, want in layout.items():
         got = state[name]
         if got.shape != want.shape or got.is_floating_point() != want.is_floating_point():
-            raise ExtractorError(f"{where}: {name} is {got.dtype} {tuple(got.shape)}, torch-fidelity's Inception "
-                                 f"needs {want.dtype} {tuple(want.shape)}")
+            raise ExtractorError(f"{where}: {name} is {got.dtype} {tuple(got.shape)}, {network} needs {want.dtype} "
+                                 f"{tuple(want.shape)}")
         if got.is_floating_point() and not bool(torch.isfinite(got).all()):
             raise ExtractorError(f"{where}: {name} holds NaN or inf")
     return state

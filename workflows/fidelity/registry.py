@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 INCEPTION = "inception-v3 (TF 2015-12-05)"
+DINOV2 = "dinov2-vit-l-14"  # the extractor of FD-DINOv2
 
 
 class ExtractorError(ValueError):
@@ -22,6 +23,7 @@ class ExtractorInfo:
     offline: bool  # runs without internet and without a weights file
     isc_layer: str | None  # the class logits Inception Score uses (None: the network has none)
     use: str  # what it is for, in a few words
+    spatial: bool = False  # gives sFID's spatial features (ADM's mixed_6/conv, first 7 channels)
 
 
 EXTRACTORS = {
@@ -33,9 +35,19 @@ EXTRACTORS = {
         takes_weights=False, offline=True, isc_layer=None, use="standard FID, offline"),
     "inception-v3-compat": ExtractorInfo(
         2048, "2048", INCEPTION, "torch-fidelity's .pth via --extractor-weights, else its download",
-        takes_weights=True, offline=False, isc_layer="logits_unbiased", use="standard FID (torch-fidelity's)"),
+        takes_weights=True, offline=False, isc_layer="logits_unbiased", use="standard FID (torch-fidelity's)",
+        spatial=True),
+    DINOV2: ExtractorInfo(
+        1024, "dinov2", "DINOv2 ViT-L/14 (Meta, LVD-142M)",
+        "torch hub (facebookresearch/dinov2) via torch-fidelity, or Meta's dinov2_vitl14_pretrain.pth via "
+        "--extractor-weights", takes_weights=True, offline=False, isc_layer=None,
+        use="FD-DINOv2 (EDM2's metric beside FID)"),
 }
 EXTRACTOR_NAMES = tuple(EXTRACTORS)
+# the metrics a pass gives besides FID, by the names results, reports, the history and the nightly gate use, each
+# with whether higher is better
+BETTER_HIGHER = {"sfid": False, "is": True, "is_10": True, "kid": False, "precision": True, "recall": True,
+                 "f_score": True, "fd_dinov2": False}
 DEFAULT_EXTRACTOR = "mnist5k-classifier"
 
 

@@ -10,8 +10,9 @@ Reference files (`load_stats`): the project's `.npz` (mu, sigma, n, extractor, i
 the state of a torchmetrics `FrechetInceptionDistance` (`.pth`/`.pt`, as the TarFlow and GS-Jacobi
 authors publish theirs: real-feature sum, sum of outer products and count, exactly the sufficient
 statistics here; made by torch-fidelity's Inception, at the image size their name carries, e.g.
-`afhq_256_fid_stats.pth`); and the ADM / TTUR `.npz` (mu and sigma only), whose extractor and image
-size the user must state.
+`afhq_256_fid_stats.pth`); and the ADM / TTUR `.npz` (mu and sigma), whose extractor and image size
+the user must state, where ADM's reference batches also hold sFID's `mu_s` and `sigma_s` and, as
+`arr_0`, the reference images precision/recall are computed against (their size is the image size).
 """
 from __future__ import annotations
 
@@ -122,6 +123,8 @@ class FIDStats:
     image_size: tuple[int, int]  # (H, W) of the images before the extractor's own resize
     dataset: str  # where the images came from (dataset name, folder, shard URI)
     kid: "KeptFeatures | None" = None  # the strided feature subset KID compares (None: a file without one)
+    mu_s: np.ndarray | None = None  # sFID's spatial features' mean and covariance (None: none kept)
+    sigma_s: np.ndarray | None = None
 
     def __post_init__(self):
         """Statistics that torch-fidelity's distance can take: shapes that agree and finite numbers, so a
@@ -142,6 +145,17 @@ class FIDStats:
             raise StatsError(f"{where}: count={self.count!r}, a covariance needs at least 2 images")
         if len(self.image_size) != 2 or any(not _is_int(s) or s < 1 for s in self.image_size):
             raise StatsError(f"{where}: image_size={self.image_size!r}, not a positive (H, W)")
+        if (self.mu_s is None) != (self.sigma_s is None):
+            raise StatsError(f"{where}: mu_s and sigma_s come together (sFID's spatial statistics)")
+        if self.mu_s is not None:
+            self.mu_s, self.sigma_s = np.asarray(self.mu_s, np.float64), np.asarray(self.sigma_s, np.float64)
+            dim_s = self.mu_s.shape[0] if self.mu_s.ndim == 1 else -1
+            if dim_s < 1 or self.sigma_s.shape != (dim_s, dim_s):
+                raise StatsError(f"{where}: mu_s has shape {self.mu_s.shape}, sigma_s {self.sigma_s.shape}: not (D,) "
+                                 "and (D, D)")
+            if not (np.isfinite(self.mu_s).all() and np.isfinite(self.sigma_s).all()):
+                raise StatsError(f"{where}: mu_s or sigma_s holds NaN or inf")
+            _check_covariance(self.sigma_s, f"{where} (spatial, sFID's)")
         if self.kid is not None:
             index, features = np.asarray(self.kid.index), np.asarray(self.kid.features)
             if index.ndim != 1 or features.shape != (len(index), dim) or not np.isfinite(features).all():
@@ -150,21 +164,23 @@ class FIDStats:
 
     @classmethod
     def from_features(cls, stats: FeatureStats, extractor: str, image_size, dataset: str,
-                      kid: "KeptFeatures | None" = None) -> "FIDStats":
+                      kid: "KeptFeatures | None" = None, spatial: FeatureStats | None = None) -> "FIDStats":
         try:
-            sigma = stats.sigma
+            sigma, sigma_s = stats.sigma, None if spatial is None else spatial.sigma
         except StatsError as e:
             raise StatsError(f"{dataset}: {e}") from None
-        return cls(stats.mu, sigma, stats.count, extractor, tuple(int(s) for s in image_size), str(dataset), kid)
+        return cls(stats.mu, sigma, stats.count, extractor, tuple(int(s) for s in image_size), str(dataset), kid,
+                   None if spatial is None else spatial.mu, sigma_s)
 
     def save(self, path) -> Path:
         path = Path(path)
         kid = {} if self.kid is None else {"kid_index": self.kid.index, "kid_features": self.kid.features}
+        spatial = {} if self.mu_s is None else {"mu_s": self.mu_s, "sigma_s": self.sigma_s}  # ADM's names
         buffer = io.BytesIO()
         np.savez(buffer, mu=self.mu, sigma=self.sigma, n=np.int64(-1 if self.count is None else self.count),
                  extractor=np.str_(self.extractor),
                  image_size=np.asarray(self.image_size, np.int64), dataset=np.str_(self.dataset),
-                 format=np.str_(STATS_FORMAT), **kid)
+                 format=np.str_(STATS_FORMAT), **kid, **spatial)
         fs, where = resolve(str(path))  # a crash never leaves a truncated file
         write_atomic(fs, *where.rsplit("/", 1), buffer.getvalue())
         return path
@@ -197,23 +213,59 @@ class FIDStats:
                 "dataset": self.dataset, "dim": int(self.mu.shape[0])}
 
 
-def frechet_distance(a: FIDStats, b: FIDStats) -> float:
-    """FID between two sets of statistics, by torch-fidelity's own formula."""
+def frechet_distance(a: FIDStats, b: FIDStats, spatial: bool = False) -> float:
+    """FID between two sets of statistics, by torch-fidelity's own formula; with `spatial`, sFID (the same
+    distance between their spatial statistics, as ADM's evaluator computes it)."""
     if _network(a.extractor) != _network(b.extractor):
         raise StatsMismatchError(f"statistics from different extractors: {a.extractor!r} vs {b.extractor!r}")
-    if a.mu.shape != b.mu.shape:
-        raise StatsMismatchError(f"feature dimensions differ: {a.mu.shape[0]} vs {b.mu.shape[0]}")
+    (mu_a, sigma_a), (mu_b, sigma_b) = ((s.mu_s, s.sigma_s) if spatial else (s.mu, s.sigma) for s in (a, b))
+    name = "sFID" if spatial else "FID"
+    if mu_a.shape != mu_b.shape:
+        raise StatsMismatchError(f"{name}: feature dimensions differ: {mu_a.shape[0]} vs {mu_b.shape[0]}")
     # float64 on both sides (FIDStats holds float64): torch-fidelity asserts equal dtypes
-    fid = float(fid_statistics_to_metric({"mu": a.mu, "sigma": a.sigma}, {"mu": b.mu, "sigma": b.sigma},
+    fid = float(fid_statistics_to_metric({"mu": mu_a, "sigma": sigma_a}, {"mu": mu_b, "sigma": sigma_b},
                                          verbose=False)[KEY_METRIC_FID])
     if not math.isfinite(fid):
-        raise StatsError(f"FID of {a.dataset} vs {b.dataset} is {fid}, not a number: their statistics are too "
+        raise StatsError(f"{name} of {a.dataset} vs {b.dataset} is {fid}, not a number: their statistics are too "
                          "large, or their covariances have no real square root")
     # a distance: below zero only by the rounding of the trace terms it is a difference of
-    if fid < -FID_RTOL * (np.trace(a.sigma) + np.trace(b.sigma)):
-        raise StatsError(f"FID of {a.dataset} vs {b.dataset} came out {fid:.6g}, below zero: a distance cannot be; "
-                         "the statistics are not what they claim")
+    if fid < -FID_RTOL * (np.trace(sigma_a) + np.trace(sigma_b)):
+        raise StatsError(f"{name} of {a.dataset} vs {b.dataset} came out {fid:.6g}, below zero: a distance cannot "
+                         "be; the statistics are not what they claim")
     return max(fid, 0.0)
+
+
+def npz_images(path) -> tuple[int, tuple[int, ...]] | None:
+    """(count, (H, W, C)) of the uint8 images an ADM reference batch holds as `arr_0` (what precision/recall's
+    reference features come from), read from the array's header alone; None if it holds none."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as f:
+            shape, dtype = _npy_header(f)
+    except KeyError:
+        return None
+    if dtype != np.uint8 or len(shape) != 4 or shape[3] not in (1, 3) or min(shape) < 1:
+        raise StatsError(f"{path}: arr_0 is {dtype} {shape}, not uint8 images (N, H, W, 1 or 3)")
+    return shape[0], tuple(shape[1:])
+
+
+def npz_image_rows(path, start: int, stop: int) -> np.ndarray:
+    """Images start..stop-1 of an ADM reference batch's `arr_0`, read without loading the rest (10,000 images
+    at 256 px are 2 GB: each task reads its own rows)."""
+    with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as f:
+        shape, dtype = _npy_header(f)
+        row = int(np.prod(shape[1:])) * dtype.itemsize
+        f.seek(f.tell() + start * row)
+        data = f.read((stop - start) * row)
+    return np.frombuffer(data, dtype).reshape(stop - start, *shape[1:])
+
+
+def _npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    if fortran or dtype.hasobject:
+        raise StatsError("arr_0 is not a plain C-ordered array of numbers")
+    return tuple(shape), dtype
 
 
 def _size(path: Path, image_size) -> tuple[int, int] | None:
@@ -238,17 +290,19 @@ def load_stats(path, extractor: str | None = None, image_size=None) -> FIDStats:
                 n = int(f["n"])
                 kid = KeptFeatures(f["kid_index"], f["kid_features"]) if "kid_features" in files else None
                 return FIDStats(f["mu"], f["sigma"], None if n < 0 else n, str(f["extractor"]),
-                                tuple(int(s) for s in f["image_size"]), str(f["dataset"]), kid)
+                                tuple(int(s) for s in f["image_size"]), str(f["dataset"]), kid,
+                                *_spatial(f, files))
             if not {"mu", "sigma"} <= files:
                 raise StatsError(f"{path} holds {sorted(files)}: not FID statistics (no mu and sigma)")
-            size = _size(path, image_size)
+            images = npz_images(path) if "arr_0" in files else None
+            size = _size(path, image_size) or (images[1][:2] if images else None)  # an ADM batch's images say
             if extractor is None or size is None:
                 raise StatsError(f"{path} holds only mu and sigma (the ADM / TTUR form) and does not say what "
                                  "made them: give the extractor and the image size they were computed with "
                                  "(fid.reference_extractor and fid.reference_image_size; --reference-extractor, "
                                  "--reference-image-size), e.g. inception-v3-compat at the dataset's resolution")
             return FIDStats(np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64), None, extractor,
-                            size, path.name)
+                            size, path.name, None, *_spatial(f, files))
     except (OSError, ValueError, TypeError, KeyError, EOFError, zipfile.BadZipFile) as e:
         if isinstance(e, StatsError):
             raise
@@ -256,6 +310,10 @@ def load_stats(path, extractor: str | None = None, image_size=None) -> FIDStats:
             raise StatsError(f"{path} holds pickled Python objects, not only arrays: refused, statistics are read "
                              "as data (numpy with allow_pickle=False), never run as code") from None
         raise StatsError(f"{path} is not a readable statistics .npz ({type(e).__name__}: {e})") from None
+
+
+def _spatial(f, files) -> tuple[np.ndarray | None, np.ndarray | None]:
+    return (f["mu_s"], f["sigma_s"]) if {"mu_s", "sigma_s"} <= files else (None, None)
 
 
 def _shapes(*values) -> str:

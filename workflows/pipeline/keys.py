@@ -41,9 +41,15 @@ def generate(cfg: RunConfig, spec: SamplingSpec, model_hash: str, plan: Plan) ->
                  cfg.resources.generate.num_gpus > 0, worker_threads(cfg.resources.generate))
 
 
+# FID settings added after runs were keyed, with the value those runs had: at that value a setting is left out of
+# the key, so an earlier run's FID stage is found again
+FID_ADDED = {"metrics": ["fid", "is", "kid"], "dinov2_weights": None}
+
+
 def fid(cfg: RunConfig, generate_key: str) -> str | None:
     """The samples and the FID settings; None where FID is off."""
-    return _hash("fid", generate_key, cfg.fid.model_dump()) if cfg.fid.enabled else None
+    settings = {k: v for k, v in cfg.fid.model_dump().items() if k not in FID_ADDED or v != FID_ADDED[k]}
+    return _hash("fid", generate_key, settings) if cfg.fid.enabled else None
 
 
 def report(cfg: RunConfig, generate_key: str, fid_key: str | None) -> str:

@@ -21,6 +21,7 @@ from tarflow import Plan
 
 from .. import runtime
 from ..config import ConfigError, NightlyConfig, NightlyModel, ReportSection, RunConfig, Thresholds
+from ..fidelity.registry import BETTER_HIGHER
 from ..report import ModelResult, ReportData, report_files
 from ..stages import compare
 from ..storage.files import Store
@@ -61,6 +62,18 @@ def check_regressions(row: HistoryRow, history: list[HistoryRow], t: Thresholds)
                             f"(last passing run {last.timestamp}: {last.fid_plan:.3f}, allowed rise {t.max_fid_rise:.0%})")
     elif last.fid_plan is not None:
         problems.append(f"{row.model}: no FID this run, the last passing run had {last.fid_plan:.3f}")
+    for name, allowed in t.max_metric_worsening.items():
+        now, before = row.metrics.get(name), last.metrics.get(name)
+        if before is None:
+            continue
+        if now is None:
+            problems.append(f"{row.model}: no {name} this run, the last passing run had {before:.4g}")
+            continue
+        # worse by more than `allowed` of the last value, in the metric's own direction (KID can be below 0)
+        worse = (before - now) if BETTER_HIGHER[name] else (now - before)
+        if worse > allowed * abs(before):
+            problems.append(f"{row.model}: {name} {now:.4g} vs {before:.4g} (last passing run {last.timestamp}, "
+                            f"allowed worsening {allowed:.0%})")
     return problems
 
 
@@ -137,7 +150,7 @@ def _measure(entry: NightlyModel, night: Store, workdir: Path, now: datetime) ->
     mr.scaling = result.model_result.scaling  # measured by the run's report stage, in a generate worker too
     seq, auto = mr.runs[0], mr.run("auto plan")
     if result.fid is not None:
-        auto.fid = result.fid.fid
+        auto.fid, auto.metrics = result.fid.fid, result.fid.values()
         mr.fid_extractor, mr.fid_num_samples = result.fid.extractor, result.fid.sample_count
         if entry.fid_sequential:
             seq.fid = _fid_of(run_cfg, "sequential", Plan.sequential(num_blocks, num_tokens), workdir)

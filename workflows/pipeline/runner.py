@@ -303,7 +303,7 @@ def measure(ctx: RunContext, plan: Plan, profile: Profile | None) -> tuple[Model
     mr, where = compare.compare_in_worker(cfg.model, {label: plan}, ctx.spec, cfg.resources.generate, scaling,
                                           repeats=2, name=cfg.name, block_metrics=block_metrics)
     if ctx.result.fid is not None:
-        mr.run(label).fid = ctx.result.fid.fid
+        mr.run(label).fid, mr.run(label).metrics = ctx.result.fid.fid, ctx.result.fid.values()
         mr.fid_extractor, mr.fid_num_samples = ctx.result.fid.extractor, ctx.result.fid.sample_count
     return mr, where
 
@@ -317,7 +317,7 @@ def history_row(name: str, label: str, plan: Plan, mr: ModelResult, where: dict,
                       label, plan.fingerprint(), mr.device, mr.batch_size, seq.seconds, planned.seconds,
                       planned.speedup, seq.passes, planned.passes, planned.max_abs_error, seq.fid, planned.fid,
                       mr.fid_extractor, mr.fid_num_samples, others or {}, accelerator=where["accelerator"],
-                      run_id=run_id)
+                      run_id=run_id, metrics=planned.metrics)
 
 
 def append_once(history: str, row: HistoryRow) -> list[HistoryRow]:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from dataclasses import field
 from datetime import datetime, timezone
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from pydantic.dataclasses import dataclass
 
 from tarflow.schema import JSONForm
 
-from ..storage.history import MEASURED, Fid, HistoryRow
+from ..storage.history import MEASURED, METRIC_NAMES, Fid, HistoryRow
 
 
 @dataclass(config=MEASURED)
@@ -31,6 +31,7 @@ class SamplerResult:
     fallbacks: NonNegativeInt = 0
     fid: Fid = None
     grid_png: str | None = None  # base64 PNG of a sample grid
+    metrics: dict[Literal[METRIC_NAMES], float] = field(default_factory=dict)  # the others of its FID pass
 
 
 @dataclass(config=MEASURED)

@@ -206,9 +206,11 @@ def _summary_table(data: ReportData) -> str:
         for r in m.runs:
             rows.append(f"<tr><td>{html.escape(m.name)}</td><td>{html.escape(r.plan)}</td>"
                         f"<td>{r.seconds:.3f}</td><td>{r.speedup:.2f}x</td><td>{r.passes}</td>"
-                        f"<td>{_fmt(r.max_abs_error, '.1e')}</td><td>{r.fallbacks}</td><td>{_fmt(r.fid, '.3f')}</td></tr>")
+                        f"<td>{_fmt(r.max_abs_error, '.1e')}</td><td>{r.fallbacks}</td><td>{_fmt(r.fid, '.3f')}</td>"
+                        f"<td>{html.escape(', '.join(f'{k} {v:.4g}' for k, v in sorted(r.metrics.items())) or '-')}"
+                        "</td></tr>")
     head = ("<tr><th>model</th><th>sampler</th><th>wall time (s)</th><th>speedup</th><th>network passes</th>"
-            "<th>max |error| vs sequential</th><th>fallbacks</th><th>FID</th></tr>")
+            "<th>max |error| vs sequential</th><th>fallbacks</th><th>FID</th><th>other metrics (same pass)</th></tr>")
     extra = "".join(f"<li>{html.escape(m.name)}: {m.device}, batch {m.batch_size}, model {m.model_hash}; FID with "
                     f"<code>{html.escape(m.fid_extractor or '-')}</code> on {m.fid_num_samples} samples</li>"
                     for m in data.models)

@@ -14,6 +14,7 @@ import json
 import uuid
 from dataclasses import asdict, field, fields
 from datetime import datetime, timezone
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -24,6 +25,7 @@ from typing_extensions import TypedDict
 
 from tarflow.schema import STRICT_FIELDS, SchemaError, parse_json, validate
 
+from ..fidelity.registry import BETTER_HIGHER
 from .files import join, resolve, write_atomic
 
 SCHEMA = pa.schema([
@@ -48,11 +50,14 @@ SCHEMA = pa.schema([
     ("passed", pa.bool_()),  # the regression gate's verdict on this row
     ("accelerator", pa.string()),  # what timed it: the GPU's model name, or the CPU's
     ("run_id", pa.string()),  # the run that appended the row: a retry of that run finds it and appends none
+    ("metrics", pa.string()),  # JSON: the plan's other metrics from its FID pass ({"precision": 0.81, ...})
 ])
 NULLABLE = {"fid_sequential", "fid_plan"}
 # columns that files written before they existed lack: read as their defaults (an unknown accelerator is
 # compared with nothing, so such rows are never a baseline)
-ADDED_LATER = {"accelerator": "", "run_id": ""}
+ADDED_LATER = {"accelerator": "", "run_id": "", "metrics": "{}"}
+METRIC_NAMES = tuple(BETTER_HIGHER)
+JSON_COLUMNS = ("others", "metrics")
 
 
 class HistoryError(ValueError):
@@ -102,6 +107,7 @@ class HistoryRow:
     passed: bool = True
     accelerator: str = ""
     run_id: str = ""
+    metrics: dict[Literal[METRIC_NAMES], float] = field(default_factory=dict)  # the plan's, besides FID
 
 
 def read_history(uri: str) -> list[HistoryRow]:
@@ -143,11 +149,12 @@ def _read_file(fs: pafs.FileSystem, path: str, uri: str) -> list[HistoryRow]:
     names = [f.name for f in SCHEMA if f.name in table.column_names]
     rows = []
     for i, r in enumerate(table.select(names).to_pylist()):
+        r = {**ADDED_LATER, **r}
         try:
-            others = parse_json(r["others"] or "{}", f"rows[{i}].others", HistoryError)
+            rows.append({**r, **{name: parse_json(r[name] or "{}", f"rows[{i}].{name}", HistoryError)
+                                 for name in JSON_COLUMNS}})
         except HistoryError as e:
             raise HistoryError(_stray(where, f"not a tarflow-gs history file ({e})")) from None
-        rows.append({**ADDED_LATER, **r, "others": others})
     try:
         return validate(list[HistoryRow], rows, "rows")
     except SchemaError as e:
@@ -165,7 +172,7 @@ def append_history(uri: str, new_rows: list[HistoryRow]) -> None:
     columns = {f.name: [] for f in fields(HistoryRow)}
     for r in new_rows:
         for name, value in asdict(r).items():
-            columns[name].append(json.dumps(value, sort_keys=True) if name == "others" else value)
+            columns[name].append(json.dumps(value, sort_keys=True) if name in JSON_COLUMNS else value)
     buf = io.BytesIO()
     # with page checksums, verified on read (as shards are): a flipped bit is an error, never a number the
     # gate compares
