@@ -63,7 +63,7 @@ def _write_digits(uri: str, num_images: int, shard_size: int, shift: int = 0) ->
         ids = np.asarray(manifest.shard_ids(index))
         table = sh.shard_table(ids, np.full(len(ids), -1), 0, [sh.encode_png(images[i]) for i in ids],
                                [[0]] * len(ids), np.zeros(len(ids)), np.zeros(len(ids)))
-        manifest.add(sh.write_shard(uri, manifest, index, table, {}))
+        manifest.add(manifest.shard(index).write(uri, table, {}))
     sh.write_manifest(uri, manifest)
 
 

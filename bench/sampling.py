@@ -10,26 +10,13 @@ speedup), and their ratio; then the same with classifier-free guidance.
 from __future__ import annotations
 
 import argparse
-import time
+import functools
 
 import torch
 
-from tarflow import Guidance, Plan, SamplingSpec, load_checkpoint, sample
+from tarflow import Guidance, SamplingSpec, load_checkpoint, time_in_turns
 from tarflow.noise import sample_noise
 from tarflow.sampling import one_pass_per_block
-
-
-def _timed(fn, device, repeats):
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main(argv=None):
@@ -54,10 +41,10 @@ def main(argv=None):
         noise = sample_noise(0, range(B), T, D, device)
         labels = torch.arange(B, device=device) % classes if classes else None
         for g in (0.0, args.guidance):
-            cfg = Guidance(scale=g, annealed=True)
-            seq = _timed(lambda: sample(model, noise, labels, Plan.sequential(N, T), SamplingSpec(guidance=cfg)),
-                         device, args.repeats)
-            one = _timed(lambda: one_pass_per_block(model, noise, labels, SamplingSpec(guidance=cfg)), device, args.repeats)
+            spec = SamplingSpec(guidance=Guidance(scale=g, annealed=True), batch_size=B)
+            timed = time_in_turns(model, noise, labels, {
+                "sequential": None, "one": functools.partial(one_pass_per_block, model, spec=spec)}, args.repeats, spec)
+            seq, one = timed["sequential"][1], timed["one"][1]
             # one pass over T-1 tokens costs as much as this many sequential steps
             steps_per_pass = one / (seq / (T - 1))
             print(f"{B:>5} {'yes' if g else 'no':>4} {seq:>13.4f} {one:>15.4f} {seq / one:>11.1f}x {steps_per_pass:>17.1f}")

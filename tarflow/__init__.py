@@ -11,13 +11,14 @@ from .plan import BlockPlan, Plan, PlanError
 from .sampling import NonFiniteSampleError, SampleOutput, SampleStats, sample, sample_ids, time_in_turns
 from .schedule import auto_plan
 from .schema import SchemaError
-from .solvers import BlockSolution, GSJacobi, Jacobi, JacobiTrace, Sequential, Sliding, jacobi_trace, solve_block
+from .solvers import BlockSolution, BlockSolver, GSJacobi, Jacobi, JacobiTrace, Sequential, Sliding, jacobi_trace, \
+    register, solve_block
 from .spec import Denoise, Guidance, SamplingSpec, SpecError
 
 __all__ = [
-    "BlockPlan", "BlockSolution", "CheckpointError", "Denoise", "GSJacobi", "Guidance", "ImageDataset", "Jacobi",
-    "JacobiTrace", "Model", "ModelConfig", "ModelRef", "NonFiniteSampleError", "Plan", "PlanError", "SampleOutput",
-    "SampleStats", "SamplingSpec", "SchemaError", "Sequential", "Sliding", "SpecError", "auto_plan", "demo_checkpoint",
-    "jacobi_trace", "load_checkpoint", "load_dataset", "model_hash", "resolve_checkpoint", "sample", "sample_ids",
-    "sample_noise", "save_checkpoint", "solve_block", "time_in_turns",
+    "BlockPlan", "BlockSolution", "BlockSolver", "CheckpointError", "Denoise", "GSJacobi", "Guidance", "ImageDataset",
+    "Jacobi", "JacobiTrace", "Model", "ModelConfig", "ModelRef", "NonFiniteSampleError", "Plan", "PlanError",
+    "SampleOutput", "SampleStats", "SamplingSpec", "SchemaError", "Sequential", "Sliding", "SpecError", "auto_plan",
+    "demo_checkpoint", "jacobi_trace", "load_checkpoint", "load_dataset", "model_hash", "register",
+    "resolve_checkpoint", "sample", "sample_ids", "sample_noise", "save_checkpoint", "solve_block", "time_in_turns",
 ]

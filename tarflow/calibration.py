@@ -16,8 +16,7 @@ import torch
 from .data import load_dataset
 from .model import Model
 from .noise import sample_noise
-from .plan import Sequential
-from .schema import STRICT_FIELDS, SchemaError
+from .schema import STRICT_FIELDS, SchemaError, check_int
 from .solvers import solve_block
 from .spec import SamplingSpec
 
@@ -85,7 +84,7 @@ def block_pairs(model: Model, calib: Calibration, spec: SamplingSpec) -> list[tu
     z = calib.noise * model.var.sqrt()
     with spec.autocast_context(z.device.type):
         for i in reversed(range(len(model.blocks))):
-            x = solve_block(model.blocks[i], z, calib.labels, Sequential(), spec.guidance).x
+            x = solve_block(model.blocks[i], z, calib.labels, guidance=spec.guidance).x
             if not bool(torch.isfinite(x).all()):
                 raise CalibrationError(f"sequential sampling overflows in block {i} on the calibration noise "
                                    f"({spec.summary()}): the model cannot be profiled with these settings")
@@ -100,8 +99,7 @@ def calibrate(model: Model, spec: SamplingSpec, data: str | None, num_images: in
     (rounded up to whole batches of the spec's batch size) and every block's true pairs under the
     spec, computed on `device`."""
     B = spec.batch_size
-    if num_images < 1:
-        raise CalibrationError(f"num_images={num_images}: must be >= 1")
+    check_int(num_images, "num_images", error=CalibrationError)
     num_images = -(-num_images // B) * B
     model = model.eval().to(device)
     calib = calibration_batch(model, data, num_images, spec.seed, conditional=spec.labels != "none")

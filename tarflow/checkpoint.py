@@ -28,14 +28,15 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from .atomic import write_atomic
 from .model import Model, ModelConfig
-from .schema import STRICT_FIELDS, input_file, parse_json
+from .schema import STRICT_FIELDS, SchemaError, check_int, input_file, parse_json
 
 FORMAT_NAME = "tarflow-gs"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not match the model it claims to be."""
+class CheckpointError(SchemaError):
+    """A checkpoint that cannot be read or does not match the model it claims to be, or a `ModelRef` that
+    names none."""
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -272,9 +273,8 @@ class ModelRef:
 
     def __post_init__(self):
         if not isinstance(self.checkpoint, str) or not self.checkpoint.strip():
-            raise CheckpointError(f"checkpoint={self.checkpoint!r}: give a path, a URI, or 'demo'")
-        if isinstance(self.in_channels, bool) or not isinstance(self.in_channels, int) or self.in_channels < 1:
-            raise CheckpointError(f"in_channels={self.in_channels!r}: must be an integer >= 1")
+            raise CheckpointError("give a path, a URI, or 'demo'", "checkpoint", self.checkpoint)
+        check_int(self.in_channels, "in_channels", error=CheckpointError)
 
     def load(self, with_metadata: bool = False):
         return load_checkpoint(self.checkpoint, self.in_channels, with_metadata=with_metadata)

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .schema import check_int
+
 BUILTIN_DATASETS = ("mnist5k", "digits")
 SPLITS = ("all", "train", "test")
 TEST_EVERY = 10  # within each class, every 10th image is held out: deterministic and class-balanced
@@ -134,8 +136,7 @@ def load_dataset(name_or_dir, image_size: int | None = None, channels: int | Non
     folders take the first image's). `split` picks all images, the train part, or
     the held-out test part (every 10th image of each class)."""
     name = str(name_or_dir)
-    if image_size is not None and image_size < 1:
-        raise ValueError(f"image_size={image_size}: must be a positive integer or None")
+    check_int(image_size, "image_size", optional=True)
     if name in BUILTIN_DATASETS:
         if channels not in (None, 1):
             raise DatasetError(f"dataset {name!r} is greyscale (1 channel), channels={channels} was asked for")

@@ -17,6 +17,7 @@ from contextlib import nullcontext
 import torch
 
 from .model import Model
+from .schema import check_finite, check_int
 
 
 def log_prob(model: Model, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -30,10 +31,8 @@ def log_prob(model: Model, x: torch.Tensor, labels: torch.Tensor | None = None) 
 def score_step(model: Model, x: torch.Tensor, labels=None, noise_std: float = 0.05, lr_multiplier: float = 1.0,
                chunk_size: int = 64, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x + lr_multiplier * noise_std^2 * grad_x log p(x | y), in chunks of `chunk_size` images; not clipped."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size}: must be a positive integer")
-    if noise_std < 0:
-        raise ValueError(f"noise_std={noise_std}: must be >= 0")
+    check_int(chunk_size, "chunk_size")
+    check_finite(noise_std, "noise_std")
     step = lr_multiplier * noise_std**2
     y = None if labels is None else torch.as_tensor(labels, dtype=torch.long, device=x.device).reshape(-1)
     if y is not None and y.numel() != x.shape[0]:

@@ -2,12 +2,12 @@
 are the same on every engine; an engine gives them a run with the state they update and `pass_(rule, L)`.
 
 - "eager" (`EagerRun`): the KV cache sliced to the solved prefix, the state held as host values (`start`
-  an integer): a rule reads each tensor it decides with once (`host` is `.item()`), chooses with Python's
+  an integer): a rule reads each tensor it decides with once (`decide` is `.item()`), chooses with Python's
   conditional (`where`) and assigns (`put`), and a span is written or not as the host decided; `live` is
   True (no pass ever runs after a stop). Cheapest on a CPU: the default.
 - "static" (`StaticRun`): every pass has fixed shapes over preallocated buffers (a `Workspace` per batch
   shape: iterate, a zero-filled KV cache of the full length plus the widest window's padding, positions,
-  state as 0-d tensors), reads `start` from a device tensor and updates the state on the device (`host` is
+  state as 0-d tensors), reads `start` from a device tensor and updates the state on the device (`decide` is
   the identity, `where` is `torch.where`, `put` copies into the workspace in place: a captured pass reads
   nothing on the host and finds its state where it was captured); the host reads the state every
   `check_every` passes, and a pass after a stop is a no-op (`live` is the `active` flag: iterate,
@@ -34,6 +34,7 @@ import functools
 import itertools
 import weakref
 from collections import OrderedDict
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -62,12 +63,59 @@ def conditioning(block: MetaBlock, labels, guidance: Guidance, batch: int, devic
     return cond, q_scale
 
 
-# The state a solver's pass rules update (see solvers.py), `start` aside: each entry's host value, as eager holds it
-# (reset by the loops before they use it), and the dtype of the 0-d tensor that holds it on static. float64 `tol`
-# and `bound`: a 0-d move compares with them as exactly as a Python float does.
-STATE = {"active": (False, torch.bool), "bad": (False, torch.bool), "iters": (0, torch.long), "cap": (0, torch.long),
-         "residual": (0.0, torch.float32), "tol": (0.0, torch.float64), "bound": (0.0, torch.float64)}
-KINDS = {"start": int, **{name: type(value) for name, (value, _) in STATE.items()}}  # what `read` returns
+# The state every run has, besides `start`: whether the run goes on (the static engine freezes passes after a stop
+# by it) and the divergence bound a rule checks iterates against. Each entry: its host value, as eager holds it,
+# and the dtype of the 0-d tensor that holds it on static (float64 `bound`: a 0-d value compares with it as exactly
+# as a Python float does). A solver declares the rest of the state its rules use (`BlockSolver.state`).
+CORE_STATE = {"active": (False, torch.bool), "bound": (0.0, torch.float64)}
+
+
+class Run(Protocol):
+    """What a solver's loop and pass rules (solvers.py) see of one block's inversion, on any engine.
+
+    State entries (`start`, CORE_STATE and the solver's `state`) are attributes: host values on eager, 0-d device
+    tensors on static."""
+
+    x: torch.Tensor  # the iterate (batch, tokens, dim), the block's permuted order
+    prev: torch.Tensor  # each token's move in its last pass (tokens)
+    num_tokens: int
+    autocast: bool  # the spec runs the network under autocast (a bf16 start is then a no-op)
+    live: object  # whether a pass counts: True on eager, the `active` flag on static
+
+    def pass_(self, rule, L: int) -> None:
+        """One network pass over tokens start..start+L-1, then `rule(run, new values, span)`."""
+
+    def decide(self, t: torch.Tensor):
+        """A value a rule decides with: read once on eager, left on the device on static."""
+
+    def where(self, cond, a, b):
+        """A choice between values a rule computed."""
+
+    def put(self, **values) -> None:
+        """A rule's new state."""
+
+    def set(self, **values) -> None:
+        """The loop's host values."""
+
+    def read(self, *names) -> list:
+        """Host values of state entries (one device sync on static)."""
+
+    def reads_every(self, check_every: int) -> int:
+        """How many passes a loop runs between reads of the state (1 where reading costs nothing)."""
+
+    def coarse(self) -> contextlib.AbstractContextManager:
+        """Passes inside run under bf16."""
+
+    def result(self) -> torch.Tensor:
+        """The solved block input (batch, tokens, dim), permuted order."""
+
+
+def _state(declared: dict) -> dict:
+    """Every state entry of a run: the engine's and those a solver declares."""
+    clash = sorted(set(declared) & {"start", "x", "prev", *CORE_STATE})
+    if clash:
+        raise TypeError(f"a solver's state redeclares {clash}: the engine holds those")
+    return {**CORE_STATE, **declared}
 
 
 def _moves(length: int, device) -> torch.Tensor:
@@ -97,7 +145,7 @@ class _Span:
 
 class EagerRun:
     """One block's inversion on the eager engine: its input z (permuted), the iterate, a KV cache grown
-    over the solved prefix, conditioning, and the state as host values (a rule's `host` reads a tensor once,
+    over the solved prefix, conditioning, and the state as host values (a rule's `decide` reads a tensor once,
     `where` is Python's conditional, `put` assigns). `update` is one network pass; `jacobi_trace` and the
     bounds use it directly."""
 
@@ -105,7 +153,7 @@ class EagerRun:
     live = True
 
     def __init__(self, block: MetaBlock, z: torch.Tensor, labels, guidance: Guidance,
-                 bound: float = float("inf"), init: str = "z"):
+                 bound: float = float("inf"), init: str = "z", state: dict | None = None):
         self.block = block
         self.z = block.permute(z)
         B, T, _ = self.z.shape
@@ -120,7 +168,7 @@ class EagerRun:
         self.cache = KVCache(len(block.attn_blocks), T, None if self.autocast else torch.float32)
         self.x = self.initial(init)
         self.prev = _moves(T, z.device)
-        self.__dict__.update({name: value for name, (value, _) in STATE.items()}, bound=bound, start=1)
+        self.__dict__.update({name: value for name, (value, _) in _state(state or {}).items()}, bound=bound, start=1)
 
     def update(self, x: torch.Tensor, s: int, e: int) -> torch.Tensor:
         """New values of tokens s..e-1 from the current x (inputs: tokens s-1..e-2)."""
@@ -151,7 +199,7 @@ class EagerRun:
         rule(self, self.update(self.x, s, s + L), _Span(s, L))
 
     @staticmethod
-    def host(t: torch.Tensor):
+    def decide(t: torch.Tensor):
         return t.item()
 
     @staticmethod
@@ -179,8 +227,8 @@ class EagerRun:
 class Eager:
     name = "eager"
 
-    def start(self, block, z, labels, guidance, bound, init, pad) -> EagerRun:
-        return EagerRun(block, z, labels, guidance, bound, init)
+    def start(self, block, z, labels, guidance, bound, plan) -> EagerRun:
+        return EagerRun(block, z, labels, guidance, bound, plan.init, plan.state)
 
 
 # ---- static and graph ----------------------------------------------------------------------------------------------
@@ -213,7 +261,7 @@ class StaticKVCache:
             t.zero_()
 
 
-def _weights(block: MetaBlock) -> tuple:
+def _weight_identity(block: MetaBlock) -> tuple:
     """Where and what a block's parameters are: a graph read them there."""
     return tuple((p.data_ptr(), p.dtype, p.device, p._version) for p in block.parameters())
 
@@ -225,10 +273,10 @@ def cast_linears(block: MetaBlock, dtype, weights: tuple | None = None) -> MetaB
     """The block, or under autocast a copy sharing its parameters except the Linear weights and biases, held
     in `dtype`: autocast casts exactly those on every call (a captured pass cannot keep its cast cache), and
     `.to(dtype)` is the same rounding. LayerNorm, positions and classes stay float32. One copy per block and
-    dtype while the block's weights (`_weights`, given or read) stay where and what they were."""
+    dtype while the block's weights (`_weight_identity`, given or read) stay where and what they were."""
     if dtype is None:
         return block
-    weights = weights or _weights(block)
+    weights = weights or _weight_identity(block)
     made, casts = _CASTS.get(block, (None, {}))
     if made != weights:
         casts = {}
@@ -271,11 +319,19 @@ class Workspace:
         self.g = torch.zeros(self.length, 1, device=device)
         self.q_scale = torch.ones(rows, 1, 1, 1, device=device)
         self.start = torch.ones((), dtype=torch.long, device=device)
-        self.__dict__.update({name: torch.full((), value, dtype=dtype, device=device)
-                              for name, (value, dtype) in STATE.items()})
+        self.state: dict[str, torch.Tensor] = {}  # 0-d tensors by name, made as the solvers that run declare them
         self.prev = _moves(self.length, device)
         self.blocks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.pool = None  # the graphs' memory pool, made at the first capture
+
+    def holding(self, state: dict) -> dict[str, torch.Tensor]:
+        """The 0-d tensors of these state entries (name -> (host value, dtype)), made where new: they stay
+        where captured graphs found them."""
+        for name, (value, dtype) in state.items():
+            held = self.state.setdefault(name, torch.full((), value, dtype=dtype, device=self.x.device))
+            if held.dtype != dtype:
+                raise TypeError(f"solvers declare state {name!r} as {held.dtype} and as {dtype}: one name, one dtype")
+        return {name: self.state[name] for name in state}
 
     def graphs(self, block: MetaBlock, weights: tuple) -> _BlockGraphs:
         entry = self.blocks.get(block)
@@ -315,7 +371,7 @@ def _static_pass(run: "StaticRun", module: MetaBlock, rule, L: int, bucket: int,
         if g.active:
             inp = torch.cat([inp, inp])
         mask = CAUSAL if causal else ws.keys[:bucket] <= idx.unsqueeze(1)
-        ws.cache.bucket, ws.cache.keep = bucket, ws.active if rule.stops else None
+        ws.cache.bucket, ws.cache.keep = bucket, run.live if rule.stops else None
         a, b = module.params(inp, ws.pos.index_select(0, idx), ws.cond if run.conditional else 0.0, mask, ws.cache,
                              idx, ws.q_scale if run.q_scaled else None)
         out = idx + 1
@@ -328,13 +384,16 @@ class StaticRun:
     """One block's inversion over a `Workspace`; passes run statically or replay captured graphs."""
 
     def __init__(self, engine: "Static", ws: Workspace, block: MetaBlock, z, labels, guidance: Guidance,
-                 bound: float, init: str, dtype):
+                 bound: float, plan, dtype):
         self.capture, self.ws, self.block, self.guidance, self.dtype = engine.capture, ws, block, guidance, dtype
-        self.weights = _weights(block)
+        self.weights = _weight_identity(block)
         self.entry = ws.graphs(block, self.weights)
-        for name in ("x", "prev", "start", *STATE):
-            setattr(self, name, getattr(ws, name))
-        self.live = ws.active
+        self.x, self.prev, self.start = ws.x, ws.prev, ws.start
+        declared = _state(plan.state)
+        self.kinds = {"start": int, **{name: type(value) for name, (value, _) in declared.items()}}  # what `read` gives
+        self.state = {"start": ws.start, **ws.holding(declared)}
+        self.__dict__.update(self.state)
+        self.live = ws.state["active"]
         self.num_tokens = T = z.shape[1]
         self.autocast = dtype is not None
         self.conditional = block.class_embed is not None
@@ -343,7 +402,7 @@ class StaticRun:
         zp = block.permute(z).float()
         ws.z[:, :T] = zp
         ws.x.zero_()
-        ws.x[:, :T] = zp if init == "z" else 0.0
+        ws.x[:, :T] = zp if plan.init == "z" else 0.0
         ws.x[:, 0] = zp[:, 0]
         ws.pos[:T] = block.permute(block.pos_embed, 0)
         cond, q_scale = conditioning(block, labels, guidance, z.shape[0], z.device)
@@ -355,7 +414,7 @@ class StaticRun:
             ws.q_scale.copy_(q_scale)
         ws.cache.zero_()  # a stale entry is masked, but a non-finite one would still poison the softmax
         ws.prev.fill_(float("inf"))
-        ws.bound.fill_(bound)
+        ws.state["bound"].fill_(bound)
 
     @property
     def engine_name(self) -> str:
@@ -396,20 +455,20 @@ class StaticRun:
     def _captured(self, key, fn):
         """The pass captured (None where capture fails: then off for the process, the first error kept)."""
         global _CAPTURE_FAILURE
-        was = self.ws.active.clone()
-        self.ws.active.fill_(False)  # frozen: a warm-up leaves iterate, cache (up to equal values) and counters
+        was = self.live.clone()
+        self.live.fill_(False)  # frozen: a warm-up leaves iterate, cache (up to equal values) and counters
         try:
             replay = self.capture(fn, self.ws)
         except Exception as e:  # out of memory, an op that cannot be captured: the same pass, not captured
             _CAPTURE_FAILURE = f"{type(e).__name__}: {e}"[:300]
             return None
         finally:
-            self.ws.active.copy_(was)
+            self.live.copy_(was)
         self.entry.graphs[key] = replay
         return replay
 
     @staticmethod
-    def host(t: torch.Tensor) -> torch.Tensor:
+    def decide(t: torch.Tensor) -> torch.Tensor:
         return t  # no host read inside a pass: it stays capturable
 
     where = staticmethod(torch.where)
@@ -417,20 +476,20 @@ class StaticRun:
     def put(self, **values) -> None:
         """A rule's new state, copied into the workspace (where a captured pass finds it)."""
         for name, value in values.items():
-            getattr(self.ws, name).copy_(value)
+            self.state[name].copy_(value)
 
     def set(self, **values) -> None:
         """The loop's host values; `start` is where the host knows it."""
         for name, value in values.items():
-            getattr(self.ws, name).fill_(value)
+            self.state[name].fill_(value)
         if "start" in values:
             self.known_start = values["start"]
 
     def read(self, *names) -> list:
         """Host values of state entries, in one device sync."""
-        values = [getattr(self.ws, n) for n in names]
+        values = [self.state[n] for n in names]
         host = [values[0].item()] if len(values) == 1 else torch.stack([v.double() for v in values]).tolist()
-        return [KINDS[n](v) for n, v in zip(names, host)]
+        return [self.kinds[n](v) for n, v in zip(names, host)]
 
     def reads_every(self, check_every: int) -> int:
         return check_every
@@ -470,7 +529,7 @@ class Static:
         self.capture = capture
         self.name = "static" if capture is None else "graph"
 
-    def start(self, block, z, labels, guidance, bound, init, pad) -> StaticRun:
+    def start(self, block, z, labels, guidance, bound, plan) -> StaticRun:
         device = z.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         B, T, D = z.shape
@@ -479,12 +538,13 @@ class Static:
         shape = (B, T, D, 2 * B if guidance.active else B, len(block.attn_blocks), attn.num_heads,
                  C // attn.num_heads, C, dtype or torch.float32, device)
         ws = _WORKSPACES.pop(shape, None)
+        pad = plan.padding
         if ws is None or ws.pad < pad:  # the widest window so far: one workspace serves every plan of a shape
             ws = Workspace(*shape, max(pad, ws.pad if ws else 0))
         _WORKSPACES[shape] = ws
         while len(_WORKSPACES) > KEPT:
             _WORKSPACES.popitem(last=False)
-        return StaticRun(self, ws, block, z, labels, guidance, bound, init, dtype)
+        return StaticRun(self, ws, block, z, labels, guidance, bound, plan, dtype)
 
 
 _WORKSPACES: OrderedDict = OrderedDict()

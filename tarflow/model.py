@@ -90,7 +90,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(channels, channels)
         self.num_heads = channels // head_dim
 
-    def forward(self, x, mask=None, cache: KVCache | None = None, layer: int = 0, start: int = 0, q_scale=None):
+    def forward(self, x, mask=None, cache=None, layer: int = 0, start: int | torch.Tensor = 0, q_scale=None):
+        """`start`: where the queries' keys go in `cache`, the first position (KVCache) or each query's
+        position on the device (the static engine's cache, which a captured pass indexes without the host)."""
         B, L, C = x.shape
         h = _norm_fp32(self.norm, x)
         # fused q|k|v, heads in order: (B, L, 3H, E) -> (B, 3H, L, E) -> 3 x (B, H, L, E)
@@ -161,7 +163,8 @@ class MetaBlock(nn.Module):
         return torch.where((y < 0).view(-1, 1, 1), mean, self.class_embed[y.clamp(min=0)])
 
     def params(self, x_perm, pos, cond=0.0, mask=None, cache=None, start=0, q_scale=None):
-        """(a, b) predicted from tokens x_perm (B, L, D) at permuted positions start..start+L-1.
+        """(a, b) predicted from tokens x_perm (B, L, D) at permuted positions start..start+L-1 (`start` as in
+        `Attention.forward`).
 
         `pos` is the permuted position embedding of those L positions. Row i holds the
         parameters of token start+i+1: the output is not yet shifted."""

@@ -2,8 +2,8 @@
 
 A plan is indexed by *forward* block index: `plan.blocks[i]` drives `model.blocks[i]`.
 Sampling runs the blocks in reverse, so `plan.blocks[-1]` is the block sampled first.
-Each block plan is one of the solvers registered in `solvers.SOLVERS` (its class is its plan
-type), keyed by its `solver` field, and carries only that solver's settings. Tokens are numbered
+Each block plan is an instance of a solver registered in `solvers.SOLVERS` (its class is its plan
+type, `BlockPlan` any of them), keyed by its `solver` field, and carries only that solver's settings. Tokens are numbered
 in the block's own (permuted) order; token 0 never changes, so segments tile tokens 1..T-1.
 
 JSON (version 2)::
@@ -17,30 +17,27 @@ JSON (version 2)::
 
 `tol` and `spec` say what an auto plan was certified for: final images within `tol` of
 sequential sampling under that sampling spec (null for hand plans, which are not checked).
-To add a solver: its class and its registry entry in `solvers.py`; `BlockPlan` follows.
+A solver registered later (`solvers.register`) is read and written like the others.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field, replace
-from typing import Union
 
-from .schema import JSONForm
-from .solvers import INIT_NAMES, SOLVERS, GSJacobi, Jacobi, PlanError, Sequential
+from .schema import JSONForm, check_finite, check_int
+from .solvers import EXACT, INIT_NAMES, SOLVERS, BlockSolver, PlanError, paper_block
 from .spec import SamplingSpec
 
 PLAN_VERSION = 2
+BlockPlan = BlockSolver  # a block plan is an instance of a registered solver; pydantic reads the registry's union
 
-try:  # with pydantic present, JSON block plans are told apart by `solver` (and errors name only that type)
-    from typing import Annotated
 
-    from pydantic import Discriminator
-
-    BlockPlan = Annotated[Union[tuple(SOLVERS.values())], Discriminator("solver")]
-except ImportError:  # torch-only installs build plans in code
-    BlockPlan = Union[tuple(SOLVERS.values())]
+def check_tolerance(tol, loc="tol", optional: bool = False):
+    """The one rule for a tolerance a plan is certified for (`Plan.tol`, the scheduler's `tol`, a run's
+    `plan.tol`): a finite max abs deviation > 0 (None: no certificate, where `optional`). Not a solver's own
+    stopping `tol`, which may be 0."""
+    return check_finite(tol, loc, strict=True, optional=optional, error=PlanError)
 
 
 @dataclass
@@ -61,29 +58,22 @@ class Plan(JSONForm):
 
     def __post_init__(self):
         if self.version != PLAN_VERSION:
-            raise PlanError(f"version={self.version!r}: this build reads version {PLAN_VERSION} "
-                            "(re-run `tarflow-gs plan` to make one)")
-        for name, low in (("num_blocks", 1), ("num_tokens", 2)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise PlanError(f"{name}={value!r}: must be an integer >= {low}")
+            raise PlanError(f"this build reads version {PLAN_VERSION} (re-run `tarflow-gs plan` to make one)", "version",
+                            self.version)
+        check_int(self.num_blocks, "num_blocks", error=PlanError)
+        check_int(self.num_tokens, "num_tokens", low=2, error=PlanError)
         if len(self.blocks) != self.num_blocks:
-            raise PlanError(f"blocks has {len(self.blocks)} entries but num_blocks={self.num_blocks}")
-        if not (isinstance(self.divergence_bound, (int, float)) and 0 < self.divergence_bound < math.inf):
-            raise PlanError(f"divergence_bound={self.divergence_bound!r}: must be a finite number > 0")
-        tol = self.tol  # checked here: the plan's pydantic config lets inf through for the evidence
-        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol)
-                                or tol < 0):
-            raise PlanError(f"tol={tol!r}: must be a finite number >= 0, or null (a plan not certified, such as a "
-                            "hand plan)")
+            raise PlanError(f"has {len(self.blocks)} entries but num_blocks={self.num_blocks}", "blocks")
+        check_finite(self.divergence_bound, "divergence_bound", strict=True, error=PlanError)
+        check_tolerance(self.tol, optional=True)  # here: the plan's pydantic config lets inf through for the evidence
         T = self.num_tokens
         for i, b in enumerate(self.blocks):
             if SOLVERS.get(getattr(b, "solver", None)) is not type(b):
-                raise PlanError(f"blocks[{i}]={b!r}: not a block plan ({', '.join(SOLVERS)})")
+                raise PlanError(f"not a block plan ({', '.join(SOLVERS)})", ("blocks", i), b)
             name = b.length_field
             if name is not None and not 1 <= getattr(b, name) <= T - 1:
-                raise PlanError(f"blocks[{i}].{name}={getattr(b, name)}: {b.solver} needs an integer in [1, {T - 1}] "
-                                f"(T-1 for T={T} tokens)")
+                raise PlanError(f"{b.solver} needs an integer in [1, {T - 1}] (T-1 for T={T} tokens)",
+                                ("blocks", i, name), getattr(b, name))
 
     # ---- constructors ---------------------------------------------------------------------------------------
 
@@ -93,7 +83,7 @@ class Plan(JSONForm):
 
     @classmethod
     def sequential(cls, num_blocks: int, num_tokens: int) -> "Plan":
-        return cls.uniform(num_blocks, num_tokens, Sequential())
+        return cls.uniform(num_blocks, num_tokens, EXACT)
 
     @classmethod
     def from_paper_lists(cls, num_gs: list[int], max_jacobi: list[int], guess: list[int] | None,
@@ -107,10 +97,10 @@ class Plan(JSONForm):
         guess = [0] * len(num_gs) if guess is None else guess
         for field_name, values in (("num_GS_list", num_gs), ("max_jacobi_list", max_jacobi), ("guess_list", guess)):
             if not isinstance(values, (list, tuple)) or not all(isinstance(v, int) for v in values):
-                raise PlanError(f"{field_name}={values!r}: must be a list of integers")
+                raise PlanError("must be a list of integers", field_name, values)
             if len(values) != len(num_gs):
-                raise PlanError(f"{field_name} has {len(values)} entries but num_GS_list has {len(num_gs)}: "
-                                "give one per block")
+                raise PlanError(f"has {len(values)} entries but num_GS_list has {len(num_gs)}: give one per block",
+                                field_name)
         blocks = []
         for k, (gs, cap, g) in enumerate(zip(num_gs, max_jacobi, guess)):
             where = f"entry {k} (block {len(num_gs) - 1 - k})"
@@ -120,16 +110,7 @@ class Plan(JSONForm):
                 raise PlanError(f"max_jacobi_list {where} = {cap}: must be >= 1")
             if g not in (0, 1):
                 raise PlanError(f"guess_list {where} = {g}: allowed values are 0 (z) and 1 (zeros)")
-            init = INIT_NAMES[g]
-            # at tol 0 a segment stops early only at an exact fixed point: read the device flags at the cap only
-            every = cap if tol == 0 else 1
-            if gs in (0, num_tokens):
-                blocks.append(Sequential())
-            elif gs == 1:
-                blocks.append(Jacobi(max_iters=cap, tol=tol, init=init, check_every=every))
-            else:
-                blocks.append(GSJacobi(segment_len=-(-(num_tokens - 1) // gs), max_iters=cap, tol=tol, init=init,
-                                       check_every=every))
+            blocks.append(paper_block(gs, cap, tol, INIT_NAMES[g], num_tokens))
         return cls(len(blocks), num_tokens, blocks[::-1], name=name)
 
     @classmethod
@@ -194,10 +175,7 @@ class Plan(JSONForm):
     def fingerprint(self) -> str:
         """Hash of what changes samples (solvers and their settings), not of names, certificate or evidence."""
         core = {k: v for k, v in self.to_dict().items() if k not in ("name", "evidence", "tol", "spec")}
-        for b in core["blocks"]:  # settings that change cost only; unset options as before they existed
-            b.pop("check_every", None)
-            if b.get("coarse", 0) is None:
-                del b["coarse"], b["coarse_tol"]
+        core["blocks"] = [b.sample_settings(d) for b, d in zip(self.blocks, core["blocks"])]
         return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
     def bound_to(self, model_hash: str) -> "Plan":

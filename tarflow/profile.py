@@ -16,8 +16,8 @@ import copy
 import functools
 import platform
 import time
-from dataclasses import dataclass, field, fields, replace
-from typing import Callable, Literal
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -26,8 +26,8 @@ from .checkpoint import ModelRef, model_hash
 from .metrics import CRM, crm, crm_shares, igm
 from .model import Model
 from .plan import INIT_NAMES, BlockPlan
-from .schema import STRICT_FIELDS, JSONForm, SchemaError
-from .solvers import SOLVERS, GSJacobi, Sequential, solve_block
+from .schema import STRICT_FIELDS, JSONForm, SchemaError, check_finite, check_int
+from .solvers import EXACT, SOLVERS, Candidate, solve_block, timing_plan
 from .spec import SamplingSpec
 
 PROFILE_VERSION = 2
@@ -45,13 +45,13 @@ class ProfileError(SchemaError):
     """An invalid profile, or a profile that does not fit the model it is used with."""
 
 
-def _at_least(low: float, **values) -> None:
-    """Each value >= low (NaN and inf never reach here from a file: STRICT_FIELDS refuses them)."""
-    for name, value in values.items():
+def _at_least(low: float, values: dict) -> None:
+    """Each value (keyed by its path from the object checked; a dict value: each of its entries) >= low."""
+    for loc, value in values.items():
+        loc = loc if isinstance(loc, tuple) else (loc,)
         for key, v in value.items() if isinstance(value, dict) else ((None, value),):
-            if v < low:
-                where = name if key is None else f"{name}[{key}]" if isinstance(key, int) else f"{name}.{key}"
-                raise ProfileError(f"{where}={v!r}: must be >= {low:g}")
+            check = check_int if isinstance(v, int) else check_finite  # counts as counts, measures as numbers
+            check(v, loc if key is None else (*loc, key), low, error=ProfileError)
 
 
 @dataclass
@@ -72,8 +72,8 @@ class ConvergenceRun:
     __pydantic_config__ = STRICT_FIELDS
 
     def __post_init__(self):
-        _at_least(0, passes=self.passes, max_iters=self.max_iters, error=self.error, seconds=self.seconds,
-                  coarse_passes=self.coarse_passes)
+        _at_least(0, {"passes": self.passes, "max_iters": self.max_iters, "error": self.error,
+                      "seconds": self.seconds, "coarse_passes": self.coarse_passes})
 
 
 @dataclass
@@ -94,14 +94,15 @@ class BlockProfile:
 
     def __post_init__(self):
         if set(self.igm) != set(INIT_NAMES):
-            raise ProfileError(f"igm has keys {sorted(self.igm)}; expected {list(INIT_NAMES)}")
+            raise ProfileError(f"has keys {sorted(self.igm)}; expected {list(INIT_NAMES)}", "igm")
         t = self.crm_terms
-        _at_least(0, block=self.block, crm=self.crm, crm_share=self.crm_share, igm=self.igm,
-                  sequential_step_seconds=self.sequential_step_seconds, sequential_error=self.sequential_error,
-                  pass_seconds=self.pass_seconds, coarse_pass_seconds=self.coarse_pass_seconds,
-                  **{f"crm_terms.{k}": getattr(t, k) for k in ("mean_alpha_x", "scale_weight", "shift_weight")})
+        _at_least(0, {"block": self.block, "crm": self.crm, "crm_share": self.crm_share, "igm": self.igm,
+                      "sequential_step_seconds": self.sequential_step_seconds,
+                      "sequential_error": self.sequential_error, "pass_seconds": self.pass_seconds,
+                      "coarse_pass_seconds": self.coarse_pass_seconds,
+                      **{("crm_terms", k): getattr(t, k) for k in ("mean_alpha_x", "scale_weight", "shift_weight")}})
         if self.crm_share > 1:
-            raise ProfileError(f"crm_share={self.crm_share!r}: a share is in [0, 1]")
+            raise ProfileError("a share is in [0, 1]", "crm_share", self.crm_share)
 
 
 @dataclass
@@ -127,29 +128,29 @@ class Profile(JSONForm):
 
     def __post_init__(self):
         if self.version != PROFILE_VERSION:
-            raise ProfileError(f"version={self.version!r}: this build reads version {PROFILE_VERSION} (re-run "
-                               "`tarflow-gs profile` to make one)")
-        _at_least(1, num_blocks=self.num_blocks, token_dim=self.token_dim, threads=self.threads, caps=dict(
-            enumerate(self.caps)), **{"calibration.num_images": self.calibration.num_images})
-        _at_least(2, num_tokens=self.num_tokens)
-        _at_least(0, seconds=self.seconds, **{"calibration.seed": self.calibration.seed})
+            raise ProfileError(f"this build reads version {PROFILE_VERSION} (re-run `tarflow-gs profile` to make one)",
+                               "version", self.version)
+        _at_least(1, {"num_blocks": self.num_blocks, "token_dim": self.token_dim, "threads": self.threads,
+                      "caps": dict(enumerate(self.caps)), ("calibration", "num_images"): self.calibration.num_images})
+        _at_least(2, {"num_tokens": self.num_tokens})
+        _at_least(0, {"seconds": self.seconds, ("calibration", "seed"): self.calibration.seed})
         if any(not t > 0 for t in self.tols):
-            raise ProfileError(f"tols={self.tols}: every tolerance must be > 0")
+            raise ProfileError("every tolerance must be > 0", "tols", self.tols)
         if len(self.blocks) != self.num_blocks:
-            raise ProfileError(f"blocks has {len(self.blocks)} entries, num_blocks={self.num_blocks}")
+            raise ProfileError(f"has {len(self.blocks)} entries, num_blocks={self.num_blocks}", "blocks")
         for j, b in enumerate(self.blocks):
             if b.block != j:
-                raise ProfileError(f"blocks[{j}].block={b.block}: blocks must be listed in forward order")
+                raise ProfileError("blocks must be listed in forward order", ("blocks", j, "block"), b.block)
             bad = [L for L in b.pass_seconds if not 1 <= L <= self.num_tokens - 1]
             if bad:
-                raise ProfileError(f"blocks[{j}].pass_seconds has segment length {bad[0]}: must be in "
-                                   f"1..{self.num_tokens - 1}")
+                raise ProfileError(f"has segment length {bad[0]}: must be in 1..{self.num_tokens - 1}",
+                                   ("blocks", j, "pass_seconds"))
             for k, r in enumerate(b.convergence):
-                L = None if isinstance(r.plan, Sequential) else r.plan.segment_length(self.num_tokens)
-                if L not in b.pass_seconds or (r.plan.coarse and L not in b.coarse_pass_seconds):
-                    raise ProfileError(f"blocks[{j}].convergence[{k}] has {r.plan.short()}: each must be a parallel "
-                                       "plan whose segment length has a measured cost in pass_seconds (and in "
-                                       "coarse_pass_seconds for a bf16 start)")
+                L = r.plan.segment_length(self.num_tokens)
+                if L < 2 or L not in b.pass_seconds or (r.plan.coarse and L not in b.coarse_pass_seconds):
+                    raise ProfileError(f"has {r.plan.short()}: each must be a parallel plan whose segment length "
+                                       "has a measured cost in pass_seconds (and in coarse_pass_seconds for a bf16 "
+                                       "start)", ("blocks", j, "convergence", k))
 
     def check_model(self, model: Model) -> None:
         if model_hash(model) != self.model_hash:
@@ -165,15 +166,9 @@ def default_segment_lens(num_tokens: int) -> list[int]:
     return sorted({n for n in lens if n >= 2}, reverse=True)
 
 
-def candidate_plans(num_tokens: int, segment_lens, windows) -> list[tuple[int, Callable]]:
-    """(pass length, make(init, tol, cap)) of every setting the profile tries: each registered solver's
-    candidates (`candidates` of its class in `solvers.SOLVERS`)."""
+def candidate_plans(num_tokens: int, segment_lens, windows) -> list[Candidate]:
+    """Every setting the profile tries: each registered solver's `candidates`."""
     return [c for solver in SOLVERS.values() for c in solver.candidates(num_tokens, segment_lens, windows)]
-
-
-def _passes(L: int) -> GSJacobi:
-    """Segments of L tokens, a few passes each (tol 0 runs them all): what a pass of that length costs."""
-    return GSJacobi(segment_len=L, tol=0.0, max_iters=PASSES_TIMED)
 
 
 @dataclass
@@ -214,19 +209,19 @@ def profile_block(block, index: int, z: torch.Tensor, x: torch.Tensor, labels, s
         return min(solve(chunks[0], bp, autocast).stats.seconds for _ in range(repeats)) / passes
 
     options = candidate_plans(T, segment_lens, windows)
-    lengths = sorted({L for L, _ in options})
+    lengths = sorted({c.length for c in options})
     coarse_seconds: dict[int, float] = {}
     if costs is None:
-        seq_seconds = timed(Sequential())
+        seq_seconds = timed(EXACT)
         # a few passes per segment (tol 0 runs them all) average out timer and scheduler noise
-        pass_seconds = {L: timed(_passes(L)) for L in lengths}
+        pass_seconds = {L: timed(timing_plan(L, PASSES_TIMED)) for L in lengths}
         if spec.autocast == "fp32":  # whether a bf16 start can pay here: the same passes in bf16
-            coarse_seconds = {L: timed(_passes(L), torch.bfloat16) for L in lengths}
+            coarse_seconds = {L: timed(timing_plan(L, PASSES_TIMED), torch.bfloat16) for L in lengths}
     else:
         seq_seconds, pass_seconds = costs.sequential_step_seconds, dict(costs.pass_seconds)
         coarse_seconds = dict(costs.coarse_pass_seconds)
     coarse_lengths = {L for L, c in coarse_seconds.items() if c < COARSE_GAIN * pass_seconds[L]}
-    seq_error = max((solve(c, Sequential()).x - x[c]).abs().max().item() for c in chunks)
+    seq_error = max((solve(c, EXACT).x - x[c]).abs().max().item() for c in chunks)
     runs: list[ConvergenceRun] = []
     sequential_block = (T - 1) * seq_seconds
 
@@ -240,7 +235,8 @@ def profile_block(block, index: int, z: torch.Tensor, x: torch.Tensor, labels, s
         runs.append(run)
         return run
 
-    for L, make in options:
+    for option in options:
+        L, make = option.length, option.make
         pass_cost = pass_seconds[L]
         if -(-(T - 1) // L) * pass_cost >= sequential_block:
             continue  # even one pass per segment is slower than sequential here: never chosen
@@ -248,21 +244,20 @@ def profile_block(block, index: int, z: torch.Tensor, x: torch.Tensor, labels, s
             for tol in sorted(tols, reverse=True):  # loosest first: tighter ones only take longer
                 if measure(make(init, tol)).passes * pass_cost >= sequential_block:
                     break
-            takes = {f.name for f in fields(make(init, 0.0))}  # a sliding window has no bf16 start and no cap
-            if L in coarse_lengths and "coarse" in takes:  # bf16 to COARSE_TOL, float32 from there: finer tols only
+            if option.coarse and L in coarse_lengths:  # bf16 to COARSE_TOL, float32 from there: finer tols only
                 for tol in sorted((t for t in tols if t < COARSE_TOL), reverse=True):
-                    r = measure(replace(make(init, tol), coarse="bf16", coarse_tol=COARSE_TOL))
+                    r = measure(make(init, tol, coarse_tol=COARSE_TOL))
                     if r.coarse_passes * coarse_seconds[L] + (r.passes - r.coarse_passes) * pass_cost \
                             >= sequential_block:
                         break
             # fixed iteration counts: no pass is spent detecting convergence; caps >= L are exact
             # Jacobi, which the tightest tolerance already covers for fewer passes
-            for cap in sorted(c for c in caps if c < L and "max_iters" in takes):
+            for cap in sorted(c for c in caps if c < L and option.caps):
                 r = measure(make(init, 0.0, cap))
                 if r.passes * pass_cost >= sequential_block or r.error <= min(tols, default=0.0):
                     break
     c = crm(block, x, labels)
-    engine = solve(chunks[0], Sequential()).stats.engine
+    engine = solve(chunks[0], EXACT).stats.engine
     return BlockProfile(index, c.value, 0.0, c, {init: igm(block, z, x, init, labels, g) for init in INIT_NAMES},
                         seq_seconds, seq_error, pass_seconds, runs, engine, coarse_seconds)
 
@@ -301,7 +296,7 @@ def check_segment_lens(num_tokens: int, segment_lens) -> list[int]:
     segment_lens = sorted(set(segment_lens or default_segment_lens(num_tokens)), reverse=True)
     bad = [L for L in segment_lens if not 2 <= L <= num_tokens - 1]
     if bad:
-        raise ProfileError(f"segment_lens {bad}: each must be in 2..{num_tokens - 1} (T-1 is plain Jacobi)")
+        raise ProfileError(f"each must be in 2..{num_tokens - 1} (T-1 is plain Jacobi)", "segment_lens", bad)
     return segment_lens
 
 
@@ -309,11 +304,25 @@ def profile_model(model: Model, spec: SamplingSpec = SamplingSpec(), data: str |
                   device: str = "cpu", segment_lens: list[int] | None = None, windows=DEFAULT_WINDOWS,
                   tols=DEFAULT_TOLS, caps=DEFAULT_CAPS, repeats: int = 3, model_ref: ModelRef | None = None,
                   costs: Costs | None = None) -> Profile:
-    """Profile every block of `model` under `spec` (made concrete for the model), in this process.
+    """Profile every block of `model` under `spec`, in this process with its torch threads. The caller's
+    model stays where it is (`model_on`).
 
-    `num_images` calibration rows are solved in chunks of `spec.batch_size` (rounded up to whole
-    chunks) on `device`, with this process's torch threads; `costs`, if given, instead of timing.
-    The caller's model stays where it is (`model_on`)."""
+    Args:
+        model: the TarFlow model.
+        spec: the sampling spec, made concrete for the model; its batch size is what passes are timed at.
+        data: calibration images (a dataset name or path); None: the model's own samples.
+        num_images: calibration rows, solved in chunks of `spec.batch_size` (rounded up to whole chunks).
+        device: where to profile.
+        segment_lens, windows: the settings the solvers' `candidates` take (default: `default_segment_lens`,
+            DEFAULT_WINDOWS).
+        tols, caps: stopping tolerances and fixed iteration caps tried per setting.
+        repeats: timings per measurement (the best is kept).
+        model_ref: what reloads the model, recorded in the profile.
+        costs: seconds per step and per pass to use instead of timing (to profile as if on other hardware).
+
+    Returns:
+        Profile: per block, CRM, IGM, step and pass costs and every candidate's passes and error.
+    """
     start = time.perf_counter()
     segment_lens = check_segment_lens(model.num_tokens, segment_lens)
     dev = torch.device(device)

@@ -56,6 +56,7 @@ class SampleStats:
 
 class SampleOutput(NamedTuple):
     images: torch.Tensor
+    labels: torch.Tensor | None  # int64 (B,) the images were conditioned on (-1: none); None: unconditional
     stats: SampleStats
 
 
@@ -75,14 +76,25 @@ def _labels_tensor(labels, batch: int, num_classes: int, device) -> torch.Tensor
 @torch.inference_mode()
 def sample(model: Model, noise: torch.Tensor, labels=None, plan: Plan | None = None,
            spec: SamplingSpec = DEFAULT_SPEC, engine: str = "auto") -> SampleOutput:
-    """Images (B, C, H, W) in model space from noise (B, T, D) or (B, C, H, W).
+    """Images in model space from noise, every block inverted under the plan.
 
-    `plan=None` is exact sequential sampling. The spec's guidance and autocast dtype define the
-    map; its denoising, if on, follows (with `spec.denoise.noise_std` set: `spec.for_model`).
-    Under autocast (bf16 on GPU, as the reference samples) the network runs in that dtype while
-    the iterates stay float32: a plan's `tol` then measures convergence of the bf16 Jacobi map,
-    and the distance to float32 sequential sampling is bf16 rounding, not `tol`. `engine`: how
-    the passes run (`solvers.solve_block`; "auto": CUDA graphs on CUDA, eager elsewhere)."""
+    Under autocast (bf16 on GPU, as the reference samples) the network runs in that dtype while the
+    iterates stay float32: a plan's `tol` then measures convergence of the bf16 Jacobi map, and the
+    distance to float32 sequential sampling is bf16 rounding, not `tol`.
+
+    Args:
+        model: the TarFlow model.
+        noise: (B, T, D) tokens or (B, C, H, W) images, standard normal.
+        labels: class ids (B,) or one id for the batch, -1 for unconditional rows; None: unconditional.
+        plan: a block plan per block; None: exact sequential sampling.
+        spec: the map (guidance, autocast dtype) and the denoising after it (`noise_std` set:
+            `spec.for_model`).
+        engine: how passes run (`solvers.solve_block`; "auto": CUDA graphs on CUDA, eager elsewhere).
+
+    Returns:
+        SampleOutput: images (B, C, H, W), the labels they were conditioned on (None: unconditional)
+        and the per-block solver statistics in sampling order.
+    """
     T, D = model.num_tokens, model.token_dim
     if noise.dim() == 4:
         noise = model.patchify(noise)
@@ -111,7 +123,7 @@ def sample(model: Model, noise: torch.Tensor, labels=None, plan: Plan | None = N
     if spec.denoise.active:
         images = denoise(model, images, y, noise_std=spec.denoise.noise_std, lr_multiplier=spec.denoise.multiplier)
     stats.seconds = time.perf_counter() - start
-    return SampleOutput(images, stats)
+    return SampleOutput(images, y, stats)
 
 
 @torch.inference_mode()
@@ -130,9 +142,19 @@ def one_pass_per_block(model: Model, noise: torch.Tensor, labels=None,
 
 
 def sample_ids(model: Model, spec: SamplingSpec, ids, plan: Plan | None = None, device=None) -> SampleOutput:
-    """Samples `ids` of the run `spec` describes, in one batch: noise from (seed, id), labels from
-    the policy. The same id gets the same image however ids are batched (up to floating-point
-    reduction order when the batch size differs), on whichever machine."""
+    """Samples `ids` of the run `spec` describes, in one batch. The same id gets the same image however
+    ids are batched (up to floating-point reduction order when the batch size differs), on any machine.
+
+    Args:
+        model: the TarFlow model.
+        spec: the run's sampling spec: its seed and label policy decide each id's noise and label.
+        ids: the sample ids (a range or a sequence of ints).
+        plan: as in `sample`; None: exact sequential sampling.
+        device: where to sample (default: where the model is).
+
+    Returns:
+        SampleOutput of `sample`, its labels those the policy gives the ids.
+    """
     device = device or next(model.parameters()).device
     noise = sample_noise(spec.seed, ids, model.num_tokens, model.token_dim).to(device)
     y = spec.labels_for(ids, model.config.num_classes)
@@ -140,9 +162,9 @@ def sample_ids(model: Model, spec: SamplingSpec, ids, plan: Plan | None = None, 
 
 
 def time_in_turns(model, noise, labels, plans: dict, repeats: int, spec: SamplingSpec = DEFAULT_SPEC) -> dict:
-    """{name: ([SampleOutput per batch], best wall seconds)} of each plan (None: sequential; or a callable
-    (noise, labels) -> SampleOutput, e.g. another version's sampler), sampling `noise` in batches of
-    `spec.batch_size`.
+    """{name: ([output per batch], best wall seconds)} of each plan (None: sequential; or a callable
+    (noise, labels) -> anything, e.g. another version's sampler or one pass per block), sampling `noise` in
+    batches of `spec.batch_size`: the one timer of the report, the scheduler and the benchmarks.
 
     Round-robin over the samplers, so a burst of load on a shared machine hits them alike, and
     the minimum over repeats, the least noisy estimate of what the code costs."""
@@ -156,6 +178,8 @@ def time_in_turns(model, noise, labels, plans: dict, repeats: int, spec: Samplin
                 start = time.perf_counter()
                 outs[name].append(plan(noise[s:s + B], y) if callable(plan) else sample(model, noise[s:s + B], y,
                                                                                          plan, spec))
+                if noise.device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
+                    torch.cuda.synchronize(noise.device)
                 total += time.perf_counter() - start
             best[name] = min(best[name], total)
     return {name: (outs[name], best[name]) for name in plans}

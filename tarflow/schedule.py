@@ -1,45 +1,30 @@
 """Scheduler: from a profile, the fastest plan that stays within a tolerance of sequential sampling.
 
-Per block the candidates are sequential sampling and every block plan the profile ran
-(Jacobi, GS-Jacobi segment lengths, sliding windows; z or zeros start; stopping tolerances
-and fixed iteration caps). A candidate's predicted time is its measured passes times the
-measured seconds per pass on the profiled device and batch size; sequential is (T-1)
-measured steps. Only candidates predicted faster than sequential and more accurate than
-every faster one are kept, so a block where nothing parallel beats sequential on this
-hardware stays sequential and the plan is never predicted slower than sequential.
-
-Per-block errors measured on a few calibration images do not bound the final error: a
-block's error varies ~10x between samples, an error in a block sampled early is carried
-(on the demo model up to 2.5x larger) through every later block, and the blocks'
-errors add up. So per-block errors only rank choices; sampling decides. The error
-budget is spent where time is cheapest to buy (`spend_budget`, a multiple-choice
-knapsack over every block's candidates, not equal shares per block), for a bisected
-guess of how block errors grow into final error; then single blocks are moved
-faster (from that plan, or from sequential everywhere when none passed: one factor
-does not fit a block whose errors grow far more than the others'), most time saved
-first, while the plan still passes. Each check samples
-the calibration noise and a held-out noise batch under the profile's sampling spec
-(the map generation samples), plan vs sequential, max abs difference of final images
-in model space; the target is half the tolerance, a margin for noise the calibration
-never saw. Predicted times come from the profile, so the final plan races sequential
-sampling on the held-out batch (in turns, best of a few) and must come out at least
-MIN_GAIN faster, or the plan is sequential everywhere: never slower, as measured, not
-only as predicted.
-CRM and IGM are the paper's priors: they are reported per block beside the measured
-choice, and IGM breaks near-ties between candidates (lower IGM start first).
+Per block the candidates are sequential sampling and every block plan the profile ran, each
+predicted at its measured passes times the measured seconds per pass; only those predicted faster
+than sequential and more accurate than every faster one are kept, so a block where nothing parallel
+pays on this hardware stays sequential. Per-block errors on a few calibration images do not bound
+the final error (they vary between samples, are carried through later blocks and add up: figures
+in docs/benchmarks.md), so they only rank choices and sampling decides: the error budget is spent
+where time is cheapest to buy (`spend_budget`) for a bisected guess of how block errors grow into
+final error, then single blocks move faster while the plan still passes. A check samples the
+calibration noise and a held-out batch, plan vs sequential, and holds the final images' max abs
+difference (model space) to half the tolerance. The plan then races sequential sampling and must be
+MIN_GAIN faster as measured, or it is sequential everywhere. CRM and IGM, the paper's priors, are
+reported per block beside the choice; IGM breaks near-ties (lower IGM start first).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
 from .checkpoint import model_hash
 from .model import Model
 from .noise import sample_noise
-from .plan import BlockPlan, Plan
-from .solvers import Sequential
+from .plan import BlockPlan, Plan, check_tolerance
+from .solvers import EXACT
 from .calibration import NO_DATA, calibration_batch
 from .profile import BlockProfile, Profile, ProfileError, model_on, profile_model
 from .sampling import sample, time_in_turns
@@ -66,7 +51,7 @@ class Option:
 
 def block_options(b: BlockProfile, num_tokens: int) -> list[Option]:
     """Sequential first, then every block plan the profile measured."""
-    seq = Option(Sequential(), num_tokens - 1, b.sequential_error, (num_tokens - 1) * b.sequential_step_seconds)
+    seq = Option(EXACT, num_tokens - 1, b.sequential_error, (num_tokens - 1) * b.sequential_step_seconds)
     def seconds(r) -> float:
         L = r.plan.segment_length(num_tokens)
         return (r.passes - r.coarse_passes) * b.pass_seconds[L] + r.coarse_passes * b.coarse_pass_seconds.get(L, 0.0)
@@ -105,15 +90,23 @@ def _sample_chunks(model, noise, labels, plan, spec, reference=None, limit=math.
 
 def schedule(profile: Profile, model: Model, tol: float = 1e-3, holdout_seed: int | None = None,
              holdout_images: int | None = None, device=None) -> Plan:
-    """The auto plan for `model` from its `profile` (see the module docstring), verified and raced
-    on `device` (default: where the model is; a copy of the model where it lives elsewhere).
+    """The auto plan for `model` from its `profile` (see the module docstring).
 
-    `tol` bounds the max abs deviation of final images (model space) from sequential
-    sampling under the profile's spec, on the calibration noise and on a held-out batch of
-    `holdout_images` (default: the calibration size, at least MIN_HOLDOUT; whole batches),
-    seeded `holdout_seed` (default: the calibration seed + 1)."""
-    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol={tol!r}: must be a finite number > 0")
+    Args:
+        profile: the model's profile (its spec is the one the plan is certified for).
+        model: the model profiled.
+        tol: the max abs deviation of final images (model space) from sequential sampling under the
+            profile's spec, on the calibration noise and on a held-out batch (`check_tolerance`).
+        holdout_seed: the held-out noise's seed (default: the calibration seed + 1).
+        holdout_images: held-out images (default: the calibration size, at least MIN_HOLDOUT; whole batches).
+        device: where plans are verified and raced (default: where the model is; a copy of the model where
+            it lives elsewhere).
+
+    Returns:
+        Plan: certified for `tol` and the profile's spec, with the evidence of every choice; sequential
+        everywhere where no parallel plan passes or times MIN_GAIN faster.
+    """
+    check_tolerance(tol)
     profile.check_model(model)
     if (len(model.blocks), model.num_tokens) != (profile.num_blocks, profile.num_tokens):
         raise ProfileError(f"the profile is for {profile.num_blocks} blocks x {profile.num_tokens} tokens")
@@ -278,9 +271,7 @@ def _with_check_every(o: Option, num_tokens: int) -> BlockPlan:
     """The option's block plan reading device-side flags about 4 times per segment's measured
     iterations (a quarter of them is the most a segment can waste after converging)."""
     bp = o.plan
-    if isinstance(bp, Sequential):
-        return bp
-    return replace(bp, check_every=max(1, int(o.passes / len(bp.segments(num_tokens)) / 4)))
+    return bp.reading_every(max(1, int(o.passes / len(bp.segments(num_tokens)) / 4)))
 
 
 def _option_dict(o: Option) -> dict:
@@ -296,7 +287,19 @@ def hand_plan(notation: str, model: Model, guess: list[int] | None = None, tol: 
 def auto_plan(model: Model, spec, tol: float = 1e-3, data: str | None = None, num_images: int = 8,
               device: str = "cpu", **profile_options) -> tuple[Plan, Profile]:
     """Profile `model` under `spec` and schedule its auto plan, in this process with torch alone (what
-    the profile and plan stages do in Ray tasks): (plan, profile). `profile_options` go to
-    `profile.profile_model` (segment_lens, windows, tols, caps, repeats, costs)."""
+    the profile and plan stages do in Ray tasks).
+
+    Args:
+        model: the TarFlow model.
+        spec: the sampling spec the plan is certified for (made concrete: `spec.for_model`).
+        tol: the max abs deviation of final images from sequential sampling the plan is certified for.
+        data: calibration images (a dataset name or path); None: the model's own samples.
+        num_images: calibration images.
+        device: where to profile and verify.
+        **profile_options: to `profile.profile_model` (segment_lens, windows, tols, caps, repeats, costs).
+
+    Returns:
+        (plan, profile).
+    """
     prof = profile_model(model, spec, data=data, num_images=num_images, device=device, **profile_options)
     return schedule(prof, model, tol=tol, device=device), prof

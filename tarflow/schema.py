@@ -6,36 +6,112 @@ The types themselves are plain dataclasses, so the model and solvers need torch 
 numbers written as strings (`1e-3` from YAML), and `__post_init__` runs on what it built. Every
 error is reported with its dotted field path, one line each, as a `SchemaError`.
 
-Dataclasses opt in with `__pydantic_config__ = STRICT_FIELDS`; their `__post_init__` errors
-name fields relative to the object (`segment_len=16: ...`), and the path is put in front here.
+Dataclasses opt in with `__pydantic_config__ = STRICT_FIELDS`. A check in `__post_init__` raises a
+`SchemaError` with the bad field's path relative to its object and the value; pydantic's error keeps
+that exception, and `validate` puts the object's own path in front::
+
+    raise PlanError("must be a positive integer", loc="segment_len", value=16)  # or loc=("blocks", 0, "tol")
+    # alone: "segment_len=16: must be a positive integer"; in a plan file: "plan.blocks[2].segment_len=16: ..."
+
+A number's rule is one helper (`check_int`, `check_finite`), so every field states it in the same words.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
-import re
+import math
+import numbers
 import types
 import typing
 from pathlib import Path
+from typing import NamedTuple
 
 from .atomic import write_atomic
 
 # unknown fields are errors; NaN and inf are never valid numbers in a config or a plan. No protected
 # namespaces: pydantic before 2.10 reserves the `model_` prefix and warns at import on `model_hash`
 STRICT_FIELDS = {"extra": "forbid", "allow_inf_nan": False, "protected_namespaces": ()}
-_RELATIVE = re.compile(r"[a-z_][\w.\[\]]*( has |=)")
 # the deepest nesting of lists and objects a file may have: the project's own files nest at most 6 deep;
 # a file nested deeper is refused before a recursive reader (Python's json, PyYAML, pydantic) can
 # exhaust the stack on it
 MAX_NESTING = 32
+_UNSHOWN = object()  # a check that does not show the value
+
+
+class FieldError(NamedTuple):
+    """One bad field: `loc` its path, `detail` what is wrong, `value` the value as the message shows it
+    (None: not shown), `sep` what joins path and detail when no value is shown."""
+
+    loc: tuple
+    detail: str
+    value: str | None = None
+    sep: str = ": "
+
+    def line(self, what: str = "") -> str:
+        """`what.loc=value: detail`; without a value `what.loc: detail`, or `what.loc detail` where the
+        detail goes on from the field's name (`blocks has 3 entries ...`)."""
+        where = (what + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in self.loc)).lstrip(".")
+        if not where:
+            return self.reason
+        return f"{where}={self.value}: {self.detail}" if self.value is not None else f"{where}{self.sep}{self.detail}"
+
+    @property
+    def reason(self) -> str:
+        """What is wrong, without the path: what an option that gave the value reports."""
+        return self.detail if self.value is None else f"{self.value}: {self.detail}"
 
 
 class SchemaError(ValueError):
-    """Input that does not fit its schema; the message names every bad field by its dotted path.
-    `fields` holds (path, message) of each bad field where pydantic found them (`field_errors`)."""
+    """Input that does not fit its schema.
 
-    fields: list[tuple[tuple, str]] = []
+    A check raises it as `SchemaError(detail, loc, value)`: `loc` the bad field's name, or its path from the
+    object checked (`("guidance", "scale")`); `value` shown as its repr. Without a value the detail goes on
+    from the field's name (`"has 3 entries ..."`), or follows it after `sep` (`": "`); without a loc it is
+    the whole message. `fields` holds every bad field found (several where `validate` found them), `loc`
+    the path of the one it names."""
+
+    def __init__(self, detail: str, loc: str | tuple = (), value=_UNSHOWN, sep: str = " "):
+        loc = (loc,) if isinstance(loc, str) else tuple(loc)
+        shown = None if value is _UNSHOWN else repr(value)
+        self.fields = [FieldError(loc, detail, shown, sep if loc else ": ")]
+        super().__init__(self.fields[0].line())
+
+    @property
+    def loc(self) -> tuple:
+        return self.fields[0].loc if len(self.fields) == 1 else ()
+
+
+def check_int(value, loc, low: int = 1, high: int | None = None, optional: bool = False,
+              error: type[SchemaError] = SchemaError):
+    """`value` if it is an integer in [low, high] (or None, where `optional`); else `error` at `loc` giving
+    the rule: `must be a positive integer`, `an integer >= 0`, `an integer in [1, 65536]` (`or null`)."""
+    if optional and value is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low \
+            or (high is not None and value > high):
+        rule = f"an integer in [{low}, {high}]" if high is not None else \
+            "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise error(f"must be {rule}{' or null' if optional else ''}", loc, value)
+    return value
+
+
+def check_finite(value, loc, low: float = 0.0, strict: bool = False, optional: bool = False,
+                 error: type[SchemaError] = SchemaError):
+    """`value` if it is a finite number >= low (> low where `strict`; or None, where `optional`); else
+    `error` at `loc` giving the rule: `must be a finite number >= 0` (`> 0`, `or null`)."""
+    if optional and value is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or (value <= low if strict else value < low):
+        raise error(f"must be a finite number {'>' if strict else '>='} {low:g}{' or null' if optional else ''}",
+                    loc, value)
+    return value
+
+
+def forget_types() -> None:
+    """Drop the validators built so far: a type they were built from has changed (a solver registered)."""
+    _adapter.cache_clear()
 
 
 @functools.cache
@@ -52,61 +128,39 @@ def validate(tp, data, what: str, error: type[SchemaError] = SchemaError):
     try:
         return _adapter(tp).validate_python(data)
     except ValidationError as e:
-        found = error(describe(e, tp, what))
-        found.fields = field_errors(e, tp)
+        fields = field_errors(e, tp)
+        found = error("; ".join(f.line(what) for f in fields))
+        found.fields = fields
         raise found from None
 
 
 def describe(e, tp, what: str) -> str:
-    """One line per pydantic error: `what.a.b[2].c: message (got value)`."""
-    lines = []
-    for path, message, relative in _errors(e, tp):
-        where = (what + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)).lstrip(".") or what
-        if relative:  # a __post_init__ check names its field relative to the object: `segment_len=16: ...`
-            lines.append(f"{where}.{message}" if where else message)
-        else:
-            lines.append(f"{where}: {message}" if where else message)
-    return "; ".join(lines)
+    """One line per bad field of a pydantic ValidationError: `what.a.b[2].c: message (got value)`, or a
+    check's own `what.a.b[2].c=value: detail`."""
+    return "; ".join(f.line(what) for f in field_errors(e, tp))
 
 
-def field_errors(e, tp) -> list[tuple[tuple, str]]:
-    """(path of the field, message) per pydantic error, down to the field a `__post_init__` check names
-    (`scale=-1.0: ...` raised by `guidance` is ("guidance", "scale")): what lets a command name the option
-    that gave the value."""
+def field_errors(e, tp) -> list[FieldError]:
+    """Each bad field of a pydantic ValidationError, its path as the file reads (union tags left out). A
+    SchemaError raised by a check brings its own fields, put under the object that raised it: what lets a
+    command name the option that gave the value."""
     out = []
-    for path, message, relative in _errors(e, tp):
-        named = relative_field(message) if relative else None
-        out.append((path + named[0], named[1]) if named else (path, message))
-    return out
-
-
-def relative_field(message: str) -> tuple[tuple, str] | None:
-    """The field a check's message starts with and the rest: `labels=3,99: class 99 ...` -> (("labels",),
-    "3,99: class 99 ..."); None when it names none."""
-    found = _RELATIVE.match(message)
-    if found is None:
-        return None
-    name = message[:found.start(1)]
-    path = tuple(int(p[1:-1]) if p.startswith("[") else p for p in re.findall(r"[a-z_]\w*|\[\d+\]", name))
-    return path, message[found.end(1):] if found.group(1) == "=" else message
-
-
-def _errors(e, tp):
-    """(path as the file reads, message, whether the message starts with the field it names) per error."""
     for err in e.errors(include_url=False):
         loc, path = _strip_tags(tp, err["loc"])
-        message = err["msg"].removeprefix("Value error, ")
+        raised = err.get("ctx", {}).get("error")
+        if isinstance(raised, SchemaError):
+            out += [f._replace(loc=path + f.loc) for f in raised.fields]
+            continue
+        message = str(raised) if err["type"] == "value_error" and isinstance(raised, Exception) else err["msg"]
         if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
             path += (str(err.get("ctx", {}).get("discriminator", "")).strip("'"),)
         if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             allowed = _field_names(tp, loc[:-1])
             message = "unknown field" + (f"; allowed here: {', '.join(allowed)}" if allowed else "")
-        elif err["type"] == "value_error" and _RELATIVE.match(message):
-            yield path, message, True
-            continue
         elif err["type"] != "value_error" and "input" in err and not isinstance(err["input"], (dict, list)):
             message += f" (got {err['input']!r})"
-        yield path, message, False
+        out.append(FieldError(path, message))
+    return out
 
 
 def _members(tp) -> list:
@@ -115,6 +169,8 @@ def _members(tp) -> list:
         tp = typing.get_args(tp)[0]
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return [m for m in typing.get_args(tp) if m is not type(None)]
+    if isinstance(tp, type) and "registered" in vars(tp):  # a class pydantic reads as the union of a registry
+        return tp.registered()
     return [tp]
 
 

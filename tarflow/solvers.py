@@ -8,25 +8,14 @@ sequential sampler; T-1 = plain Jacobi), or a Jacobi window that slides over the
 prefix. A segment of L tokens is exact after L Jacobi iterations (the first k tokens are exact
 after k), so a budget >= L reproduces sequential sampling up to floating-point reduction order.
 
-A solver is one class, written once (as a diffusers scheduler is): its block-plan type (the
-fields a plan gives it, checked in `__post_init__`; pydantic gives it a JSON form), its pass
-rules and one loop. A pass rule updates a small state after one network pass over tokens
-`start..start+L-1`: the iterate `x`, each token's last move `prev`, and `start`, `active`, `bad`,
-`iters`, `residual`, through a few operations the run gives it (`host`, `where`, `put`: see the
-pass rules below), so that one rule serves every engine. The loop sets the state, runs passes and
-reads the state every `check_every` passes. How a pass runs is the engine's business
-(`engine.py`): eager (the cache sliced to the solved prefix, the state host values, each decision
-read once per pass, the CPU default), static (fixed shapes, the state 0-d tensors on the device,
-updated in place, passes after a stop are no-ops) or graph (static, captured as CUDA graphs).
-`SOLVERS` registers the solvers: the plan union (`plan.BlockPlan`), `solve_block`'s dispatch and
-the profile's candidates come from it.
-
-To add a solver: its class here and its entry in SOLVERS, nothing else. The class gives its
-`solver` tag and fields with their checks (`__post_init__`), `init`, `padding` (how far a static
-pass runs past the last token), `length_field` (checked against the model's tokens),
-`segment_length`, `segments`, `candidates` (what the profile tries), `short`, `max_iters` and
-`coarse` (None where it has none), and `solve` with its pass rules (`Sliding` is the example of a
-solver of its own).
+A solver is one class, written once (as a diffusers scheduler is): a frozen dataclass deriving from
+`BlockSolver`, which declares everything the engines, the profile, the scheduler and the plan file
+read of it. Its fields are its block plan (checked in `__post_init__`; pydantic gives it a JSON
+form); its `solve` is one loop of passes, each followed by a pass rule that updates the engine
+state the class declares (`state`), so that one rule serves every engine (`engine.py`: eager,
+static, graph). `register` adds a class to `SOLVERS`, the one list: the plan file's union
+(`plan.BlockPlan`), `solve_block`'s dispatch and the profile's candidates read it. A solver outside
+this package is its class and one `register` call (`tests/test_solver_contract.py` is the example).
 
 The public API is `solve_block` (one block under one block plan, as sampling runs it) and
 `jacobi_trace` (plain Jacobi iterations of one block with their residuals and, given the true
@@ -36,14 +25,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Annotated, Callable, ClassVar, Literal, NamedTuple, Union
 
 import torch
 
 from . import engine as engines
 from .model import MetaBlock
-from .schema import STRICT_FIELDS, SchemaError
+from .schema import STRICT_FIELDS, SchemaError, check_finite, check_int, forget_types
 from .spec import Guidance
 
 DIVERGENCE_BOUND = 1e4
@@ -57,31 +46,25 @@ class PlanError(SchemaError):
 
 
 def _check_iteration(tol, max_iters, init, check_every=1) -> None:
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
-        raise PlanError(f"tol={tol!r}: must be a finite number >= 0")
-    if max_iters is not None and (isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1):
-        raise PlanError(f"max_iters={max_iters!r}: must be a positive integer or null")
+    check_finite(tol, "tol", error=PlanError)  # a stopping threshold: 0 runs every pass to the cap
+    check_int(max_iters, "max_iters", optional=True, error=PlanError)
     if init not in INIT_NAMES:
-        raise PlanError(f"init={init!r}: allowed values are {', '.join(INIT_NAMES)}")
-    _check_length(check_every, "check_every")
+        raise PlanError(f"allowed values are {', '.join(INIT_NAMES)}", "init", init)
+    check_int(check_every, "check_every", error=PlanError)
 
 
 def _check_coarse(coarse, coarse_tol, tol) -> None:
     if coarse not in (None, *COARSE_NAMES):
-        raise PlanError(f"coarse={coarse!r}: allowed values are {', '.join(COARSE_NAMES)} or null")
+        raise PlanError(f"allowed values are {', '.join(COARSE_NAMES)} or null", "coarse", coarse)
     if isinstance(coarse_tol, bool) or not isinstance(coarse_tol, (int, float)) or not math.isfinite(coarse_tol) \
             or (coarse is not None and coarse_tol < tol):
-        raise PlanError(f"coarse_tol={coarse_tol!r}: must be a finite number >= tol ({tol:g})")
-
-
-def _check_length(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise PlanError(f"{name}={value!r}: must be a positive integer")
+        raise PlanError(f"must be a finite number >= tol ({tol:g})", "coarse_tol", coarse_tol)
 
 
 def _short(bp, *length: str) -> str:
     """One line for logs: `gs_jacobi/L32/zeros/tol0.001/cap10/bf16to0.01`."""
-    return "/".join([bp.solver, *length, bp.init, f"tol{bp.tol:g}", *([f"cap{bp.max_iters}"] if bp.max_iters else []),
+    max_iters = getattr(bp, "max_iters", None)
+    return "/".join([bp.solver, *length, bp.init, f"tol{bp.tol:g}", *([f"cap{max_iters}"] if max_iters else []),
                      *([f"{bp.coarse}to{bp.coarse_tol:g}"] if bp.coarse else [])])
 
 
@@ -100,12 +83,113 @@ class BlockStats:
     syncs: int = 0  # host reads of convergence state
 
 
+# ---- the contract: what every solver is -----------------------------------------------------------------------------
+
+class Candidate(NamedTuple):
+    """One setting the profile tries: passes of `length` tokens, and `make(init, tol, cap=None, coarse_tol=None)`
+    building its block plan. The profile also tries fixed iteration caps where `caps`, and a bf16 start handing
+    over at `coarse_tol` where `coarse`."""
+
+    length: int
+    make: Callable[..., "BlockSolver"]
+    caps: bool = False
+    coarse: bool = False
+
+
+class BlockSolver:
+    """What the engines, the profile, the scheduler and the plan file read of a solver (diffusers'
+    `SchedulerMixin` plays this part for schedulers). A solver is a frozen dataclass deriving from this
+    class, with `__pydantic_config__ = STRICT_FIELDS`, a field `solver: Literal["<tag>"] = "<tag>"` (its
+    name in plan files), its settings as fields checked in `__post_init__`, and:
+
+    - `solve(run, stats)`: the loop. It sets state with `run.set`, runs passes with `run.pass_(rule, L)`
+      and reads state with `run.read` (engine.Run); each rule is marked with `pass_rule`.
+    - `segment_length(num_tokens)`: how many tokens a pass updates; `segments(num_tokens)`: the [start, end)
+      ranges solved one after the other (the scheduler spreads convergence reads over them).
+    - `candidates(num_tokens, segment_lens, windows)` (classmethod): the settings the profile tries, given
+      the profile's segment lengths and windows.
+    - `short()`: one line for logs and reports.
+
+    The class attributes below have defaults a solver overrides where it differs. As a type, `BlockSolver`
+    is any registered solver: pydantic reads it as the union of `SOLVERS` keyed by `solver`."""
+
+    solver: str
+    init: Init = "z"  # the iterate's start: z, or zeros (token 0 is z_0 either way)
+    padding: ClassVar[int] = 0  # how far a static pass may run past the last token
+    length_field: ClassVar[str | None] = None  # the field a plan checks against the model's tokens (<= T-1)
+    coarse: str | None = None  # a reduced-precision start run before the float32 passes, or None
+    # engine state the pass rules read and update, besides `start` and the engine's own (`engine.CORE_STATE`):
+    # name -> (the host value, as eager holds it; the dtype of the 0-d tensor that holds it on static)
+    state: ClassVar[dict[str, tuple[object, torch.dtype]]] = {}
+    cost_only: ClassVar[tuple[str, ...]] = ()  # fields that change cost, never samples: not in a fingerprint
+
+    def segment_length(self, num_tokens: int) -> int:
+        raise NotImplementedError
+
+    def segments(self, num_tokens: int) -> list[tuple[int, int]]:
+        L = self.segment_length(num_tokens)
+        return [(s, min(s + L, num_tokens)) for s in range(1, num_tokens, L)]
+
+    @classmethod
+    def candidates(cls, num_tokens: int, segment_lens, windows) -> list[Candidate]:
+        return []
+
+    def short(self) -> str:
+        return self.solver
+
+    def solve(self, run, stats: BlockStats) -> None:
+        raise NotImplementedError
+
+    def reading_every(self, passes: int) -> "BlockSolver":
+        """This plan reading the device-side convergence state every `passes` passes, where it has that
+        setting (`check_every`, cost only)."""
+        return replace(self, check_every=passes) if "check_every" in self.cost_only else self
+
+    def sample_settings(self, settings: dict) -> dict:
+        """`settings` (this plan's JSON form) without what never changes samples: what a fingerprint hashes."""
+        return {k: v for k, v in settings.items() if k not in self.cost_only}
+
+    @staticmethod
+    def registered() -> list[type["BlockSolver"]]:
+        """The solvers `BlockSolver` stands for as a type (`schema` reads field paths through them)."""
+        return list(SOLVERS.values())
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source, handler):
+        if cls is not BlockSolver:  # a solver's own schema, from its fields
+            return handler(source)
+        from pydantic import Discriminator  # only reached from pydantic: tarflow needs torch alone
+        return handler(Annotated[Union[tuple(BlockSolver.registered())], Discriminator("solver")])
+
+
+SOLVERS: dict[str, type[BlockSolver]] = {}
+
+
+def register(cls: type[BlockSolver]) -> type[BlockSolver]:
+    """Add a solver class to `SOLVERS` (usable as a class decorator); plans, profiles and `solve_block` take
+    it from then on."""
+    tag = getattr(cls, "solver", None)
+    if not (isinstance(cls, type) and issubclass(cls, BlockSolver) and is_dataclass(cls)
+            and cls.__dataclass_params__.frozen and isinstance(tag, str)):
+        raise TypeError(f"{cls!r}: a solver is a frozen dataclass deriving from BlockSolver with a `solver` tag field")
+    if SOLVERS.get(tag, cls) is not cls:
+        raise ValueError(f"solver {tag!r} is registered already ({SOLVERS[tag].__qualname__})")
+    SOLVERS[tag] = cls
+    forget_types()  # validators built before know the old union
+    return cls
+
+
+def unregister(tag: str) -> None:
+    SOLVERS.pop(tag, None)
+    forget_types()
+
+
 # ---- pass rules: what one pass does to the state, on any engine --------------------------------------------------
-# `run` is an engine's run (engine.py): the iterate `run.x` (batch, tokens, dim) and `run.prev` (tokens), the state
-# (`start`, `active`, `bad`, `iters`, `cap`, `residual`, `tol`, `bound`: host values on eager, 0-d device tensors on
+# `run` is an engine's run (engine.Run): the iterate `run.x` (batch, tokens, dim) and `run.prev` (tokens), `start`,
+# the engine's `active` and `bound` and the state the solver declares (host values on eager, 0-d device tensors on
 # static), and `run.live`: whether this pass counts (True on eager, which never runs a pass after a stop; the
 # `active` flag on static, where passes after a stop run frozen until the host reads). A rule computes on
-# tensors, takes values it decides with through `run.host` (read once on eager; on static they stay on the
+# tensors, takes values it decides with through `run.decide` (read once on eager; on static they stay on the
 # device) and `run.where` (a choice), and stores the new state with one `run.put` (assigned on eager, copied in
 # place on static: a captured pass updates its workspace). Operators are those both kinds of value share
 # (`&`, `|`, `^ True`: a Python bool's `~` is an int). `span` is the pass's tokens start..start+L-1: `read` /
@@ -122,16 +206,16 @@ def pass_rule(moves_start: bool, stops: bool):
     return mark
 
 
-def _checked(run, new, span):
+def checked(run, new, span):
     """(the tokens' values before the pass, whether the new values are finite and bounded on the real tokens,
-    each token's move (worst sample and channel))."""
+    each token's move (worst sample and channel)): what a rule decides divergence and convergence from."""
     old = span.read(run.x)
     inside = new.abs() <= run.bound  # also False for NaN and inf
     moved = (new - old).abs().amax(dim=(0, 2))
     if span.valid is not None:
         inside = inside | ~span.valid.view(1, -1, 1)
         moved = torch.where(span.valid, moved, 0.0)
-    return old, run.host(inside.all()), moved
+    return old, run.decide(inside.all()), moved
 
 
 @pass_rule(moves_start=True, stops=False)
@@ -141,8 +225,8 @@ def step_pass(run, new, span) -> None:
     run.put(start=run.start + run.live)
 
 
-def _steps(run, start: int, count: int, stats: BlockStats) -> None:
-    """Tokens start..start+count-1 one by one, which is exact."""
+def steps(run, start: int, count: int, stats: BlockStats) -> None:
+    """Tokens start..start+count-1 one by one, which is exact: the fallback of any solver."""
     run.set(start=start, active=True)
     for _ in range(count):
         run.pass_(step_pass, 1)
@@ -151,21 +235,22 @@ def _steps(run, start: int, count: int, stats: BlockStats) -> None:
 
 # ---- Gauss-Seidel over segments, Jacobi inside: sequential, Jacobi, GS-Jacobi --------------------------------------
 
-class GaussSeidelJacobi:
+# what the Jacobi family's rule keeps besides the engine's: a float64 `tol` compares with a 0-d move as exactly as a
+# Python float does
+ITERATION_STATE = {"bad": (False, torch.bool), "iters": (0, torch.long), "residual": (0.0, torch.float32),
+                   "tol": (0.0, torch.float64)}
+
+
+class GaussSeidelJacobi(BlockSolver):
     """The loop and pass rule of Sequential, Jacobi and GSJacobi: segments in order (Gauss-Seidel), Jacobi
     iterations inside each, after a bf16 start where the plan asks for one and the spec is float32."""
 
-    padding = 0  # a segment never runs past the last token
-
-    def segments(self, num_tokens: int) -> list[tuple[int, int]]:
-        """[start, end) token ranges solved one after the other (tokens 1..T-1)."""
-        L = self.segment_length(num_tokens)
-        return [(s, min(s + L, num_tokens)) for s in range(1, num_tokens, L)]
+    state = {**ITERATION_STATE, "cap": (0, torch.long)}
 
     def solve(self, run, stats: BlockStats) -> None:
         T = run.num_tokens
         if self.segment_length(T) == 1:
-            _steps(run, 1, T - 1, stats)
+            steps(run, 1, T - 1, stats)
             stats.iterations.extend([1] * (T - 1))
             return
         every = run.reads_every(self.check_every)
@@ -173,7 +258,7 @@ class GaussSeidelJacobi:
         for s, e in self.segments(T):
             n = e - s
             if n == 1:
-                _steps(run, s, 1, stats)
+                steps(run, s, 1, stats)
                 stats.iterations.append(1)
                 continue
             if coarse:  # bf16 until the segment moves <= coarse_tol (at most n passes): a start, not a result
@@ -182,7 +267,7 @@ class GaussSeidelJacobi:
             cap = n if self.max_iters is None else min(self.max_iters, n)  # n iterations are already exact
             iters, bad, residual = self._iterate(run, s, n, self.tol, cap, every, stats)
             if bad:  # a diverging iterate: re-solve this segment token by token, which is exact
-                _steps(run, s, n, stats)
+                steps(run, s, n, stats)
                 stats.fallbacks += 1
                 residual = 0.0
             stats.iterations.append(iters)
@@ -213,36 +298,41 @@ class GaussSeidelJacobi:
         """One Jacobi iteration of the segment; it stops (active False) when no token moved more than `tol`
         (max abs, worst sample), at `cap` iterations, or on an iterate that is not finite and bounded (bad:
         the iterate is not taken, the loop falls back to sequential steps). Iterates are never clamped."""
-        old, ok, moved = _checked(run, new, span)
+        old, ok, moved = checked(run, new, span)
         go = run.live & ok
-        delta = run.host(moved.max())
+        delta = run.decide(moved.max())
         span.write(run.x, new, go, old)
         iters = run.iters + run.live
         run.put(bad=run.bad | (run.live & (ok ^ True)), iters=iters, residual=run.where(go, delta, run.residual),
                 active=go & (delta > run.tol) & (iters < run.cap))
 
+    def sample_settings(self, settings: dict) -> dict:
+        settings = super().sample_settings(settings)
+        if settings.get("coarse", 0) is None:  # no bf16 start: hashed as before the option existed
+            del settings["coarse"], settings["coarse_tol"]
+        return settings
 
+    @classmethod
+    def _maker(cls, **fixed):
+        """make(init, tol, cap=None, coarse_tol=None) of a Candidate: this class with `fixed` settings."""
+        def make(init, tol, cap=None, coarse_tol=None):
+            coarse = {} if coarse_tol is None else {"coarse": "bf16", "coarse_tol": coarse_tol}
+            return cls(**fixed, tol=tol, max_iters=cap, init=init, **coarse)
+        return make
+
+
+@register
 @dataclass(frozen=True)
 class Sequential(GaussSeidelJacobi):
-    """One token per step with the KV cache: exact."""
+    """One token per step with the KV cache: exact. The baseline every candidate is measured against."""
 
     solver: Literal["sequential"] = "sequential"
 
     __pydantic_config__ = STRICT_FIELDS
-    init = "z"  # the iterate's start: every token is computed before a later one uses it
-    max_iters = None  # one exact step per token: no cap, no bf16 start
-    coarse = None
-    length_field = None
+    state = {}  # token steps use `start` alone
 
     def segment_length(self, num_tokens: int) -> int:
         return 1
-
-    @classmethod
-    def candidates(cls, num_tokens: int, segment_lens, windows) -> list:
-        return []  # the baseline every candidate is measured against
-
-    def short(self) -> str:
-        return "sequential"
 
 
 # The Jacobi family stops a segment when no token moved more than `tol` in an iteration (max abs,
@@ -250,8 +340,9 @@ class Sequential(GaussSeidelJacobi):
 # `coarse` "bf16": iterate each segment under bf16 autocast until it moves <= `coarse_tol`, then on
 # in float32 to `tol` (a no-op under a bf16 spec). `check_every`: on the static engine (CUDA), read
 # the device-side convergence flags every k passes instead of every pass; passes after a segment
-# converged are no-ops there, so k changes the cost, never the samples (not in the fingerprint).
+# converged are no-ops there, so k changes the cost, never the samples (`cost_only`).
 
+@register
 @dataclass(frozen=True, kw_only=True)
 class Jacobi(GaussSeidelJacobi):
     """All T-1 unknown tokens of the block at once."""
@@ -265,7 +356,7 @@ class Jacobi(GaussSeidelJacobi):
     check_every: int = 1
 
     __pydantic_config__ = STRICT_FIELDS
-    length_field = None
+    cost_only = ("check_every",)
 
     def __post_init__(self):
         _check_iteration(self.tol, self.max_iters, self.init, self.check_every)
@@ -275,15 +366,15 @@ class Jacobi(GaussSeidelJacobi):
         return num_tokens - 1
 
     @classmethod
-    def candidates(cls, num_tokens: int, segment_lens, windows) -> list:
-        """(pass length, make(init, tol, cap)) of each setting the profile tries."""
+    def candidates(cls, num_tokens: int, segment_lens, windows) -> list[Candidate]:
         L = num_tokens - 1
-        return [(L, lambda init, tol, cap=None: cls(tol=tol, max_iters=cap, init=init))] if L in segment_lens else []
+        return [Candidate(L, cls._maker(), caps=True, coarse=True)] if L in segment_lens else []
 
     def short(self) -> str:
         return _short(self)
 
 
+@register
 @dataclass(frozen=True, kw_only=True)
 class GSJacobi(GaussSeidelJacobi):
     """Segments of `segment_len` tokens in order (Gauss-Seidel), Jacobi inside each."""
@@ -298,10 +389,11 @@ class GSJacobi(GaussSeidelJacobi):
     check_every: int = 1
 
     __pydantic_config__ = STRICT_FIELDS
-    length_field = "segment_len"  # a plan checks it against the model's tokens
+    length_field = "segment_len"
+    cost_only = ("check_every",)
 
     def __post_init__(self):
-        _check_length(self.segment_len, "segment_len")
+        check_int(self.segment_len, "segment_len", error=PlanError)
         _check_iteration(self.tol, self.max_iters, self.init, self.check_every)
         _check_coarse(self.coarse, self.coarse_tol, self.tol)
 
@@ -309,18 +401,40 @@ class GSJacobi(GaussSeidelJacobi):
         return self.segment_len
 
     @classmethod
-    def candidates(cls, num_tokens: int, segment_lens, windows) -> list:
-        return [(L, lambda init, tol, cap=None, L=L: cls(segment_len=L, tol=tol, max_iters=cap, init=init))
+    def candidates(cls, num_tokens: int, segment_lens, windows) -> list[Candidate]:
+        return [Candidate(L, cls._maker(segment_len=L), caps=True, coarse=True)
                 for L in segment_lens if L < num_tokens - 1]
 
     def short(self) -> str:
         return _short(self, f"L{self.segment_len}")
 
 
+EXACT = Sequential()  # the plan sampling is exact under, and every other plan is measured against
+
+
+def paper_block(num_gs: int, cap: int, tol: float, init: str, num_tokens: int) -> BlockSolver:
+    """One entry of the public GS-Jacobi code's lists as a block plan: `num_gs` segments (0 or T: sequential,
+    1: plain Jacobi) of at most `cap` Jacobi iterations. At tol 0 a segment stops early only at an exact
+    fixed point, so the device-side flags are read at the cap only."""
+    every = cap if tol == 0 else 1
+    if num_gs in (0, num_tokens):
+        return Sequential()
+    if num_gs == 1:
+        return Jacobi(max_iters=cap, tol=tol, init=init, check_every=every)
+    return GSJacobi(segment_len=-(-(num_tokens - 1) // num_gs), max_iters=cap, tol=tol, init=init, check_every=every)
+
+
+def timing_plan(length: int, passes: int) -> BlockSolver:
+    """Segments of `length` tokens, `passes` passes each whatever they converge to (tol 0): what the profile
+    times a pass of that length with."""
+    return GSJacobi(segment_len=length, tol=0.0, max_iters=passes)
+
+
 # ---- the sliding window --------------------------------------------------------------------------------------------
 
+@register
 @dataclass(frozen=True, kw_only=True)
-class Sliding:
+class Sliding(BlockSolver):
     """Jacobi over a window of `window` tokens that starts at the first unconverged token; the
     converged prefix keeps its keys/values. It advances at least one token per pass: no cap.
     A token is final once every token before it in the window moved <= `tol` in the last two
@@ -333,12 +447,12 @@ class Sliding:
     check_every: int = 1
 
     __pydantic_config__ = STRICT_FIELDS
-    max_iters = None
-    coarse = None
     length_field = "window"
+    state = ITERATION_STATE
+    cost_only = ("check_every",)
 
     def __post_init__(self):
-        _check_length(self.window, "window")
+        check_int(self.window, "window", error=PlanError)
         _check_iteration(self.tol, None, self.init, self.check_every)
 
     @property
@@ -352,8 +466,8 @@ class Sliding:
         return [(1, num_tokens)]  # one stopping rule over the whole block
 
     @classmethod
-    def candidates(cls, num_tokens: int, segment_lens, windows) -> list:
-        return [(W, lambda init, tol, cap=None, W=W: cls(window=W, tol=tol, init=init))
+    def candidates(cls, num_tokens: int, segment_lens, windows) -> list[Candidate]:
+        return [Candidate(W, lambda init, tol, W=W: cls(window=W, tol=tol, init=init))
                 for W in windows if 2 <= W < num_tokens - 1]
 
     def short(self) -> str:
@@ -381,7 +495,7 @@ class Sliding:
                 break
             # a diverging window: its tokens one by one, which is exact, then on from the next
             e = min(s + W, T)
-            _steps(run, s, e - s, stats)
+            steps(run, s, e - s, stats)
             stats.fallbacks += 1
             run.set(iters=iters + e - s, bad=False, active=e < T)
             if e == T:
@@ -399,12 +513,11 @@ class Sliding:
         After a pass the window's first token is exact (its inputs are final). A later token is final,
         up to `tol`, when every token before it in the window moved by <= tol in this pass and in the one
         before: its inputs were then stable over the two iterates it and its cached keys/values were
-        computed from. (One quiet pass is not enough: a token can pause on its way, and on the demo
-        model's tough block accepting after one pass put 5-95x `tol` into the block's output; the
-        two-pass rule 4-12x, measured in docs/benchmarks.md.) Final tokens' keys/values stay in the
+        computed from (one quiet pass is not enough: a token can pause on its way; docs/benchmarks.md
+        has the figures). Final tokens' keys/values stay in the
         cache, as ParaDiGMS does for diffusion, so no pass is spent on converged tokens (fixed segments
         wait for their slowest token). The run stops at the end of the block or on divergence (bad)."""
-        old, ok, moved = _checked(run, new, span)
+        old, ok, moved = checked(run, new, span)
         go = run.live & ok
         prev = span.read(run.prev, dim=0)
         stable = (moved <= run.tol) & (prev <= run.tol)
@@ -413,8 +526,8 @@ class Sliding:
         L = new.shape[1]
         ar = torch.arange(L, device=new.device)
         # the first unstable token is final too
-        advance = run.host(torch.where(stable, L, ar).min().clamp(max=L - 1) + 1)
-        accepted = run.host(torch.where(ar < advance - 1, moved, 0.0).max())
+        advance = run.decide(torch.where(stable, L, ar).min().clamp(max=L - 1) + 1)
+        accepted = run.decide(torch.where(ar < advance - 1, moved, 0.0).max())
         span.write(run.x, new, go, old)
         span.write(run.prev, moved, go, prev, dim=0)
         end = run.start + advance  # past the last token where a static window runs past it
@@ -423,9 +536,6 @@ class Sliding:
                 bad=run.bad | (run.live & (ok ^ True)), start=start, active=go & (start < run.num_tokens))
 
 
-# The solver registry: the plan union (`plan.BlockPlan`), `solve_block` and the profile's candidates read it;
-# a block plan whose type is not here runs on no engine.
-SOLVERS = {cls.solver: cls for cls in (Sequential, Jacobi, GSJacobi, Sliding)}
 
 
 # ---- one block -----------------------------------------------------------------------------------------------------
@@ -441,19 +551,31 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def solve_block(block: MetaBlock, z: torch.Tensor, labels=None, plan=Sequential(), guidance: Guidance = Guidance(),
+def solve_block(block: MetaBlock, z: torch.Tensor, labels=None, plan: BlockSolver = EXACT, guidance: Guidance = Guidance(),
                 divergence_bound: float = DIVERGENCE_BOUND, index: int = 0, engine="auto") -> BlockSolution:
-    """Invert one block under one block plan: its output z (B, T, D) -> its input x, both in model
-    token order, with the solver's statistics (`stats.seconds` includes waiting for the device).
+    """Invert one block under one block plan: its output z -> its input x.
 
-    `engine`: "auto" (graph on CUDA, eager elsewhere), "eager", "static", "graph" (`engine.py`), or an
-    engine object such as `engine.Static(capture=...)`."""
+    Args:
+        block: the block (`model.blocks[i]`).
+        z: the block's output (B, T, D), model token order.
+        labels: class ids (B,) or None, as in `sampling.sample`.
+        plan: an instance of a registered solver (default: exact token steps).
+        guidance: classifier-free guidance of the passes.
+        divergence_bound: an iterate beyond it (or not finite) falls back to token steps.
+        index: the block's forward index, recorded in the statistics.
+        engine: "auto" (graph on CUDA, eager elsewhere), "eager", "static", "graph" (`engine.py`), or an
+            engine object such as `engine.Static(capture=...)`.
+
+    Returns:
+        BlockSolution: x (B, T, D), model token order, and the solver's statistics (`stats.seconds`
+        includes waiting for the device).
+    """
     t0 = time.perf_counter()
     if SOLVERS.get(getattr(plan, "solver", None)) is not type(plan):
         raise TypeError(f"{plan!r} is not a registered block plan (tarflow.solvers.SOLVERS: {', '.join(SOLVERS)})")
     runner = engines.resolve(engine, z.device)
     stats = BlockStats(index, plan.solver, plan.segment_length(z.shape[1]))
-    run = runner.start(block, z, labels, guidance, divergence_bound, plan.init, plan.padding)
+    run = runner.start(block, z, labels, guidance, divergence_bound, plan)
     plan.solve(run, stats)
     x = block.permute(run.result())
     stats.engine = run.engine_name

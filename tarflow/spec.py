@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
 import torch
 
-from .schema import STRICT_FIELDS, SchemaError, to_dict, to_json
+from .schema import STRICT_FIELDS, SchemaError, check_finite, check_int, to_dict, to_json
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 GUIDE_WHAT = ("a", "b", "ab")
@@ -34,12 +33,6 @@ GUIDE_WHAT = ("a", "b", "ab")
 
 class SpecError(SchemaError):
     """A sampling spec that is invalid, or that does not fit the model it is used with."""
-
-
-def _finite(value, where: str, low: float, strict: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or (value <= low if strict else value < low):
-        raise SpecError(f"{where}={value!r}: must be a finite number {'>' if strict else '>='} {low:g}")
 
 
 @dataclass(frozen=True)
@@ -59,10 +52,10 @@ class Guidance:
     __pydantic_config__ = STRICT_FIELDS
 
     def __post_init__(self):
-        _finite(self.scale, "scale", 0.0)
-        _finite(self.attn_temp, "attn_temp", 0.0, strict=True)
+        check_finite(self.scale, "scale", error=SpecError)
+        check_finite(self.attn_temp, "attn_temp", strict=True, error=SpecError)
         if self.what not in GUIDE_WHAT:
-            raise SpecError(f"what={self.what!r}: allowed values are {', '.join(GUIDE_WHAT)}")
+            raise SpecError(f"allowed values are {', '.join(GUIDE_WHAT)}", "what", self.what)
 
     @property
     def active(self) -> bool:
@@ -94,9 +87,8 @@ class Denoise:
     __pydantic_config__ = STRICT_FIELDS
 
     def __post_init__(self):
-        _finite(self.multiplier, "multiplier", 0.0)
-        if self.noise_std is not None:
-            _finite(self.noise_std, "noise_std", 0.0)
+        check_finite(self.multiplier, "multiplier", error=SpecError)
+        check_finite(self.noise_std, "noise_std", optional=True, error=SpecError)
 
     @property
     def active(self) -> bool:
@@ -122,25 +114,22 @@ class SamplingSpec:
     __pydantic_config__ = STRICT_FIELDS
 
     def __post_init__(self):
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise SpecError(f"seed={self.seed!r}: must be an integer >= 0")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or \
-                not 1 <= self.batch_size <= MAX_BATCH:
-            raise SpecError(f"batch_size={self.batch_size!r}: must be an integer in [1, {MAX_BATCH}]")
+        check_int(self.seed, "seed", low=0, error=SpecError)
+        check_int(self.batch_size, "batch_size", high=MAX_BATCH, error=SpecError)
         if self.autocast not in AUTOCAST_DTYPES:
-            raise SpecError(f"autocast={self.autocast!r}: allowed values are {', '.join(AUTOCAST_DTYPES)}")
+            raise SpecError(f"allowed values are {', '.join(AUTOCAST_DTYPES)}", "autocast", self.autocast)
         if isinstance(self.labels, list):
             object.__setattr__(self, "labels", tuple(self.labels))
         if isinstance(self.labels, tuple):
             if not self.labels:
-                raise SpecError("labels=[]: give at least one class id, or 'uniform' / 'none'")
+                raise SpecError("give at least one class id, or 'uniform' / 'none'", "labels", [])
             bad = [y for y in self.labels if isinstance(y, bool) or not isinstance(y, int) or y < -1]
             if bad:
-                raise SpecError(f"labels={list(self.labels)}: class ids are integers >= 0 (-1: unconditional), "
-                                f"got {bad[0]!r}")
+                raise SpecError(f"class ids are integers >= 0 (-1: unconditional), got {bad[0]!r}", "labels",
+                                list(self.labels))
         elif self.labels not in ("uniform", "none", None):
-            raise SpecError(f"labels={self.labels!r}: allowed values are 'uniform', 'none', a list of class ids, "
-                            "or null")
+            raise SpecError("allowed values are 'uniform', 'none', a list of class ids, or null", "labels",
+                            self.labels)
 
     # ---- what the spec means for a model -----------------------------------------------------------------
 
@@ -148,23 +137,24 @@ class SamplingSpec:
         """This spec made concrete for a model: the label policy chosen and checked against its
         classes, the denoising noise read from its checkpoint. Raises SpecError where they do not fit."""
         labels = self.labels if self.labels is not None else ("uniform" if num_classes else "none")
+        written = list(labels) if isinstance(labels, tuple) else labels  # as a config writes it
         if not num_classes and labels != "none" and not (isinstance(labels, tuple) and set(labels) == {-1}):
-            raise SpecError(f"labels={_show(labels)}: the model is unconditional (no classes); use 'none'")
+            raise SpecError("the model is unconditional (no classes); use 'none'", "labels", written)
         if isinstance(labels, tuple) and max(labels) >= num_classes:
-            raise SpecError(f"labels={_show(labels)}: class {max(labels)} out of range, the model has "
-                            f"{num_classes} classes")
+            raise SpecError(f"class {max(labels)} out of range, the model has {num_classes} classes", "labels",
+                            written)
         if self.guidance.active and not num_classes and self.guidance.attn_temp == 1:
             # an unconditional model is guided against its own attention at another temperature (the
             # reference's recipe); at temperature 1 both passes are the same and guidance does nothing
-            raise SpecError(f"guidance.scale={self.guidance.scale}: an unconditional model is guided only through "
-                            "its attention temperature; set guidance.attn_temp != 1 (the paper's ImageNet-64 "
-                            "setting is 0.3), or scale 0")
+            raise SpecError("an unconditional model is guided only through its attention temperature; set "
+                            "guidance.attn_temp != 1 (the paper's ImageNet-64 setting is 0.3), or scale 0",
+                            ("guidance", "scale"), self.guidance.scale)
         denoise = self.denoise
         if denoise.active and denoise.noise_std is None:
             noise_std = (provenance or {}).get("noise_std")
             if noise_std is None:
-                raise SpecError(f"denoise.multiplier={denoise.multiplier}: the checkpoint does not record the "
-                                "training noise_std that denoising needs; give denoise.noise_std (--noise-std)")
+                raise SpecError("the checkpoint does not record the training noise_std that denoising needs; give "
+                                "denoise.noise_std (--noise-std)", ("denoise", "multiplier"), denoise.multiplier)
             denoise = Denoise(denoise.multiplier, float(noise_std))
         if not denoise.active:
             denoise = Denoise()  # noise_std means nothing without denoising: keep it out of the identity

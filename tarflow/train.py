@@ -21,6 +21,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm import tqdm
@@ -29,7 +30,7 @@ from .atomic import write_atomic
 from .checkpoint import load_torch_data, save_checkpoint
 from .data import ImageDataset, load_dataset
 from .model import Model
-from .schema import STRICT_FIELDS, JSONForm, SchemaError, parse_json
+from .schema import STRICT_FIELDS, JSONForm, SchemaError, check_finite, check_int, parse_json
 
 STATE_SUFFIX = ".state.pt"
 STATE_VERSION = 1
@@ -60,42 +61,30 @@ class TrainConfig(JSONForm):
     warmup_steps: int = 100
     weight_decay: float = 1e-4
     seed: int = 0
-    device: str = "cpu"
-    precision: str = "bf16"  # autocast dtype of the network, as the reference trains; "fp32" turns it off
+    device: str = "cpu"  # cpu, cuda, cuda:N or mps
+    precision: Literal[PRECISIONS] = "bf16"  # the network's autocast dtype, as the reference trains; "fp32": off
 
     __pydantic_config__ = STRICT_FIELDS
     json_name, json_error = "TrainConfig", TrainConfigError
 
     def __post_init__(self):
-        def fail(name, rule):
-            raise TrainConfigError(f"{name}={getattr(self, name)!r}: {rule}")
-
-        def integer(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
         for name in ("patch_size", "width", "num_blocks", "layers_per_block", "head_dim", "epochs", "batch_size"):
-            if not integer(getattr(self, name)) or getattr(self, name) < 1:
-                fail(name, "must be a positive integer")
+            check_int(getattr(self, name), name, error=TrainConfigError)
         for name in ("image_size", "in_channels"):
-            value = getattr(self, name)
-            if value is not None and (not integer(value) or value < 1):
-                fail(name, "must be a positive integer or None")
-        if not (math.isfinite(self.noise_std) and self.noise_std >= 0):
-            fail("noise_std", "must be a finite number >= 0")
+            check_int(getattr(self, name), name, optional=True, error=TrainConfigError)
+        for name in ("noise_std", "weight_decay"):
+            check_finite(getattr(self, name), name, error=TrainConfigError)
+        check_finite(self.lr, "lr", strict=True, error=TrainConfigError)
+        check_int(self.warmup_steps, "warmup_steps", low=0, error=TrainConfigError)
         if not 0 <= self.drop_label < 1:
-            fail("drop_label", "must be in [0, 1)")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            fail("lr", "must be a finite number > 0")
-        if not integer(self.warmup_steps) or self.warmup_steps < 0:
-            fail("warmup_steps", "must be an integer >= 0")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            fail("weight_decay", "must be a finite number >= 0")
+            raise TrainConfigError("must be in [0, 1)", "drop_label", self.drop_label)
         if self.precision not in PRECISIONS:
-            fail("precision", f"allowed values are {', '.join(PRECISIONS)}")
-        if self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
-            fail("device", "allowed values are cpu, cuda[:N], mps")
+            raise TrainConfigError(f"allowed values are {', '.join(PRECISIONS)}", "precision", self.precision)
+        kind, _, index = self.device.partition(":")
+        if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+            raise TrainConfigError("allowed values are cpu, cuda, cuda:N, mps", "device", self.device)
         if self.width % self.head_dim:
-            fail("width", f"must be a multiple of head_dim={self.head_dim}")
+            raise TrainConfigError(f"must be a multiple of head_dim={self.head_dim}", "width", self.width)
 
     @property
     def state_path(self) -> Path:
@@ -168,7 +157,10 @@ def resume_config(checkpoint) -> TrainConfig:
     """The TrainConfig of an interrupted run, from the state stored next to its checkpoint (which may have moved)."""
     path = Path(str(checkpoint) + STATE_SUFFIX)
     stored = parse_json(load_train_state(path)["config"], f"{path}: its config", TrainConfigError)
-    return TrainConfig.from_dict({**stored, "out": str(checkpoint)})
+    try:
+        return TrainConfig.from_dict({**stored, "out": str(checkpoint)})
+    except TrainConfigError as e:  # the file's fault, not an option's: named by the file
+        raise TrainConfigError(f"{path}: {e}") from None
 
 
 def _save_state(path: Path, state: dict) -> None:

@@ -14,7 +14,7 @@ def write_shards(uri, images_u8, shard_size):
         ids = np.asarray(manifest.shard_ids(index))
         table = sh.shard_table(ids, np.full(len(ids), -1), 0, [sh.encode_png(images_u8[i]) for i in ids],
                                [[1]] * len(ids), np.zeros(len(ids)), np.zeros(len(ids)))
-        manifest.add(sh.write_shard(str(uri), manifest, index, table, {}))
+        manifest.add(manifest.shard(index).write(str(uri), table, {}))
     sh.write_manifest(str(uri), manifest)
     return str(uri)
 

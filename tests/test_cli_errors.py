@@ -155,7 +155,7 @@ def _cases(f):
         (["train", "--dataset", f"{r}/no-such-folder", "--out", f"{r}/t.safetensors"], "no-such-folder"),
         (["train", "--lr", "0", "--out", f"{r}/t.safetensors"], "Invalid value for '--lr'"),
         (["train", "--width", "100", "--head-dim", "64", "--epochs", "1", "--out", f"{r}/t.safetensors"],
-         "width=100: must be a multiple of head_dim=64"),
+         "Invalid value for '--width': 100: must be a multiple of head_dim=64"),
         (["train", "--dataset", "digits", "--patch-size", "3", "--epochs", "1", "--out", f"{r}/t.safetensors"],
          "cannot train this model: ModelConfig.img_size=8 is not a multiple of patch_size=3"),
         (["train", "--resume", f"{r}/none.safetensors"], "resume state not found"),
@@ -225,6 +225,8 @@ def test_every_option_of_every_command_has_help():
 
 @pytest.mark.parametrize("args, option", [
     (["train", "--device", "gpu"], "--device"),
+    (["train", "--noise-std", "inf"], "--noise-std"),
+    (["train", "--width", "100", "--head-dim", "64"], "--width"),
     (["fid", "--samples", "a", "--reference", "b", "--extractor", "inception"], "--extractor"),
     (["fid", "--samples", "a", "--reference", "b", "--kid-samples", "-1"], "--kid-samples"),
     (["fid", "--samples", "a", "--reference", "b", "--reference-image-size", "0"], "--reference-image-size"),
@@ -236,15 +238,82 @@ def test_every_option_of_every_command_has_help():
     (["generate", "--checkpoint", "demo", "--num-samples", "4", "--batch-size", "2", "--out", "x", "--guidance",
       "nan"], "--guidance"),
     (["sample", "--checkpoint", "demo", "--out", "x.png", "--attn-temp", "0"], "--attn-temp"),
+    (["sample", "--checkpoint", "demo", "--out", "x.png", "--noise-std", "-1"], "--noise-std"),
     (["sample", "--checkpoint", "", "--out", "x.png"], "--checkpoint"),
     (["profile", "--checkpoint", "demo", "--out", "p.json", "--seed", "-1"], "--seed"),
     (["plan", "--profile", "p.json", "--tol", "nan", "--out", "x.json"], "--tol"),
+    (["plan", "--hand", "1-2-8-4", "--checkpoint", "demo", "--in-channels", "0", "--out", "x.json"], "--in-channels"),
     (["fid", "--samples", "a", "--reference", "b", "--extractor-weights", "w.pth"], "--extractor-weights"),
     (["fid", "--samples", "a", "--reference", "b", "--num-gpus", "-1"], "--num-gpus"),
 ])
 def test_bad_option_values_exit_2_naming_the_option(args, option):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, result.output
+
+
+def test_an_error_names_the_option_by_its_location_not_its_text():
+    """A check's error carries its field's path: a nested field names its own option, and a message that
+    happens to begin like a field (`seed=3 ...`) is not taken for that field's."""
+    import click
+
+    from tarflow.spec import SpecError
+    from workflows.cli.options import spec_options
+
+    def raising(error):
+        @click.command()
+        @spec_options()
+        def command(spec):
+            raise error
+        return command
+
+    located = CliRunner().invoke(raising(SpecError("beyond the attention kernel's range", ("guidance", "attn_temp"),
+                                                   9.0)), [])
+    assert located.exit_code == 2, located.output
+    assert "Invalid value for '--attn-temp': 9.0: beyond the attention kernel's range" in located.output
+    unlocated = CliRunner().invoke(raising(SpecError("seed=3 of the plan's calibration is not the spec's")), [])
+    assert unlocated.exit_code == 1 and isinstance(unlocated.exception, SpecError), unlocated.output
+
+
+def test_a_nested_validation_names_each_field_by_its_whole_path():
+    """A type validated inside another's validator (a run identity's sampling spec): pydantic's own errors and
+    the inner type's checks alike are located under the field that holds it; the location survives pickling,
+    as an error raised in a Ray task is."""
+    import pickle
+    from typing import Annotated
+
+    from pydantic import AfterValidator, BaseModel
+
+    from tarflow.schema import SchemaError, validate
+
+    class Holder(BaseModel):
+        spec: Annotated[dict, AfterValidator(lambda d: validate(SamplingSpec, d, "") and d)]
+
+    for spec, loc, line in [({"guidance": {"scale": "inf"}}, ("spec", "guidance", "scale"),
+                             "settings.spec.guidance.scale: Input should be a finite number (got 'inf')"),
+                            ({"guidance": {"attn_temp": 0}}, ("spec", "guidance", "attn_temp"),
+                             "settings.spec.guidance.attn_temp=0.0: must be a finite number > 0")]:
+        with pytest.raises(SchemaError) as e:
+            validate(Holder, {"spec": spec}, "settings")
+        assert str(e.value) == line and e.value.loc == loc
+        again = pickle.loads(pickle.dumps(e.value))
+        assert str(again) == line and again.loc == loc
+
+
+def test_every_number_rule_reads_the_same_in_every_type():
+    """One helper per rule: a positive integer, an integer >= 0, a finite number > 0 say so in the same words
+    wherever they are checked."""
+    from tarflow.spec import Guidance
+    from tarflow.train import TrainConfig
+
+    for make, message in [(lambda: TrainConfig(epochs=0), "epochs=0: must be a positive integer"),
+                          (lambda: ModelRef("demo", 0), "in_channels=0: must be a positive integer"),
+                          (lambda: SamplingSpec(seed=-1), "seed=-1: must be an integer >= 0"),
+                          (lambda: TrainConfig(warmup_steps=-1), "warmup_steps=-1: must be an integer >= 0"),
+                          (lambda: TrainConfig(lr=0.0), "lr=0.0: must be a finite number > 0"),
+                          (lambda: Guidance(attn_temp=0.0), "attn_temp=0.0: must be a finite number > 0")]:
+        with pytest.raises(ValueError) as e:
+            make()
+        assert str(e.value) == message
 
 
 def test_options_take_type_choices_and_default_from_the_field_they_fill():

@@ -99,7 +99,7 @@ def test_captured_passes_replay_as_static_ones(tiny8x8_batch, guidance, capture_
 
 
 def test_a_static_pass_reads_nothing_on_the_host(tiny8x8_batch, monkeypatch):
-    """The pass rules are shared with eager, which reads its state on the host (`run.host`): on static they must
+    """The pass rules are shared with eager, which reads its state on the host (`run.decide`): on static they must
     stay on the device, since a host read inside a CUDA graph capture fails. Every plan kind, CFG, the bf16 start
     and the divergence fallback, with every tensor-to-host conversion refused while a static pass runs."""
     model, z, y = tiny8x8_batch

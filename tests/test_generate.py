@@ -19,7 +19,8 @@ from tarflow.denoise import denoise
 from tarflow.noise import sample_noise
 from workflows.cli import main as cli
 from workflows.config import GenerateConfig, Resources, SampleSet
-from workflows.stages.generate import GenerateError, generate
+from workflows.runtime import WorkerStartError
+from workflows.stages.generate import GenerateError, generate, read_inputs
 from workflows.storage import shards as sh
 from workflows.storage.lease import LeaseError
 
@@ -99,6 +100,7 @@ def test_actor_count_never_changes_an_image(ray_local, tmp_path):
 
     one, outs = direct_at_one_thread()
     assert np.array_equal(images, one)
+    assert all(torch.equal(o.labels, torch.arange(s, s + 8) % 10) for s, o in zip(range(0, 96, 8), outs))
     assert {p["torch_threads"] for r in runs for p in r.placements} == {1}
     table = ds.dataset(str(tmp_path / "a3"), format="parquet").to_table().sort_by("sample_id")
     passes = [[{b.block: b.passes for b in o.stats.blocks}[i] for i in range(4)] for o in outs for _ in range(8)]
@@ -272,7 +274,7 @@ def test_a_full_disk_is_a_message_and_the_run_resumes(ray_local, assets, tmp_pat
 
 def test_killed_actor_is_replaced_and_every_id_written_once(ray_local, assets, tmp_path, capfd):
     """...and without Ray's warning that a restart may fail for lack of constructor arguments (ray#53727):
-    the actors take the model from a reference the driver keeps, not as such arguments."""
+    the pool hands every (re)started actor its arguments (the checkpoint's reference, not its weights)."""
     cfg = _cfg(assets, tmp_path / "out", num_samples=96, shard_size=8, actors=2)
     killed, first_shard, done = [], threading.Event(), threading.Event()
 
@@ -300,6 +302,28 @@ def test_killed_actor_is_replaced_and_every_id_written_once(ray_local, assets, t
     assert ids.tolist() == list(range(96))
     assert np.array_equal(images[:16], _direct(assets, list(range(16)))[0])
     assert "53727" not in capfd.readouterr().err
+
+
+def test_the_driver_reads_the_checkpoint_once_and_each_worker_checks_its_own(ray_local, assets, tmp_path,
+                                                                             monkeypatch):
+    """The driver reads the checkpoint once, for the run's identity; each worker loads the model from the
+    checkpoint's reference and refuses weights other than those the identity names (a file replaced while
+    the run lasts, another file at the same path on another node)."""
+    import tarflow.checkpoint as checkpoint
+
+    reads, real = [], checkpoint.load_checkpoint
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda ref, *a, **k: reads.append(ref) or real(ref, *a, **k))
+    ckpt = tmp_path / "m.safetensors"
+    shutil.copy(assets["ckpt"], ckpt)
+    cfg = _cfg(assets, tmp_path / "out", num_samples=8, shard_size=8, checkpoint=str(ckpt))
+    assert generate(cfg, progress=False).shards_written == 1 and reads == [str(ckpt)]
+
+    checked, identity = read_inputs(cfg.model_copy(update={"out": str(tmp_path / "other")}))
+    save_checkpoint(make_tiny_model(seed=1), ckpt)
+    with pytest.raises(WorkerStartError, match=rf"m.safetensors is model \w+ on .*, the run samples model "
+                                               rf"{identity.model_hash}: every worker must read the driver's"):
+        generate(checked, progress=False, identity=identity)
+    assert not list((tmp_path / "other").glob("data/*"))
 
 
 def test_bad_inputs_fail_before_any_work(assets, tmp_path):

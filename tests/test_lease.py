@@ -204,7 +204,7 @@ def test_a_lease_file_that_holds_no_lease_is_named_and_judged_by_its_age_alone(s
     bad = {"run_id": "r0", "host": socket.gethostname(), "boot": _boot_id(), "pid": -5, "beat": 1,
            "written": float("nan"), "port": 80}
     fs.create_dir(base)
-    files.write_atomic(fs, base, LEASE_NAME, json.dumps(bad).encode())
+    files.write_below(fs, base, LEASE_NAME, json.dumps(bad).encode())
     named = (rf"being written by an unknown run \({LEASE_NAME} is not a lease this build reads \(pid: Input should "
              r"be greater than 0 \(got -5\); written: Input should be a finite number \(got nan\); port: unknown field")
     if store == "local":

@@ -66,7 +66,7 @@ def test_sequential_sampling_matches_reference_and_inverts_encode(raw_pth):
     model = load_checkpoint(path, in_channels=1)
     noise = torch.randn(2, T, D, generator=torch.Generator().manual_seed(2))
     y = torch.tensor([1, 3])
-    images, stats = sample(model, noise, y)
+    images, _, stats = sample(model, noise, y)
     expected = ref.sample(sd, noise, y, BLOCKS, LAYERS, 64)
     torch.testing.assert_close(model.patchify(images), expected, atol=1e-5, rtol=1e-5)
     z, _ = model.encode(images, y)

@@ -121,7 +121,7 @@ def test_writes_of_any_size_are_whole_objects(s3_server, s3_bucket):
     fs, base = files.resolve(f"{s3_bucket}/objects")
     big = np.random.default_rng(0).integers(0, 256, 60 << 20, dtype=np.uint8).tobytes()
     for name, data in (("small", b"a few bytes"), ("big", big)):
-        files.write_atomic(fs, base, name, data)
+        files.write_below(fs, base, name, data)
         assert files.read_bytes(fs, files.join(base, name)) == data
     assert _keys(s3_bucket) == ["objects/big", "objects/small"]
 

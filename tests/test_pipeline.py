@@ -4,11 +4,13 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import make_tiny_model
 
 from tarflow import GSJacobi, Jacobi, Plan, load_checkpoint, model_hash
 from workflows import pipeline
 from workflows.config import ConfigError, RunConfig
 from workflows.pipeline import keys
+from workflows.stages.generate import RunIdentity
 from workflows.storage.history import read_history
 from workflows.storage.shards import read_manifest
 
@@ -112,11 +114,12 @@ def _given_plan(cfg: RunConfig, model_hash: str = MODEL_HASH) -> Plan | None:
 def stage_keys(cfg: RunConfig, model_hash: str = MODEL_HASH, given: Plan | None = None,
                made: Plan = AUTO_PLAN) -> dict[str, str]:
     """Every stage's key as a run chains them: the profile's only for the auto plan, the FID's only with FID on;
-    the samples keyed by the plan the plan stage made (`given`, else `made`)."""
+    the samples keyed by their identity, under the plan the plan stage made (`given`, else `made`)."""
     spec = cfg.sampling.for_model(10)
     out = {"profile": keys.profile(cfg, spec, model_hash)} if cfg.plan.source == "auto" else {}
     out["plan"] = keys.plan(cfg, spec, model_hash, out.get("profile"), given)
-    out["generate"] = keys.generate(cfg, spec, model_hash, given or made)
+    identity = RunIdentity.of(make_tiny_model(), model_hash, given or made, spec, cfg.samples, cfg.resources.generate)
+    out["generate"] = keys.generate(cfg, identity)
     fid_key = keys.fid(cfg, out["generate"])
     if fid_key is not None:
         out["fid"] = fid_key
@@ -203,10 +206,16 @@ def _config(d, **samples) -> RunConfig:
     return _from_dict(d)
 
 
-def test_stages_skip_when_outputs_exist_and_resume_after_a_crash(tiny8x8_run, ray_local):
+def test_stages_skip_when_outputs_exist_and_resume_after_a_crash(tiny8x8_run, ray_local, monkeypatch):
+    import tarflow.checkpoint as checkpoint
+
     root, d = tiny8x8_run
     cfg = _config(d)
+    reads, real = [], checkpoint.load_checkpoint
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda ref, *a, **k: reads.append(ref) or real(ref, *a, **k))
     first = pipeline.run(cfg, stop_after="generate")
+    assert reads == [cfg.model.checkpoint], "the driver reads the checkpoint once; the workers load their own"
+    monkeypatch.undo()
     assert [(s.name, s.skipped) for s in first.stages] == [("plan", False), ("generate", False)]
     assert read_manifest(first.samples).rows == 24
     given = Plan.load(cfg.plan.path)
@@ -259,8 +268,8 @@ def test_a_damaged_stage_output_is_named_with_what_to_do(tiny8x8_run, tmp_path):
     (record,) = pipeline.run(cfg, stop_after="plan").stages
     written = json.loads(Path(record.output).read_text())
     Path(record.output).write_text(json.dumps({**written, "num_blocks": 0}))
-    with pytest.raises(pipeline.PipelineError, match=rf"{record.output} is damaged \(plan.num_blocks=0: must be an "
-                                                     r"integer >= 1\): delete it and re-run the same command"):
+    with pytest.raises(pipeline.PipelineError, match=rf"{record.output} is damaged \(plan.num_blocks=0: must be a "
+                                                     r"positive integer\): delete it and re-run the same command"):
         pipeline.run(cfg)  # read before the generate stage: no Ray started
 
 

@@ -83,3 +83,25 @@ def test_schema_refuses_what_the_model_refuses():
     jsonschema.validate(good, plan)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**good, "blocks": [{"solver": "sequential", "tol": 1e-3}, {"solver": "sequential"}]}, plan)
+
+
+def _literal_block(doc: str) -> str:
+    """The first literal block (the indented lines after `::`) of a docstring, dedented."""
+    lines = []
+    for line in doc.split("::\n", 1)[1].splitlines()[1:]:
+        if line and not line.startswith("    "):
+            break
+        lines.append(line[4:])
+    return "\n".join(lines)
+
+
+def test_the_documented_examples_show_the_models_defaults():
+    """The run config's YAML example and the sampling spec's JSON form, as their docstrings show them: every
+    field, each with the default its model has (the run's name and output aside)."""
+    import tarflow.spec
+    from tarflow import SamplingSpec
+    from workflows.config import RunConfig, run
+
+    example = yaml.safe_load(_literal_block(run.__doc__))
+    assert example == RunConfig(output=example["output"], name=example["name"]).model_dump(mode="json")
+    assert json.loads(_literal_block(tarflow.spec.__doc__)) == SamplingSpec().to_dict()

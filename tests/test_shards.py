@@ -24,12 +24,13 @@ def _write_set(uri, num_samples=10, shard_size=4, seed=7):
     rng = np.random.default_rng(0)
     images = {}
     for index in range(manifest.num_shards):
-        ids = np.asarray(manifest.shard_ids(index))
+        shard = manifest.shard(index)
+        ids = np.asarray(shard.sample_ids)
         imgs = rng.integers(0, 256, (len(ids), 6, 5, 3), dtype=np.uint8)
         images.update(zip(ids.tolist(), imgs))
         table = sh.shard_table(ids, ids % 3, seed, [sh.encode_png(im) for im in imgs], [[1, 2]] * len(ids),
                                [0] * len(ids), [0.5] * len(ids))
-        manifest.add(sh.write_shard(uri, manifest, index, table, {"shard": index}))
+        manifest.add(shard.write(uri, table, {"shard": index}))
         sh.write_manifest(uri, manifest)
     return manifest, images
 
@@ -75,6 +76,18 @@ def test_shard_set_round_trip_schema_and_manifest(tmp_path):
     assert sh.read_images(f"file://{tmp_path}/set")[0].tolist() == list(range(10))
 
 
+def test_the_shard_schema_is_one_definition_and_earlier_shards_hold_it():
+    """`SCHEMA` is what `shard_table` fills and what the Hugging Face features follow: columns, types and the
+    features' bytes as the shards an earlier version wrote hold them."""
+    earlier = pq.read_schema(V3_SET / "data" / "train-00000-of-00004.parquet")
+    assert earlier.remove_metadata().equals(sh.SCHEMA)
+    assert earlier.metadata[b"huggingface"] == json.dumps(sh.HF_FEATURES).encode()
+    table = sh.shard_table(range(3, 5), np.array([-1, 2]), 9, [b"a", b"b"], [[1, 2], [1, 2]], [0, 1], [0.5, 0.25])
+    assert table.schema.equals(sh.SCHEMA) and table.column("image").to_pylist() == [
+        {"bytes": b"a", "path": "00000003.png"}, {"bytes": b"b", "path": "00000004.png"}]
+    assert table.column("label").to_pylist() == [-1, 2] and table.column("seed").to_pylist() == [9, 9]
+
+
 def test_corrupt_missing_and_incomplete_shards_raise_clear_errors(tmp_path):
     uri = str(tmp_path / "set")
     _write_set(uri)
@@ -105,8 +118,8 @@ def test_corrupt_missing_and_incomplete_shards_raise_clear_errors(tmp_path):
 
 def test_atomic_write_replaces_whole_file_and_cleans_temporaries(tmp_path):
     fs, base = files.resolve(str(tmp_path))
-    files.write_atomic(fs, base, "f.bin", b"first")
-    files.write_atomic(fs, base, "f.bin", b"second")
+    files.write_below(fs, base, "f.bin", b"first")
+    files.write_below(fs, base, "f.bin", b"second")
     assert (tmp_path / "f.bin").read_bytes() == b"second"
     (tmp_path / ".shard-00003.parquet.tmp-deadbeef").write_bytes(b"half a shard")
     assert files.remove_temporaries(fs, base) == 1
@@ -184,7 +197,7 @@ def _v3_config(out) -> GenerateConfig:
 def test_a_set_written_before_the_typed_manifest_reads_and_resumes(ray_local, tmp_path):
     """The manifest (shards 0 and 1 folded in) and the record of shard 2 that main's code wrote read as they
     are and are written back byte for byte; generate resumes the set, redoing nothing it holds."""
-    from workflows.stages.generate import _inputs, _read_output, _with_pending, generate
+    from workflows.stages.generate import Job, _read_output, _with_pending, generate, read_inputs
 
     out = _v3_set(tmp_path)
     text = (out / sh.MANIFEST_NAME).read_text()
@@ -194,7 +207,7 @@ def test_a_set_written_before_the_typed_manifest_reads_and_resumes(ray_local, tm
     assert (tmp_path / "again" / sh.RECORDS_DIR / "00002.json").read_bytes() == record
     assert [e.index for e in sh.read_manifest(str(out)).shards] == [0, 1, 2]
     before = {p.name: p.read_bytes() for p in (out / "data").iterdir()}
-    job = _inputs(_v3_config(out))
+    job = Job.new(*read_inputs(_v3_config(out)))
     _read_output(job)
     assert _with_pending(job).pending == [3] and job.notes == []
     summary = generate(_v3_config(out), progress=False)
@@ -275,21 +288,23 @@ def test_every_number_of_a_shard_record_is_checked(tmp_path, key, value, named):
 def test_every_number_of_a_run_identity_is_checked():
     """The identity a manifest and every shard's metadata record: each number in range, the sampling spec's
     own checks, no unknown fields."""
+    from workflows.stages.generate import RunIdentity
+
     settings = json.loads((V3_SET / sh.MANIFEST_NAME).read_text())["settings"]
-    assert sh.RunIdentity.from_settings(settings, "x").to_dict() == settings
+    assert RunIdentity.from_settings(settings, "x").to_dict() == settings
     for path, value, named in [(("numerics", "threads"), 0, "settings.numerics.threads: Input should be greater"),
                                (("num_samples",), NAN, "settings.num_samples: Input should be a finite number"),
                                (("image_shape", 1), -28, "settings.image_shape[1]: Input should be greater"),
                                (("image_shape",), [28, 28], "settings.image_shape: List should have at least 3"),
                                (("num_classes",), -1, "settings.num_classes: Input should be greater than or"),
                                (("spec", "seed"), -3, "settings.spec.seed=-3: must be an integer >= 0"),
-                               (("spec", "guidance", "scale"), INF, "settings.spec: guidance.scale: Input should be "
+                               (("spec", "guidance", "scale"), INF, "settings.spec.guidance.scale: Input should be "
                                                                     "a finite number"),
                                (("numerics", "gpus"), 1, "settings.numerics.gpus: unknown field")]:
         bad = json.loads(json.dumps(settings))
         _set_at(bad, path, value)
         with pytest.raises(sh.ShardError, match="x: its run identity is not one this build reads") as e:
-            sh.RunIdentity.from_settings(bad, "x")
+            RunIdentity.from_settings(bad, "x")
         assert named in str(e.value), str(e.value)
 
 
@@ -298,12 +313,12 @@ def test_a_lost_manifest_recovers_no_shard_whose_metadata_has_bad_numbers(tmp_pa
     hold NaN (it was recovered with them) is left out, to be redone, like any shard that fails a check."""
     out = _v3_set(tmp_path)
     manifest = sh.read_manifest(str(out))
-    identity = sh.RunIdentity.from_settings(manifest.settings, "x")
     path = out / manifest.shards[0].file
     table = pq.read_table(path)
     meta = json.loads(table.schema.metadata[sh.METADATA_KEY])
     meta["stats"]["seconds"] = NAN
     pq.write_table(table.replace_schema_metadata({**table.schema.metadata, sh.METADATA_KEY: json.dumps(meta)}), path,
                    write_page_checksum=True)
-    entries, device = sh.recover_entries(str(out), identity, manifest)
-    assert [e.index for e in entries] == [1, 2] and device == "cpu"
+    found = sh.recover_entries(str(out), manifest)
+    assert [e.index for e, _ in found] == [1, 2]
+    assert all(meta["settings"] == manifest.settings for _, meta in found)

@@ -164,12 +164,13 @@ def test_a_torchscript_program_is_refused_where_data_is_expected(files, args, st
 
 # ---- every number in a file is checked by its model -------------------------------------------------------------
 
-@pytest.mark.parametrize("tol", [-1.0, float("nan"), float("inf")])
-def test_a_plans_tol_is_a_finite_number_at_least_0(tol):
+@pytest.mark.parametrize("tol", [-1.0, 0.0, float("nan"), float("inf")])
+def test_a_plans_tol_is_the_one_certified_tolerance_rule(tol):
+    """The tolerance a plan is certified for follows the scheduler's and a run config's rule: finite, > 0."""
     from tarflow import PlanError
 
     d = Plan.sequential(2, 16).to_dict()
-    with pytest.raises(PlanError, match=f"plan.tol={tol!r}: must be a finite number >= 0"):
+    with pytest.raises(PlanError, match=f"plan.tol={tol!r}: must be a finite number > 0 or null"):
         Plan.from_dict({**d, "tol": tol})
 
 
@@ -186,18 +187,20 @@ def profile_dict():
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d.update(seconds=-1.0), r"profile.seconds=-1.0: must be >= 0"),
-    (lambda d: d.update(threads=0), r"profile.threads=0: must be >= 1"),
+    (lambda d: d.update(seconds=-1.0), r"profile.seconds=-1.0: must be a finite number >= 0"),
+    (lambda d: d.update(threads=0), r"profile.threads=0: must be a positive integer"),
     (lambda d: d.update(tols=[0.0]), r"profile.tols=\[0.0\]: every tolerance must be > 0"),
-    (lambda d: d.update(caps=[0]), r"profile.caps\[0\]=0: must be >= 1"),
-    (lambda d: d["calibration"].update(num_images=0), r"profile.calibration.num_images=0: must be >= 1"),
+    (lambda d: d.update(caps=[0]), r"profile.caps\[0\]=0: must be a positive integer"),
+    (lambda d: d["calibration"].update(num_images=0), r"profile.calibration.num_images=0: must be a positive integer"),
     (lambda d: d["blocks"][0].update(crm_share=1.5), r"profile.blocks\[0\].crm_share=1.5: a share is in \[0, 1\]"),
     (lambda d: d["blocks"][0].update(sequential_step_seconds=-1e-3), r"blocks\[0\].sequential_step_seconds=-0.001"),
     (lambda d: d["blocks"][0]["pass_seconds"].update({"15": -2.0}), r"blocks\[0\].pass_seconds\[15\]=-2.0"),
-    (lambda d: d["blocks"][0]["igm"].update(z=-1.0), r"blocks\[0\].igm.z=-1.0: must be >= 0"),
+    (lambda d: d["blocks"][0]["igm"].update(z=-1.0), r"blocks\[0\].igm.z=-1.0: must be a finite number >= 0"),
     (lambda d: d["blocks"][0]["crm_terms"].update(scale_weight=-1.0), r"blocks\[0\].crm_terms.scale_weight=-1.0"),
-    (lambda d: d["blocks"][0]["convergence"][0].update(passes=-1.0), r"convergence\[0\].passes=-1.0: must be >= 0"),
-    (lambda d: d["blocks"][0]["convergence"][0].update(error=-1e-3), r"convergence\[0\].error=-0.001: must be >= 0"),
+    (lambda d: d["blocks"][0]["convergence"][0].update(passes=-1.0),
+     r"convergence\[0\].passes=-1.0: must be a finite number >= 0"),
+    (lambda d: d["blocks"][0]["convergence"][0].update(error=-1e-3),
+     r"convergence\[0\].error=-0.001: must be a finite number >= 0"),
 ])
 def test_every_number_of_a_profile_is_range_checked(profile_dict, edit, message):
     import copy
@@ -286,7 +289,7 @@ def test_every_local_writer_stays_inside_its_folder(tmp_path):
     (out / "sub").symlink_to(elsewhere)
     fs, base = files.resolve(str(out))
     with pytest.raises(files.LinkError, match="sub is a symbolic link"):
-        files.write_atomic(fs, base, "sub/f.json", b"{}")
+        files.write_below(fs, base, "sub/f.json", b"{}")
     with pytest.raises(files.LinkError, match="sub is a symbolic link"):
         files.remove_temporaries(fs, base, "sub")
     assert list(elsewhere.iterdir()) == []
@@ -296,7 +299,7 @@ def test_every_local_writer_stays_inside_its_folder(tmp_path):
         victim.write_text("precious")
         (out / name).symlink_to(victim)
         if name == "f.json":
-            files.write_atomic(fs, base, name, b"{}")
+            files.write_below(fs, base, name, b"{}")
         else:
             write_report(ReportData("t"), out)
         assert victim.read_text() == "precious" and not (out / name).is_symlink()
@@ -370,12 +373,12 @@ def test_every_json_and_yaml_reader_bounds_nesting(tmp_path, reader):
     from workflows.config import ConfigError, RunConfig
     from workflows.report import ReportData
     from workflows.storage import shards as sh
-    from workflows.storage.lease import _parse
+    from workflows.storage.lease import _holder_of
 
     for depth in (100_000, MAX_NESTING + 1):
         text = _deep(depth)
         if reader == "lease":
-            assert "nests lists and objects more than 32 deep" in _parse(text.encode())
+            assert "nests lists and objects more than 32 deep" in _holder_of(text.encode()).unreadable
             continue
         if reader == "config":
             (tmp_path / "run.yaml").write_text(f"output: o\nname: {text}\n")

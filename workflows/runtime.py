@@ -217,7 +217,7 @@ def _placed(fn: Callable, *args, **kwargs):
 
 
 def run_task(fn: Callable, *args, res: Resources, **kwargs) -> tuple[object, dict]:
-    """One call of `fn` in a Ray task with the stage's resources: (result, where it ran). `fn` picks
+    """One call of `fn` in a Ray task with the stage's resources: (result, its `placement`). `fn` picks
     its device with `worker_device()`."""
     return get(remote(_placed, res).remote(fn, *args, **kwargs))
 
@@ -240,14 +240,14 @@ class WorkerStartError(ClusterError):
     """A pool's worker could not start: its constructor raised (bad weights, a missing file)."""
 
 
-class _Host:
+class _PoolActor:
     """The actor a pool runs: it builds its one `Worker` in `ready`, from arguments the pool passes to every
     (re)started actor, so that:
     - a worker's constructor error is `ready`'s answer and ends the pool with it. A constructor that raises
       inside a Ray actor's own constructor kills the actor and every later call fails at once, so a pool that
       retried would spin (its driver's Ray log grew by GBs a minute);
     - the worker's arguments are no actor constructor arguments: Ray keeps constructor arguments that sit in
-      the object store (a model's weights) only as long as their first use, so a restarted actor could not
+      the object store (any large one) only as long as their first use, so a restarted actor could not
       find them (ray#53727). As arguments of `ready`, references among them are resolved by Ray at every
       call, and the pool holds them for its life."""
 
@@ -284,16 +284,15 @@ class ActorPool:
 
     A worker whose constructor raises ends the pool at once with that error (`WorkerStartError`); one
     that dies while starting `max_attempts` times in a row (its process killed each time) ends it too.
-    `args` (object references among them, e.g. a model's weights put once) reach every worker as it
-    starts or restarts (`_Host`)."""
+    `args` reach every worker as it starts or restarts (`_PoolActor`)."""
 
     def __init__(self, cls: type, args: tuple, res: Resources, label: str, start_timeout_s: float = 300.0,
                  max_attempts: int = 3, num_actors: int | None = None):
         num_cpus, num_gpus, threads = worker_options(res)
         self.label, self.start_timeout_s, self.max_attempts = label, start_timeout_s, max_attempts
         self.asked = f"{num_cpus:g} CPU + {num_gpus:g} GPU per worker"
-        host = type(cls.__name__, (_Host,), {})  # Ray titles actor processes ray::<class>: the worker's name
-        remote = ray.remote(host).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0)
+        actor = type(cls.__name__, (_PoolActor,), {})  # Ray titles actor processes ray::<class>: the worker's name
+        remote = ray.remote(actor).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=0)
         self.args = args
         self.actors = [remote.remote(cls, threads) for _ in range(num_actors or res.actors)]
         self._ready = {a.ready.remote(*args): slot for slot, a in enumerate(self.actors)}
@@ -346,7 +345,7 @@ class ActorPool:
             self._idle += self._take_ready(min(1.0, left))
 
     def start(self) -> dict:
-        """Wait until at least one worker runs (at most `start_timeout_s`); returns where the first runs."""
+        """Wait until at least one worker runs (at most `start_timeout_s`); returns the first one's placement."""
         self._idle += self._take_ready(0)
         self._wait_for_one(time.monotonic())
         return self.placements[0]

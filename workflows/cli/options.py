@@ -11,7 +11,7 @@ import typing
 import click
 
 from tarflow import ModelRef, SamplingSpec
-from tarflow.schema import REQUIRED, SchemaError, field_spec, relative_field, validate
+from tarflow.schema import REQUIRED, SchemaError, field_spec, validate
 
 from ..config import Resources
 
@@ -64,17 +64,16 @@ def build(tp, values: dict[tuple, object], options: dict[tuple, str]):
         raise
 
 
-def raise_for_option(e: Exception, options: dict[tuple, str]) -> None:
-    """Raise click.BadParameter naming the option whose field `e` names (a SchemaError's fields, or the
-    `field=value: ...` a check's message starts with); return if no option gave it."""
-    named = getattr(e, "fields", None) or [relative_field(str(e)) or ((), str(e))]
-    for path, message in named:
-        given = next((path[:n] for n in range(len(path), 0, -1) if path[:n] in options), None)  # or one item of it
+def raise_for_option(e: SchemaError, options: dict[tuple, str]) -> None:
+    """Raise click.BadParameter naming the option that gave a field `e` names (by each field's `loc`, or one
+    above it: an option may give a whole list); return if no option gave one."""
+    for found in e.fields:
+        given = next((found.loc[:n] for n in range(len(found.loc), 0, -1) if found.loc[:n] in options), None)
         if given is not None:
-            raise click.BadParameter(message, param_hint=_hint(options[given])) from None
+            raise click.BadParameter(found.reason, param_hint=_hint(options[given])) from None
 
 
-def _options_for(tp, table: list[tuple[tuple, str, str]], dest: str, overrides: dict | None = None):
+def options_for(tp, table: list[tuple[tuple, str, str]], dest: str, overrides: dict | None = None):
     """A decorator adding one option per (path, decl, help) of `table` (`overrides`: click settings per
     path); the command receives `dest`, the `tp` their values build, and a SchemaError naming one of those
     fields later in the command (a check against the model) names its option too."""
@@ -136,7 +135,7 @@ def spec_options(batch_size: int | None = 16):
     """Add the sampling-spec options to a command; the command receives `spec` (a SamplingSpec).
     `batch_size` is the command's own default (None: required)."""
     batch = {"default": batch_size, "required": batch_size is None, "show_default": batch_size is not None}
-    return _options_for(SamplingSpec, SPEC_OPTIONS, "spec", {
+    return options_for(SamplingSpec, SPEC_OPTIONS, "spec", {
         ("labels",): {"type": str, "callback": parse_labels, "show_default": False},
         ("batch_size",): batch})
 
@@ -147,11 +146,11 @@ def resources_options(stage: str, actors: bool = True):
     table += [(("num_cpus",), "--num-cpus", f"CPUs per {stage} worker, also its torch threads (default: a share "
                                             "that leaves the cluster a CPU for other work)."),
               (("num_gpus",), "--num-gpus", f"GPUs per {stage} worker (it samples on CUDA when given one).")]
-    return _options_for(Resources, table, "resources")
+    return options_for(Resources, table, "resources")
 
 
 # --checkpoint and --in-channels; the command receives `model_ref`
-checkpoint_options = _options_for(ModelRef, [
+checkpoint_options = options_for(ModelRef, [
     (("checkpoint",), "--checkpoint", "The model: 'demo' (shipped), a tarflow-gs .safetensors or raw apple .pth "
                                       "path, or a URI."),
     (("in_channels",), "--in-channels", "Image channels; only read for raw .pth checkpoints.")], "model_ref",

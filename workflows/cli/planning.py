@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from tarflow import ModelRef
 from tarflow.schema import SchemaError, parse_json
 
 from ..config import CalibrationSection, PlanSection
@@ -52,8 +53,7 @@ def profile_command(model_ref, data, num_images, spec, resources, out):
 @click.option("--guess", default=None, help="guess_list for --hand, e.g. '[0,1,0,0]' (0 = z, 1 = zeros).")
 @click.option("--checkpoint", default=None,
               help="The model for --hand / --paper-lists: 'demo', a path or a URI (for --profile: the one it names).")
-@click.option("--in-channels", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Image channels of a raw .pth --checkpoint.")
+@field_option(ModelRef, ("in_channels",), "--in-channels", "Image channels of a raw .pth --checkpoint.")
 @resources_options("plan verification")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Where to write plan.json.")
 def plan_command(profile_path, tol, hand, paper_lists, guess, checkpoint, in_channels, resources, out):
@@ -61,7 +61,7 @@ def plan_command(profile_path, tol, hand, paper_lists, guess, checkpoint, in_cha
 
     The auto plan is verified and raced in a Ray task with the resources given: give those of the
     generate workers that will use it."""
-    from tarflow import ModelRef, Plan, PlanError, model_hash
+    from tarflow import Plan, PlanError, model_hash
     from tarflow.profile import Profile
     from tarflow.schedule import hand_plan
 
@@ -69,6 +69,8 @@ def plan_command(profile_path, tol, hand, paper_lists, guess, checkpoint, in_cha
     if len(given) != 1:
         raise click.UsageError("give exactly one of --profile, --hand, --paper-lists")
     tol = build(PlanSection, {("tol",): tol}, {("tol",): "--tol"}).tol
+    model_ref = build(ModelRef, {("checkpoint",): checkpoint, ("in_channels",): in_channels},
+                      {("checkpoint",): "--checkpoint", ("in_channels",): "--in-channels"}) if checkpoint else None
     if not profile_path and click.get_current_context().get_parameter_source("tol").name != "DEFAULT":
         raise click.UsageError(f"--tol bounds the auto plan computed from --profile; {given[0]} writes the plan "
                                "as given, with no tolerance: drop --tol")
@@ -76,21 +78,21 @@ def plan_command(profile_path, tol, hand, paper_lists, guess, checkpoint, in_cha
         from ..stages.plan import auto_plan
 
         prof = Profile.load(profile_path)
-        model_ref = ModelRef(checkpoint, in_channels) if checkpoint else prof.model
+        model_ref = model_ref or prof.model
         if model_ref is None:
             raise click.UsageError("the profile names no checkpoint (it was made from a model built in code): "
                                    "pass --checkpoint")
-        plan, where = auto_plan(prof, model_ref, tol, resources)
+        plan, placement = auto_plan(prof, model_ref, tol, resources)
         ev = plan.evidence
         click.echo(f"auto plan: predicted {ev['predicted_seconds']['speedup']:.2f}x over sequential, final error "
-                   f"{max(ev['final_error'].values()):.2e} (tol {tol:g}), verified on {where['device']}"
+                   f"{max(ev['final_error'].values()):.2e} (tol {tol:g}), verified on {placement['device']}"
                    + (f"; fell back to sequential: {ev['fallback']}" if ev["fallback"] else ""))
         for b in ev["blocks"]:
             click.echo(f"  block {b['block']}: {b['chosen']['plan']:<36} CRM share {100 * b['crm_share']:.1f}%")
     else:
-        if not checkpoint:
+        if model_ref is None:
             raise click.UsageError("--hand and --paper-lists need --checkpoint (for the block and token counts)")
-        model = ModelRef(checkpoint, in_channels).load()
+        model = model_ref.load()
         try:
             if hand:
                 plan = hand_plan(hand, model, _int_list(guess, "--guess") if guess else None)

@@ -4,76 +4,52 @@ from __future__ import annotations
 import click
 from click.core import ParameterSource
 
-from tarflow.train import PRECISIONS, TrainConfig
+from tarflow.train import TrainConfig
 
-from .options import checkpoint_options, progress_option, spec_options
+from .options import checkpoint_options, options_for, progress_option, spec_options
 
-_DEFAULTS = TrainConfig()
-
-
-def _device(value: str) -> str:
-    """cpu, mps, cuda or cuda:N, else a usage error naming --device (exit 2)."""
-    kind, _, index = value.partition(":")
-    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
-        raise click.BadParameter(f"{value!r}: give cpu, cuda, cuda:N or mps")
-    return value
 _POSITIVE = click.IntRange(min=1)
+TRAIN_OPTIONS = [
+    (("dataset",), "--dataset", "mnist5k, digits, or an ImageFolder directory (one sub-folder per class)."),
+    (("out",), "--out", "Checkpoint path (safetensors); the resume state is written next to it as OUT.state.pt."),
+    (("image_size",), "--image-size", "Resize images to this size (default: native)."),
+    (("in_channels",), "--in-channels", "Channel count every image must have (default: native)."),
+    (("patch_size",), "--patch-size", "Patch side: tokens are patch x patch x channels."),
+    (("width",), "--width", "Transformer width."),
+    (("num_blocks",), "--num-blocks", "Autoregressive flow blocks."),
+    (("layers_per_block",), "--layers-per-block", "Transformer layers in each block."),
+    (("head_dim",), "--head-dim", "Attention head width (width must be a multiple)."),
+    (("conditional",), "--conditional/--unconditional", "Learn a class embedding from the dataset's labels."),
+    (("noise_std",), "--noise-std", "Training noise; stored with the model, denoising undoes it."),
+    (("drop_label",), "--drop-label", "Probability of training a sample with the mean class embedding (for "
+                                      "guidance)."),
+    (("epochs",), "--epochs", "Passes over the data."),
+    (("batch_size",), "--batch-size", "Images per optimizer step."),
+    (("lr",), "--lr", "Peak learning rate (AdamW)."),
+    (("warmup_steps",), "--warmup-steps", "Linear warm-up steps before the cosine decay."),
+    (("weight_decay",), "--weight-decay", "AdamW weight decay."),
+    (("seed",), "--seed", "Seed of initialisation, batches, noise and label dropout."),
+    (("device",), "--device", "cpu, cuda, cuda:N or mps."),
+    (("precision",), "--precision", "The network's autocast dtype."),
+]
 
 
 @click.command("train")
-@click.option("--dataset", default=_DEFAULTS.dataset, show_default=True,
-              help="mnist5k, digits, or an ImageFolder directory (one sub-folder per class).")
-@click.option("--out", default=_DEFAULTS.out, show_default=True, type=click.Path(dir_okay=False),
-              help="Checkpoint path (safetensors); the resume state is written next to it as OUT.state.pt.")
-@click.option("--image-size", type=_POSITIVE, default=None, help="Resize images to this size (default: native).")
-@click.option("--in-channels", type=_POSITIVE, default=None,
-              help="Channel count every image must have (default: native).")
-@click.option("--patch-size", type=_POSITIVE, default=_DEFAULTS.patch_size, show_default=True,
-              help="Patch side: tokens are patch x patch x channels.")
-@click.option("--width", type=_POSITIVE, default=_DEFAULTS.width, show_default=True, help="Transformer width.")
-@click.option("--num-blocks", type=_POSITIVE, default=_DEFAULTS.num_blocks, show_default=True,
-              help="Autoregressive flow blocks.")
-@click.option("--layers-per-block", type=_POSITIVE, default=_DEFAULTS.layers_per_block, show_default=True,
-              help="Transformer layers in each block.")
-@click.option("--head-dim", type=_POSITIVE, default=_DEFAULTS.head_dim, show_default=True,
-              help="Attention head width (width must be a multiple).")
-@click.option("--conditional/--unconditional", default=_DEFAULTS.conditional, show_default=True,
-              help="Learn a class embedding from the dataset's labels.")
-@click.option("--noise-std", type=click.FloatRange(min=0), default=_DEFAULTS.noise_std, show_default=True,
-              help="Training noise; stored with the model, denoising undoes it.")
-@click.option("--drop-label", type=click.FloatRange(0, 1, max_open=True), default=_DEFAULTS.drop_label,
-              show_default=True, help="Probability of training a sample with the mean class embedding (for guidance).")
-@click.option("--epochs", type=_POSITIVE, default=_DEFAULTS.epochs, show_default=True, help="Passes over the data.")
-@click.option("--batch-size", type=_POSITIVE, default=_DEFAULTS.batch_size, show_default=True,
-              help="Images per optimizer step.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_DEFAULTS.lr, show_default=True,
-              help="Peak learning rate (AdamW).")
-@click.option("--warmup-steps", type=click.IntRange(min=0), default=_DEFAULTS.warmup_steps, show_default=True,
-              help="Linear warm-up steps before the cosine decay.")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=_DEFAULTS.weight_decay, show_default=True,
-              help="AdamW weight decay.")
-@click.option("--seed", type=click.IntRange(min=0), default=_DEFAULTS.seed, show_default=True,
-              help="Seed of initialisation, batches, noise and label dropout.")
-@click.option("--device", default=_DEFAULTS.device, show_default=True, callback=lambda ctx, param, v: _device(v),
-              help="cpu, cuda[:N] or mps.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default=_DEFAULTS.precision, show_default=True,
-              help="The network's autocast dtype.")
+@options_for(TrainConfig, TRAIN_OPTIONS, "cfg", {("out",): {"type": click.Path(dir_okay=False)}})
 @click.option("--resume", "resume_from", type=click.Path(dir_okay=False), default=None,
               help="Continue the interrupted run that wrote this checkpoint, with its stored settings.")
 @progress_option
 @click.pass_context
-def train_command(ctx, resume_from, progress, **options):
+def train_command(ctx, cfg, resume_from, progress):
     """Train a TarFlow; checkpoints after every epoch and reports held-out bits/dim."""
     from tarflow.train import resume_config, train
 
     if resume_from:
-        given = [f"--{k.replace('_', '-')}" for k in options
-                 if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT]
+        given = [param.opts[0] for param in ctx.command.params if param.name.startswith("cfg__")
+                 and ctx.get_parameter_source(param.name) is not ParameterSource.DEFAULT]
         if given:
             raise click.UsageError(f"--resume continues with the stored settings; drop {', '.join(given)}")
         cfg = resume_config(resume_from)
-    else:
-        cfg = TrainConfig(**options)
     from ..progress import wants_bar
 
     path = train(cfg, resume=bool(resume_from), progress=wants_bar(progress), log=click.echo)

@@ -1,6 +1,7 @@
 """The run config: one YAML file that describes a whole run (profile -> plan -> generate -> FID -> report).
 
-Example (only `output` is required; the values shown for sections left out are their defaults)::
+Example (only `output` is required; each value shown besides `name` and `output` is its default, as
+`tests/test_schemas.py` checks)::
 
     name: demo
     model:
@@ -32,6 +33,7 @@ Example (only `output` is required; the values shown for sections left out are t
       reference_image_size: null  # their image size, where the file does not say
       kid_samples: 2000           # features per side kept for KID (0: no KID)
       metrics: [fid, is, kid]     # also prc: precision, recall, F (exact; passes over reference images)
+      dinov2_weights: null        # fd-dinov2's weights (Meta's .pth); null: torch hub
       enabled: true
     report:
       scaling_batch_sizes: []     # also profile, plan and time at these batch sizes: speedup vs batch size
@@ -67,6 +69,7 @@ class CalibrationSection(BaseModel):
 class PlanSection(BaseModel):
     model_config = CONFIG
 
+    # `tarflow.plan.check_tolerance`'s rule, as a constraint the JSON Schema shows
     tol: float = Field(1e-3, gt=0, description="auto plan: max abs error of final images vs sequential sampling")
     path: str | None = Field(None, description="a given plan JSON (no profile stage)")
     hand: str | None = Field(None, description="a paper-style hand plan such as 7-8-32-10")

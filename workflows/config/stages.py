@@ -8,10 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from tarflow import ModelRef, Plan, SamplingSpec
 from tarflow.spec import MAX_BATCH
-from tarflow.schema import STRICT_FIELDS
+from tarflow.schema import STRICT_FIELDS, SchemaError
 
 from ..fidelity.registry import DEFAULT_EXTRACTOR, EXTRACTOR_NAMES, check_weights_allowed, describe_extractors
-from ..storage.shards import layout_problem
+from ..storage.shards import MAX_SHARD_SIZE, layout_problem
 
 CONFIG = ConfigDict(**STRICT_FIELDS)
 METRICS = ("fid", "is", "kid", "prc", "sfid", "fd-dinov2")
@@ -35,12 +35,13 @@ class SampleSet(BaseModel):
     model_config = CONFIG
 
     num_samples: int = Field(1000, ge=1, description="sample ids 0..num_samples-1")
-    shard_size: int = Field(1024, ge=1, description="samples per Parquet shard")
+    shard_size: int = Field(1024, ge=1, le=MAX_SHARD_SIZE, description="samples per Parquet shard")
 
     @model_validator(mode="after")
     def _bounded(self):
+        # shard_size is in range by now: a layout out of bounds has too many samples for a set
         if (problem := layout_problem(self.num_samples, self.shard_size)) is not None:
-            raise ValueError(problem)
+            raise problem
         return self
 
 

@@ -31,7 +31,7 @@ from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 from tarflow.checkpoint import load_torch_data
 from tarflow.schema import input_file
 
-from ..storage.files import resolve, write_atomic
+from ..storage.files import resolve, write_below
 from .registry import EXTRACTORS
 
 if TYPE_CHECKING:
@@ -182,7 +182,7 @@ class FIDStats:
                  image_size=np.asarray(self.image_size, np.int64), dataset=np.str_(self.dataset),
                  format=np.str_(STATS_FORMAT), **kid, **spatial)
         fs, where = resolve(str(path))  # a crash never leaves a truncated file
-        write_atomic(fs, *where.rsplit("/", 1), buffer.getvalue())
+        write_below(fs, *where.rsplit("/", 1), buffer.getvalue())
         return path
 
     @classmethod

@@ -2,8 +2,9 @@
 for the same inputs is reused, and a changed input re-runs only the stages downstream of it.
 
 Each key is a plain function of the run config and of what the stages before it produced (their
-keys, the plan), testable without Ray. Their values must not change for the same inputs: a run made
-by an earlier version would be recomputed rather than skipped (`tests/test_pipeline.py` pins them).
+keys, the plan, the samples' identity), testable without Ray. Their values must not change for the
+same inputs: a run made by an earlier version would be recomputed rather than skipped
+(`tests/test_pipeline.py` pins them).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import json
 from tarflow import Plan, SamplingSpec
 
 from ..config import RunConfig
-from ..runtime import worker_threads
+from ..stages.generate import RunIdentity
 
 
 def _hash(*parts) -> str:
@@ -34,11 +35,12 @@ def plan(cfg: RunConfig, spec: SamplingSpec, model_hash: str, profile_key: str |
                  profile_key, given_plan.to_dict() if given_plan else None)
 
 
-def generate(cfg: RunConfig, spec: SamplingSpec, model_hash: str, plan: Plan) -> str:
-    """What decides the images: the model, the plan's solvers, the spec, the sample set, and where and with how
-    many torch threads the workers sample (not how many workers: images do not depend on that)."""
-    return _hash("generate", model_hash, plan.fingerprint(), spec.to_dict(), cfg.samples.model_dump(),
-                 cfg.resources.generate.num_gpus > 0, worker_threads(cfg.resources.generate))
+def generate(cfg: RunConfig, identity: RunIdentity) -> str:
+    """What decides the images (`identity`) as far as it is known before a worker starts: whether the workers
+    get GPUs stands for their device type; the image shape and classes follow from the model hash."""
+    return _hash("generate", identity.model_hash, identity.plan_hash, identity.spec,
+                 {"num_samples": identity.num_samples, "shard_size": identity.shard_size},
+                 cfg.resources.generate.num_gpus > 0, identity.numerics.threads)
 
 
 # FID settings added after runs were keyed, with the value those runs had: at that value a setting is left out of

@@ -142,7 +142,7 @@ def _measure(entry: NightlyModel, night: Store, workdir: Path, now: datetime) ->
     for notation in entry.hand_plans:
         plans[f"hand {notation}"] = Plan.from_paper_notation(notation, num_blocks, num_tokens).bound_to(
             result.plan.model_hash)
-    mr, where = compare.compare_in_worker(run_cfg.model, plans, result.spec, run_cfg.resources.generate,
+    mr, placement = compare.compare_in_worker(run_cfg.model, plans, result.spec, run_cfg.resources.generate,
                                           repeats=3, name=run_cfg.name,
                                           block_metrics=[{"crm_share": b.crm_share, "igm_z": b.igm_z,
                                                           "igm_zeros": b.igm_zeros}
@@ -158,7 +158,7 @@ def _measure(entry: NightlyModel, night: Store, workdir: Path, now: datetime) ->
             r.fid = _fid_of(run_cfg, r.plan, plans[r.plan], workdir)
     others = {r.plan: {"speedup": r.speedup, "passes": r.passes, "max_abs_error": r.max_abs_error, "fid": r.fid}
               for r in mr.runs[2:]}
-    return history_row(run_cfg.name, "auto plan", result.plan, mr, where, now.isoformat(timespec="seconds"),
+    return history_row(run_cfg.name, "auto plan", result.plan, mr, placement, now.isoformat(timespec="seconds"),
                        others), mr
 
 

@@ -16,7 +16,8 @@ Layout under `output` (a local path or any pyarrow.fs URI)::
                                  report's over-time figures)
 
 The driver orchestrates: every stage's heavy work runs in Ray tasks or actors on the resources
-its config section names (`workflows.runtime`); the driver loads the model only for its hash.
+its config section names (`workflows.runtime`). The driver reads the checkpoint once, for the
+model's hash and shape; the workers load it from its reference (`ModelRef`).
 """
 from __future__ import annotations
 
@@ -192,8 +193,8 @@ def profile_stage(ctx: RunContext) -> Profile | None:
 
 
 def plan_stage(ctx: RunContext, profile: Profile | None) -> Plan:
-    """The given plan, or the auto plan scheduled from the profile in a generate worker; checked against the
-    model and spec either way."""
+    """The given plan (checked against the model and spec when the run opened), or the auto plan scheduled from
+    the profile, for that model and spec, in a generate worker."""
     cfg, store = ctx.cfg, ctx.store
     key = keys.plan(cfg, ctx.spec, ctx.model_hash, ctx.keys.get("profile"), ctx.given_plan)
     name = f"stages/plan-{key}.json"
@@ -203,10 +204,8 @@ def plan_stage(ctx: RunContext, profile: Profile | None) -> Plan:
         if ctx.given_plan is not None:
             new = ctx.given_plan
         else:
-            new, where = planning.auto_plan(profile, cfg.model, cfg.plan.tol, cfg.resources.generate)
-            workers = [where]
-        new.check_model(len(ctx.model.blocks), ctx.model.num_tokens, ctx.model_hash)
-        new.check_spec(ctx.spec)
+            new, placement = planning.auto_plan(profile, cfg.model, cfg.plan.tol, cfg.resources.generate)
+            workers = [placement]
         store.write_text(name, new.to_json())
         return workers
 
@@ -219,7 +218,9 @@ def plan_stage(ctx: RunContext, profile: Profile | None) -> Plan:
 def generate_stage(ctx: RunContext, plan: Plan) -> None:
     """The sample set, into its own `samples-<key>/` (resumed shard by shard)."""
     cfg = ctx.cfg
-    key = keys.generate(cfg, ctx.spec, ctx.model_hash, plan)
+    identity = generate.RunIdentity.of(ctx.model, ctx.model_hash, plan, ctx.spec, cfg.samples,
+                                       cfg.resources.generate)
+    key = keys.generate(cfg, identity)
     samples = ctx.result.samples = ctx.store.path(f"samples-{key}")
 
     def complete() -> bool:
@@ -231,7 +232,7 @@ def generate_stage(ctx: RunContext, plan: Plan) -> None:
     def work():
         summary = generate.generate(GenerateConfig(model=cfg.model, out=samples, samples=cfg.samples, spec=ctx.spec,
                                                    plan=plan, resources=cfg.resources.generate),
-                                    progress=ctx.progress)
+                                    progress=ctx.progress, identity=identity)
         log.info(summary.text())
         return summary.placements
 
@@ -268,11 +269,11 @@ def report_stage(ctx: RunContext, plan: Plan, profile: Profile | None) -> None:
     folder, history = f"reports/{key}", store.path("history.parquet")
 
     def work():
-        mr, where = measure(ctx, plan, profile)
-        rows = append_once(history, history_row(cfg.name, _comparison_label(cfg), plan, mr, where, run_id=key))
-        for name, text in report_files(report_data(ctx, mr, where, rows)).items():
+        mr, placement = measure(ctx, plan, profile)
+        rows = append_once(history, history_row(cfg.name, _comparison_label(cfg), plan, mr, placement, run_id=key))
+        for name, text in report_files(report_data(ctx, mr, placement, rows)).items():
             store.write_text(f"{folder}/{name}", text)  # report.html last: it marks the stage done
-        return [where]
+        return [placement]
 
     ctx.stage("report", key, store.path(f"{folder}/report.html"), lambda: store.exists(f"{folder}/report.html"),
               work)
@@ -291,7 +292,7 @@ def _comparison_label(cfg: RunConfig) -> str:
 
 def measure(ctx: RunContext, plan: Plan, profile: Profile | None) -> tuple[ModelResult, dict]:
     """Sequential vs the plan (and with `report.scaling_batch_sizes`, the auto plan per batch size) on the same
-    noise in a generate worker, with the run's FID: (result, where it ran)."""
+    noise in a generate worker, with the run's FID: (result, the task's placement)."""
     cfg = ctx.cfg
     label = _comparison_label(cfg)
     scaling = None
@@ -300,23 +301,23 @@ def measure(ctx: RunContext, plan: Plan, profile: Profile | None) -> tuple[Model
                                   label if cfg.plan.source == "auto" else None)
     block_metrics = None if profile is None else [
         {"crm_share": b.crm_share, "igm_z": b.igm["z"], "igm_zeros": b.igm["zeros"]} for b in profile.blocks]
-    mr, where = compare.compare_in_worker(cfg.model, {label: plan}, ctx.spec, cfg.resources.generate, scaling,
-                                          repeats=2, name=cfg.name, block_metrics=block_metrics)
+    mr, placement = compare.compare_in_worker(cfg.model, {label: plan}, ctx.spec, cfg.resources.generate, scaling,
+                                              repeats=2, name=cfg.name, block_metrics=block_metrics)
     if ctx.result.fid is not None:
         mr.run(label).fid, mr.run(label).metrics = ctx.result.fid.fid, ctx.result.fid.values()
         mr.fid_extractor, mr.fid_num_samples = ctx.result.fid.extractor, ctx.result.fid.sample_count
-    return mr, where
+    return mr, placement
 
 
-def history_row(name: str, label: str, plan: Plan, mr: ModelResult, where: dict, timestamp: str | None = None,
+def history_row(name: str, label: str, plan: Plan, mr: ModelResult, placement: dict, timestamp: str | None = None,
                 others: dict | None = None, run_id: str = "") -> HistoryRow:
-    """The history's row of model `name`: sequential vs the plan `label` as measured in `mr`, timed `where`
-    (`compare.compare_in_worker`); `timestamp` (ISO 8601, UTC) default now."""
+    """The history's row of model `name`: sequential vs the plan `label` as measured in `mr`, timed at
+    `placement` (`compare.compare_in_worker`); `timestamp` (ISO 8601, UTC) default now."""
     seq, planned = mr.runs[0], mr.run(label)
     return HistoryRow(timestamp or datetime.now(timezone.utc).isoformat(timespec="seconds"), name, mr.model_hash,
                       label, plan.fingerprint(), mr.device, mr.batch_size, seq.seconds, planned.seconds,
                       planned.speedup, seq.passes, planned.passes, planned.max_abs_error, seq.fid, planned.fid,
-                      mr.fid_extractor, mr.fid_num_samples, others or {}, accelerator=where["accelerator"],
+                      mr.fid_extractor, mr.fid_num_samples, others or {}, accelerator=placement["accelerator"],
                       run_id=run_id, metrics=planned.metrics)
 
 
@@ -331,13 +332,13 @@ def append_once(history: str, row: HistoryRow) -> list[HistoryRow]:
     return sorted([*rows, row], key=lambda r: r.timestamp)  # as `read_history` orders them
 
 
-def report_data(ctx: RunContext, mr: ModelResult, where: dict, history: list[HistoryRow]) -> ReportData:
+def report_data(ctx: RunContext, mr: ModelResult, placement: dict, history: list[HistoryRow]) -> ReportData:
     """What the run's report shows: the measured model, the history, and what the run used where."""
     cfg, spec, result = ctx.cfg, ctx.spec, ctx.result
     notes = [f"config: {cfg.name} -> {cfg.output}", f"sampling: {spec.summary()}", f"plan: {result.plan_path}",
              f"samples: {result.samples}",
              f"timings: best of 2 on one batch of {spec.batch_size} in a generate worker "
-             f"({where['device']}, {where['torch_threads']} torch threads, {where['hostname']}), "
+             f"({placement['device']}, {placement['torch_threads']} torch threads, {placement['hostname']}), "
              "same noise for every sampler"]
     return ReportData(f"tarflow-gs run: {cfg.name}", [mr], history, notes)
 
@@ -367,8 +368,8 @@ def summary_text(result: RunResult) -> str:
         lines.append(result.fid.text())
     if result.model_result is not None and len(result.model_result.runs) > 1:
         r, mr = result.model_result.runs[1], result.model_result
-        same = " (the plan is sequential everywhere: timing noise)" if all(
-            b.solver == "sequential" for b in mr.blocks) and mr.blocks else ""
+        same = " (the plan is sequential everywhere: timing noise)" if all(  # one token per pass: token steps
+            b.segment_len == 1 for b in mr.blocks) and mr.blocks else ""
         lines.append(f"{r.plan}: {r.speedup:.2f}x vs sequential at batch {mr.batch_size}{same}, "
                      f"max |error| {r.max_abs_error:.1e}")
     headline = where_plans_pay(result.model_result) if result.model_result is not None else None

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 
 from tarflow.schedule import MIN_GAIN
 
-from ..storage.files import Store, write_atomic
+from ..storage.files import Store, write_below
 from .data import ModelResult, ReportData
 
 SECTIONS = ("summary", "blocks", "convergence", "history", "samples")  # on every page; "scaling" where measured
@@ -51,8 +51,7 @@ def _figure_specs(data: ReportData) -> list[dict]:
                 "x": [b.block for b in m.blocks], "x_label": "block (forward index; the last is sampled first)",
                 "crm_share": [b.crm_share for b in m.blocks],
                 "igm_z": [b.igm_z for b in m.blocks], "igm_zeros": [b.igm_zeros for b in m.blocks],
-                "labels": [f"{b.solver}" + (f" L={b.segment_len}" if b.solver not in ("sequential", "jacobi") else "")
-                           + f"\n{b.iterations:.1f} it/seg" for b in m.blocks],
+                "labels": [f"{b.solver} L={b.segment_len}\n{b.iterations:.1f} it/seg" for b in m.blocks],
             })
         if m.convergence:
             specs.append({"id": f"convergence-{m.name}", "section": "convergence",
@@ -304,5 +303,5 @@ def write_report(data: ReportData, out_dir) -> tuple[Path, Path]:
     pngs.update({f"samples-{m.name}-{r.plan}.png": base64.b64decode(r.grid_png)
                  for m in data.models for r in m.runs if r.grid_png})
     for name, png in pngs.items():
-        write_atomic(store.fs, store.base, f"figures/{re.sub(r'[^A-Za-z0-9._-]+', '-', name)}", png)
+        write_below(store.fs, store.base, f"figures/{re.sub(r'[^A-Za-z0-9._-]+', '-', name)}", png)
     return out_dir / "report.html", out_dir / "report.json"

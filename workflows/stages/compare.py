@@ -7,8 +7,7 @@ stage's resources (`compare_in_worker`), so timings are those of a generate work
 and threads."""
 from __future__ import annotations
 
-import math
-import time
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -89,15 +88,8 @@ def compare_plans(model: Model, plans: dict[str, Plan], spec: SamplingSpec, num_
 
 def _bound_seconds(model: Model, noise: torch.Tensor, y, spec: SamplingSpec, repeats: int) -> float:
     """Best-of-`repeats` wall seconds of `one_pass_per_block` over `noise` in batches of the spec's size."""
-    B, best = spec.batch_size, math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for s in range(0, noise.shape[0], B):
-            one_pass_per_block(model, noise[s:s + B], None if y is None else y[s:s + B], spec)
-        if noise.device.type == "cuda":
-            torch.cuda.synchronize(noise.device)  # kernels run asynchronously: wait for them before reading the clock
-        best = min(best, time.perf_counter() - start)
-    return best
+    bound = functools.partial(one_pass_per_block, model, spec=spec)
+    return time_in_turns(model, noise, y, {"bound": bound}, repeats, spec)["bound"][1]
 
 
 def _point(batch_size: int, num_images: int, plan: Plan, sequential_s: float, plan_s: float, error: float,
@@ -158,6 +150,6 @@ def _compare(model_ref: ModelRef, plans: dict[str, Plan], spec: SamplingSpec, sc
 def compare_in_worker(model_ref: ModelRef, plans: dict[str, Plan], spec: SamplingSpec, resources: Resources,
                       scaling: Scaling | None = None, **kwargs) -> tuple[ModelResult, dict]:
     """`compare_plans` (and with `scaling`, `batch_scaling`) in a Ray task with `resources` (the generate
-    stage's): (result, where it ran)."""
+    stage's): (result, the task's placement)."""
     runtime.connect()
     return runtime.run_task(_compare, model_ref, plans, spec, scaling, res=resources, **kwargs)

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tarflow.schema import STRICT_FIELDS, JSONForm, SchemaError
+from tarflow.schema import STRICT_FIELDS, JSONForm, SchemaError, check_finite, check_int
 
 from ..config import FidSettings, Resources
 from ..fidelity.extractors import check_extractor
@@ -31,7 +31,7 @@ from ..fidelity.registry import DINOV2, extractor_info
 from ..fidelity.metrics import IS_SPLITS, PRC_NEIGHBORHOOD, f_score, kid
 from ..fidelity.stats import FIDStats, frechet_distance, load_stats, npz_images
 from ..storage import shards as sh
-from ..storage.files import join, resolve, write_atomic
+from ..storage.files import join, resolve, write_below
 from .features import EvaluateError, FeaturePool, ImageSource, IMAGE_SUFFIXES, Work, check_shards, compute_stats
 
 __all__ = ["EvaluateError", "FeaturePool", "FIDResult", "FIDResultError", "ImageSource", "ISSplits", "KIDResult",
@@ -110,11 +110,6 @@ class FIDResultError(SchemaError):
     """A FID result file that is not one (a field missing or out of range)."""
 
 
-def _check(rule: bool, text: str) -> None:
-    if not rule:
-        raise FIDResultError(text)
-
-
 @dataclass
 class KIDResult:
     """torch-fidelity's KID estimate over `kid_subsets` subsets of `kid_subset_size` of the kept features."""
@@ -128,11 +123,11 @@ class KIDResult:
     __pydantic_config__ = STRICT_FIELDS
 
     def __post_init__(self):
-        _check(self.kid_std >= 0, f"kid_std={self.kid_std!r}: must be >= 0")
-        _check(self.kid_subsets >= 1, f"kid_subsets={self.kid_subsets!r}: must be >= 1")
-        _check(len(self.kid_features) == 2, f"kid_features={self.kid_features!r}: two counts, samples and reference")
-        _check(2 <= self.kid_subset_size <= min(self.kid_features), f"kid_subset_size={self.kid_subset_size!r}: "
-               f"must be in [2, {min(self.kid_features)}] (the fewer features kept of a side)")
+        check_finite(self.kid_std, "kid_std", error=FIDResultError)
+        check_int(self.kid_subsets, "kid_subsets", error=FIDResultError)
+        if len(self.kid_features) != 2:
+            raise FIDResultError("two counts, samples and reference", "kid_features", self.kid_features)
+        check_int(self.kid_subset_size, "kid_subset_size", low=2, high=min(self.kid_features), error=FIDResultError)
 
 
 @dataclass
@@ -147,8 +142,9 @@ class ISSplits:
     __pydantic_config__ = STRICT_FIELDS
 
     def __post_init__(self):
-        _check(self.mean > 0 and self.std >= 0 and self.splits >= 2,
-               f"mean={self.mean!r}, std={self.std!r}, splits={self.splits!r}: a mean > 0, a std >= 0, >= 2 splits")
+        check_finite(self.mean, "mean", strict=True, error=FIDResultError)
+        check_finite(self.std, "std", error=FIDResultError)
+        check_int(self.splits, "splits", low=2, error=FIDResultError)
 
 
 @dataclass
@@ -166,9 +162,12 @@ class PRCResult:
 
     def __post_init__(self):
         for name in ("precision", "recall", "f_score"):
-            _check(0 <= getattr(self, name) <= 1, f"{name}={getattr(self, name)!r}: a share, in [0, 1]")
-        _check(self.k >= 1 and len(self.features) == 2 and min(self.features) > self.k,
-               f"k={self.k!r}, features={self.features!r}: k >= 1, more than k features a side")
+            if not 0 <= getattr(self, name) <= 1:
+                raise FIDResultError("a share, in [0, 1]", name, getattr(self, name))
+        check_int(self.k, "k", error=FIDResultError)
+        if len(self.features) != 2 or min(self.features) <= self.k:
+            raise FIDResultError(f"two counts, samples and reference images, each more than k={self.k}", "features",
+                                 self.features)
 
 
 @dataclass
@@ -201,17 +200,14 @@ class FIDResult(JSONForm):
     json_name, json_error = "FID result", FIDResultError
 
     def __post_init__(self):
-        _check(self.sample_count >= 1, f"sample_count={self.sample_count!r}: must be >= 1")
-        _check(self.reference_count is None or self.reference_count >= 1,
-               f"reference_count={self.reference_count!r}: must be >= 1 or null")
-        _check(len(self.image_size) == 2 and min(self.image_size) >= 1,
-               f"image_size={self.image_size!r}: (height, width), each >= 1")
-        _check(self.seconds >= 0, f"seconds={self.seconds!r}: must be >= 0")
-        for name in ("sfid", "fd_dinov2"):
-            _check(getattr(self, name) is None or getattr(self, name) >= 0,
-                   f"{name}={getattr(self, name)!r}: a distance, >= 0, or null")
-        _check(self.inception_score is None or self.inception_score > 0,
-               f"inception_score={self.inception_score!r}: an exponential, > 0, or null")
+        check_int(self.sample_count, "sample_count", error=FIDResultError)
+        check_int(self.reference_count, "reference_count", optional=True, error=FIDResultError)
+        if len(self.image_size) != 2 or min(self.image_size) < 1:
+            raise FIDResultError("(height, width), each >= 1", "image_size", self.image_size)
+        check_finite(self.seconds, "seconds", error=FIDResultError)
+        for name in ("sfid", "fd_dinov2"):  # distances
+            check_finite(getattr(self, name), name, optional=True, error=FIDResultError)
+        check_finite(self.inception_score, "inception_score", strict=True, optional=True, error=FIDResultError)
 
     def values(self) -> dict[str, float]:
         """Every metric given besides FID, by its name in `fidelity.metrics.BETTER_HIGHER`."""
@@ -370,5 +366,5 @@ def evaluate_fid(samples: str, reference: str, settings: FidSettings = FidSettin
                        None if isc_splits is None else ISSplits(*isc_splits, IS_SPLITS), prc, sfid, fd_dinov2)
     if write_result and source.kind in ("shards", "folder"):
         fs, base = resolve(source.location)
-        write_atomic(fs, base, result_name(settings.extractor), result.to_json().encode())
+        write_below(fs, base, result_name(settings.extractor), result.to_json().encode())
     return result

@@ -3,10 +3,11 @@
 Work is cut into shards of `shard_size` consecutive sample ids and each shard into batches
 of the spec's batch size; the cut depends on the settings alone, and sample i's noise on
 (seed, i) and its label on the label policy and i, so images do not depend on how many
-actors run or which one takes a shard. Each actor loads the model once (Ray's
-batch-inference pattern) and writes whole shards itself; the driver only hands out shard
-indices and records finished shards in the manifest, so its memory does not grow with the
-number of samples.
+actors run or which one takes a shard. The driver reads the checkpoint once, for the run's
+identity (`RunIdentity`: what decides the images), and hands out shards (`storage.shards.Shard`:
+index, file, sample ids); each actor loads the model from its reference once (Ray's
+batch-inference pattern), samples a shard's ids and writes the shard whole. The driver records
+finished shards in the manifest, so its memory does not grow with the number of samples.
 
 An actor that dies mid-shard (killed, out of memory) is restarted by Ray and the shard
 redone; a shard is renamed into place only when complete, so every id ends up exactly
@@ -16,18 +17,20 @@ from __future__ import annotations
 
 import logging
 import platform
+import socket
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Annotated, Callable
 
 import numpy as np
 import pyarrow.fs as pafs
-import ray
+from pydantic import AfterValidator, BaseModel, Field, NonNegativeInt, PositiveInt, ValidationError
 
-from tarflow import Model, ModelConfig, Plan, SamplingSpec, model_hash, sample_ids
+from tarflow import Model, Plan, SamplingSpec, model_hash, sample_ids
+from tarflow.schema import STRICT_FIELDS, describe, validate
 
 from .. import runtime, versions
-from ..config import GenerateConfig
+from ..config import GenerateConfig, Resources, SampleSet
 from ..progress import Progress
 from ..storage import shards as sh
 from ..storage.files import check_creatable, join, remove_temporaries, resolve
@@ -48,43 +51,116 @@ def software_versions() -> dict:
 LOCAL_VERIFY_BYTES = 1 << 30  # a resume hashes up to this much in the driver; larger sets, in the actors
 
 
-@dataclass
-class Job:
-    """What the driver resolved before any work: the concrete spec, plan, identity, weights, shards to do."""
+# ---- what decides the images -------------------------------------------------------------------------------------
 
-    config: GenerateConfig
-    spec: SamplingSpec
-    plan: Plan
-    identity: sh.RunIdentity
-    model_config: dict
-    state_dict: dict
-    manifest: sh.Manifest
-    pending: list[int]
-    unverified: list[sh.ShardEntry] = field(default_factory=list)  # listed; the actors check them first
-    notes: list[str] = field(default_factory=list)  # what the resume found and will redo
+def _a_sampling_spec(spec: dict) -> dict:
+    validate(SamplingSpec, spec, "")
+    return spec  # kept as written: a resume compares it field by field
 
 
-def _with_pending(job: Job) -> Job:
-    done = {e.index for e in job.manifest.shards}
-    job.pending = [i for i in range(job.manifest.num_shards) if i not in done]
-    return job
+class Numerics(BaseModel):
+    """What decides pixels besides the inputs: the workers' torch threads and their device type (None
+    until the first worker starts)."""
+
+    model_config = STRICT_FIELDS
+    threads: PositiveInt
+    device: str | None = None
 
 
-def _inputs(cfg: GenerateConfig) -> Job:
-    """The job as the inputs define it (model, concrete spec, plan, identity), before the output is read."""
+class RunIdentity(BaseModel):
+    """What decides a generation run's images, the one definition: built once from the inputs (`of`),
+    recorded in the manifest (`settings`) and in every shard's metadata, compared field by field on
+    resume, and hashed into the pipeline's generate key (`pipeline.keys.generate`). Its JSON form is
+    what every earlier version wrote."""
+
+    model_config = STRICT_FIELDS
+    model_hash: str
+    plan_hash: str  # `Plan.fingerprint`: the plan's fields that change samples
+    spec: Annotated[dict, AfterValidator(_a_sampling_spec)]  # the sampling spec's JSON form (`SamplingSpec.to_dict`)
+    num_samples: PositiveInt
+    shard_size: PositiveInt
+    image_shape: Annotated[list[PositiveInt], Field(min_length=3, max_length=3)]  # (C, H, W)
+    num_classes: NonNegativeInt  # 0: an unconditional model
+    numerics: Numerics
+
+    @classmethod
+    def of(cls, model: Model, mhash: str, plan: Plan, spec: SamplingSpec, samples: SampleSet,
+           resources: Resources) -> "RunIdentity":
+        """The identity of sampling `samples` from `model` (whose hash is `mhash`) under `plan` and `spec` (concrete
+        for the model) on workers with `resources`."""
+        c = model.config
+        return cls(model_hash=mhash, plan_hash=plan.fingerprint(), spec=spec.to_dict(),
+                   num_samples=samples.num_samples, shard_size=samples.shard_size,
+                   image_shape=[c.in_channels, c.img_size, c.img_size], num_classes=c.num_classes,
+                   numerics=Numerics(threads=runtime.worker_threads(resources)))
+
+    @classmethod
+    def from_settings(cls, settings, where: str) -> "RunIdentity":
+        try:
+            return cls.model_validate(settings)
+        except ValidationError as e:
+            raise sh.ShardError(f"{where}: its run identity is not one this build reads "
+                                f"({describe(e, cls, 'settings')})") from None
+
+    def to_dict(self) -> dict:
+        return self.model_dump()
+
+    def with_device(self, device: str | None) -> "RunIdentity":
+        return self.model_copy(update={"numerics": self.numerics.model_copy(update={"device": device})})
+
+    def difference(self, now: "RunIdentity") -> str:
+        """`spec.seed=11 there vs 12 now; ...` for every field where `now` differs from this recorded
+        identity (a device not yet known on one side is no difference: the first worker records it)."""
+        a, b = _flatten(self.to_dict()), _flatten(now.to_dict())
+        return "; ".join(f"{k}={a.get(k)!r} there vs {b.get(k)!r} now" for k in sorted(set(a) | set(b))
+                         if a.get(k) != b.get(k) and not (k == "numerics.device" and None in (a.get(k), b.get(k))))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def read_inputs(cfg: GenerateConfig) -> tuple[GenerateConfig, RunIdentity]:
+    """`cfg` with its spec made concrete for the model and its plan (default sequential) checked against
+    both, and the run's identity: the driver's one read of the checkpoint (the workers load their own)."""
     model, provenance = cfg.model.load(with_metadata=True)
     spec = cfg.spec.for_model(model.config.num_classes, provenance)
     mhash = model_hash(model)
     plan = cfg.plan or Plan.sequential(len(model.blocks), model.num_tokens)
     plan.check_model(len(model.blocks), model.num_tokens, mhash)
     plan.check_spec(spec)
-    c = model.config
-    identity = sh.RunIdentity(model_hash=mhash, plan_hash=plan.fingerprint(), spec=spec.to_dict(),
-                              num_samples=cfg.samples.num_samples, shard_size=cfg.samples.shard_size,
-                              image_shape=[c.in_channels, c.img_size, c.img_size], num_classes=c.num_classes,
-                              numerics=sh.Numerics(threads=runtime.worker_threads(cfg.resources)))
-    return Job(cfg, spec, plan, identity, c.to_dict(), {k: v.detach().cpu() for k, v in model.state_dict().items()},
-               sh.Manifest(identity.to_dict(), cfg.samples.num_samples, cfg.samples.shard_size), [])
+    cfg = cfg.model_copy(update={"spec": spec, "plan": plan})
+    return cfg, RunIdentity.of(model, mhash, plan, spec, cfg.samples, cfg.resources)
+
+
+# ---- the driver's view of the output -----------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """What the driver works from: the checked config, the identity, the manifest as it stands, the shards to do."""
+
+    config: GenerateConfig  # spec concrete, plan checked (`read_inputs`)
+    identity: RunIdentity
+    manifest: sh.Manifest
+    pending: list[int] = field(default_factory=list)
+    unverified: list[sh.ShardEntry] = field(default_factory=list)  # listed; the actors check them first
+    notes: list[str] = field(default_factory=list)  # what the resume found and will redo
+
+    @classmethod
+    def new(cls, cfg: GenerateConfig, identity: RunIdentity) -> "Job":
+        return cls(cfg, identity, sh.Manifest(identity.to_dict(), identity.num_samples, identity.shard_size))
+
+
+def _with_pending(job: Job) -> Job:
+    done = {e.index for e in job.manifest.shards}
+    job.pending = [i for i in range(job.manifest.num_shards) if i not in done]
+    return job
 
 
 def _check_output(out: str) -> None:
@@ -103,6 +179,21 @@ def _check_output(out: str) -> None:
             raise GenerateError(f"cannot create output {out}: {e}") from None
 
 
+def _recover(job: Job) -> int:
+    """Add the shards that prove on their own they belong to this run (a lost manifest); returns how many."""
+    found = 0
+    for entry, meta in sh.recover_entries(job.config.out, job.manifest):
+        try:
+            made_by = RunIdentity.from_settings(meta.get("settings"), entry.file)
+        except sh.ShardError:
+            continue
+        if not made_by.difference(job.identity):
+            job.manifest.add(entry)
+            job.identity = job.identity.with_device(made_by.numerics.device)  # the device the rest must match
+            found += 1
+    return found
+
+
 def _read_output(job: Job) -> None:
     """Fill `job.manifest` from an existing output, checking it holds this run, and find what to redo."""
     cfg = job.config
@@ -117,14 +208,9 @@ def _read_output(job: Job) -> None:
     try:
         existing = sh.read_manifest(cfg.out)
     except sh.ShardError as e:
-        # a lost manifest: keep the shards that prove on their own they belong to this run
-        recovered, device = sh.recover_entries(cfg.out, job.identity, job.manifest)
-        job.notes.append(f"{e}; recovered {len(recovered)} shard(s) that verify on their own")
-        for entry in recovered:
-            job.manifest.add(entry)
-        job.identity = job.identity.with_device(device)
+        job.notes.append(f"{e}; recovered {_recover(job)} shard(s) that verify on their own")
         return
-    there = sh.RunIdentity.from_settings(existing.settings, f"{cfg.out}/{sh.MANIFEST_NAME}")
+    there = RunIdentity.from_settings(existing.settings, f"{cfg.out}/{sh.MANIFEST_NAME}")
     diff = there.difference(job.identity)
     if diff:
         raise GenerateError(f"output {cfg.out} already holds a run with different settings ({diff}); "
@@ -144,39 +230,39 @@ def _read_output(job: Job) -> None:
             job.manifest.add(entry)
 
 
-class ShardWorker(runtime.Worker):
-    """Ray actor: holds the model once and writes whole shards (Ray's batch-inference pattern)."""
+# ---- the workers -------------------------------------------------------------------------------------------------
 
-    def __init__(self, job: dict, out: str, run_id: str, threads: int):
+class ShardWorker(runtime.Worker):
+    """Ray actor: loads the model once (Ray's batch-inference pattern) and writes whole shards."""
+
+    def __init__(self, cfg: GenerateConfig, identity: RunIdentity, provenance: dict, run_id: str, threads: int):
         super().__init__(threads)
-        # `job` (model, spec, plan, identity, provenance) is put once by the driver, which holds it while the
-        # pool lives: a restarted actor gets it again (`runtime._Host`); losing the driver's node loses the run
-        model = Model.from_config(ModelConfig(**job["model_config"]))
-        model.load_state_dict(job["state_dict"])
-        self.model = model.eval().to(self.device)
-        self.spec, self.plan, self.provenance, self.out, self.run_id = (job["spec"], job["plan"], job["provenance"],
-                                                                          out, run_id)
-        identity: sh.RunIdentity = job["identity"]
+        model = cfg.model.load()
+        found = model_hash(model)
+        if found != identity.model_hash:
+            raise GenerateError(f"{cfg.model.checkpoint} is model {found} on {socket.gethostname()}, the run samples "
+                                f"model {identity.model_hash}: every worker must read the driver's checkpoint (a "
+                                "shared volume or a store URI), unchanged while the run lasts")
+        self.model = model.to(self.device)
+        self.spec, self.plan, self.out = cfg.spec, cfg.plan, cfg.out
         self.identity = identity.with_device(self.device.type)  # a shard names the device it was made on
-        self.layout = sh.Manifest(identity.to_dict(), identity.num_samples, identity.shard_size)
+        self.provenance, self.run_id = provenance, run_id
 
     def verify(self, entry: sh.ShardEntry) -> str | None:
         """Why a listed shard fails its checks (streaming sha256), or None."""
         return sh.check_entry(self.out, entry)
 
-    def write_shard(self, index: int) -> sh.ShardEntry:
-        ids_all = np.asarray(self.layout.shard_ids(index), np.int64)
-        B = self.spec.batch_size
-        pngs, labels, passes, fallbacks, residual = [], [], [], [], []
-        num_blocks = len(self.model.blocks)
-        block_passes, total_fallbacks = [0] * num_blocks, 0
+    def write_shard(self, shard: sh.Shard) -> sh.ShardEntry:
+        """The shard's ids sampled in batches of the spec's size and written as one file; its entry."""
         start = time.perf_counter()
-        for s in range(0, len(ids_all), B):
-            ids = ids_all[s : s + B].tolist()
+        B, num_blocks = self.spec.batch_size, len(self.model.blocks)
+        pngs, labels, passes, fallbacks, residual = [], [], [], [], []
+        block_passes, total_fallbacks = [0] * num_blocks, 0
+        for s in range(0, len(shard.sample_ids), B):
+            ids = shard.sample_ids[s : s + B]
             out = sample_ids(self.model, self.spec, ids, self.plan, self.device)
-            y = self.spec.labels_for(ids, self.model.config.num_classes)
             pngs += [sh.encode_png(im) for im in sh.to_uint8(out.images.float().cpu())]
-            labels.append(np.full(len(ids), -1, np.int64) if y is None else y.numpy())
+            labels.append(np.full(len(ids), -1) if out.labels is None else out.labels.cpu().numpy())
             per_block = [0] * num_blocks
             for b in out.stats.blocks:
                 per_block[b.block] = b.passes
@@ -185,12 +271,13 @@ class ShardWorker(runtime.Worker):
             fallbacks += [out.stats.fallbacks] * len(ids)
             total_fallbacks += out.stats.fallbacks
             residual += [max((b.residual for b in out.stats.blocks), default=0.0)] * len(ids)
-        table = sh.shard_table(ids_all, np.concatenate(labels), self.spec.seed, pngs, passes, fallbacks, residual)
-        stats = {"batches": -(-len(ids_all) // B), "block_passes": block_passes, "fallbacks": total_fallbacks,
-                 "device": self.device.type}
-        meta = {"settings": self.identity.to_dict(), "provenance": self.provenance, "shard": index, "stats": stats,
-                "first_id": int(ids_all[0]), "last_id": int(ids_all[-1])}
-        entry = sh.write_shard(self.out, self.layout, index, table, meta, stats, owner=self.run_id)
+        table = sh.shard_table(shard.sample_ids, np.concatenate(labels), self.spec.seed, pngs, passes, fallbacks,
+                               residual)
+        stats = {"batches": -(-len(shard.sample_ids) // B), "block_passes": block_passes,
+                 "fallbacks": total_fallbacks, "device": self.device.type}
+        meta = {"settings": self.identity.to_dict(), "provenance": self.provenance, "shard": shard.index,
+                "stats": stats, "first_id": shard.sample_ids[0], "last_id": shard.sample_ids[-1]}
+        entry = shard.write(self.out, table, meta, stats, owner=self.run_id)
         entry.stats["seconds"] = time.perf_counter() - start  # sampling, encoding and the write
         return entry
 
@@ -226,7 +313,7 @@ class GenerateSummary:
 def _summarize(job: Job, written: int, samples: int, seconds: float, pool: runtime.ActorPool | None) -> GenerateSummary:
     entries = job.manifest.shards
     batches = sum(e.stats.get("batches", 0) for e in entries)
-    num_blocks = job.plan.num_blocks
+    num_blocks = job.config.plan.num_blocks
     totals = [sum(e.stats.get("block_passes", [0] * num_blocks)[b] for e in entries) for b in range(num_blocks)]
     return GenerateSummary(job.config.out, job.manifest.num_samples, written, len(entries) - written, samples,
                            seconds, [t / batches if batches else 0.0 for t in totals],
@@ -234,14 +321,14 @@ def _summarize(job: Job, written: int, samples: int, seconds: float, pool: runti
                            pool.replacements if pool else 0, pool.placements if pool else [], job.notes)
 
 
-def _check_device(job: Job, device: str, where: str) -> None:
+def _check_device(job: Job, device: str, worker: str) -> None:
     """Every shard of a run is made on one device type: the first worker's, recorded in the manifest."""
     made_on = job.identity.numerics.device
     if made_on is None:
         job.identity = job.identity.with_device(device)
         _write_manifest(job)
     elif made_on != device:
-        raise GenerateError(f"{where} samples on {device}, but {job.config.out} is made on {made_on} "
+        raise GenerateError(f"{worker} samples on {device}, but {job.config.out} is made on {made_on} "
                             f"(numerics.device={made_on!r} there vs {device!r} now): images would depend "
                             "on where each shard ran; give every worker the same kind of device")
 
@@ -253,7 +340,8 @@ def _write_manifest(job: Job) -> None:
 
 
 def generate(cfg: GenerateConfig, progress: bool | None = None,
-             on_shard: Callable[[sh.ShardEntry], None] | None = None) -> GenerateSummary:
+             on_shard: Callable[[sh.ShardEntry], None] | None = None,
+             identity: RunIdentity | None = None) -> GenerateSummary:
     """Run (or resume) a generation; returns the summary.
 
     Raises before any sampling on bad input: a missing or corrupt checkpoint, a plan for another model or
@@ -262,8 +350,10 @@ def generate(cfg: GenerateConfig, progress: bool | None = None,
     fails its checksum (hashed in the driver up to LOCAL_VERIFY_BYTES, the rest in the actors) and keeps a
     lost manifest's shards that verify on their own. The run holds the output's lease throughout (a second
     writer is refused); `on_shard` is called in the driver after each shard is committed (progress for
-    callers)."""
-    job = _inputs(cfg)  # every input checked before the output is touched
+    callers). `identity`: where the caller has read the model already (a pipeline run), the run's identity,
+    with `cfg` as `read_inputs` returns it; None: `read_inputs(cfg)` here."""
+    if identity is None:
+        cfg, identity = read_inputs(cfg)  # every input checked before the output is touched
     runtime.check_reachable()  # and the cluster, if one is named
     _check_output(cfg.out)  # what is in the way would fail the lease with a less useful message
     try:
@@ -271,6 +361,7 @@ def generate(cfg: GenerateConfig, progress: bool | None = None,
     except OSError as e:
         raise GenerateError(f"output {cfg.out} is not writable: {e}") from e
     try:
+        job = Job.new(cfg, identity)
         _read_output(job)  # under the lease: nobody else changes the output from here on
         return _generate(_with_pending(job), lease, progress, on_shard)
     finally:
@@ -290,7 +381,7 @@ def _generate(job: Job, lease: Lease, progress: bool | None, on_shard) -> Genera
     cfg = job.config
     for note in job.notes:
         log.warning("%s: %s", cfg.out, note)
-    provenance = {"checkpoint": cfg.model.checkpoint, "plan": job.plan.to_dict(), "software": software_versions()}
+    provenance = {"checkpoint": cfg.model.checkpoint, "plan": cfg.plan.to_dict(), "software": software_versions()}
     job.manifest.provenance = {**provenance, "writer": lease.me}  # shards stay free of per-run ids: a redo is the same bytes
     fs, base = resolve(cfg.out)
     if job.pending or job.unverified:
@@ -302,9 +393,7 @@ def _generate(job: Job, lease: Lease, progress: bool | None, on_shard) -> Genera
     if not job.pending and not job.unverified:
         return _summarize(job, 0, 0, 0.0, None)
     start = time.perf_counter()  # from here: actor start, model loads, sampling, writes
-    work = ray.put({"model_config": job.model_config, "state_dict": job.state_dict, "spec": job.spec,
-                    "plan": job.plan, "identity": job.identity, "provenance": provenance})
-    args = (work, cfg.out, lease.run_id)
+    args = (cfg, job.identity, provenance, lease.run_id)
     bar = Progress(job.manifest.num_samples, "generate", "img", progress, initial=job.manifest.rows)
     written = samples = 0
     with runtime.ActorPool(ShardWorker, args, cfg.resources, "generate", cfg.start_timeout_s, cfg.max_attempts,
@@ -322,7 +411,8 @@ def _generate(job: Job, lease: Lease, progress: bool | None, on_shard) -> Genera
                     bar.update(-entry.rows)
             job.pending.sort()
         try:
-            for _, entry in pool.map_unordered((ShardWorker.write_shard, (index,)) for index in job.pending):
+            shards = ((ShardWorker.write_shard, (job.manifest.shard(index),)) for index in job.pending)
+            for _, entry in pool.map_unordered(shards):
                 lease.check()
                 _check_device(job, entry.stats["device"], f"the worker that wrote {entry.file}")
                 _write(f"write the record of {entry.file}", cfg, sh.commit_shard, cfg.out, entry)

@@ -19,8 +19,8 @@ def _schedule(profile: Profile, model_ref: ModelRef, tol: float) -> Plan:
 
 
 def auto_plan(profile: Profile, model_ref: ModelRef, tol: float, resources: Resources) -> tuple[Plan, dict]:
-    """(the auto plan, where it was verified and raced)."""
+    """(the auto plan, the placement of the task that verified and raced it)."""
     runtime.connect()
-    plan, where = runtime.run_task(_schedule, profile, model_ref, tol, res=resources)
-    plan.evidence["placement"] = where
-    return plan, where
+    plan, placement = runtime.run_task(_schedule, profile, model_ref, tol, res=resources)
+    plan.evidence["placement"] = placement
+    return plan, placement

@@ -37,13 +37,13 @@ def _profile_block(model_ref: ModelRef, index: int, pair, labels, spec: Sampling
 def profile(model: Model, model_ref: ModelRef, spec: SamplingSpec, data: str | None, num_images: int,
             resources: Resources, segment_lens=None, windows=DEFAULT_WINDOWS, tols=DEFAULT_TOLS, caps=DEFAULT_CAPS,
             repeats: int = 3) -> tuple[Profile, list[dict]]:
-    """(profile, where each task ran) of the model `model_ref` loads (`model`, already loaded by the
-    caller, gives its hash and shape only). `spec` is concrete for the model (`for_model`)."""
+    """(profile, each task's placement) of the model `model_ref` loads in the tasks (`model`, loaded by
+    the caller, gives its hash and shape only). `spec` is concrete for the model (`for_model`)."""
     runtime.connect()
     start = time.perf_counter()
     n = len(model.blocks)
     segment_lens = check_segment_lens(model.num_tokens, segment_lens)
-    source, labels, where, *pairs = runtime.remote(_calibrate, resources, num_returns=3 + n).remote(
+    source, labels, placement, *pairs = runtime.remote(_calibrate, resources, num_returns=3 + n).remote(
         model_ref, spec, data, num_images)
     block_task = runtime.remote(_profile_block, resources)
     results = runtime.get([block_task.remote(model_ref, i, pairs[i], labels, spec, segment_lens, list(windows),
@@ -51,4 +51,4 @@ def profile(model: Model, model_ref: ModelRef, spec: SamplingSpec, data: str | N
     threads = runtime.worker_threads(resources)
     prof = assemble(model, spec, runtime.get(source), [r[0] for r in results], results[0][2], threads, tols, caps,
                     time.perf_counter() - start, model_ref)
-    return prof, [runtime.get(where), *(r[1] for r in results)]
+    return prof, [runtime.get(placement), *(r[1] for r in results)]

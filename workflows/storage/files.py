@@ -203,8 +203,10 @@ def below(fs: pafs.FileSystem, root: str, name: str) -> str:
     return path
 
 
-def write_atomic(fs: pafs.FileSystem, root: str, name: str, data: bytes, owner: str = "") -> None:
-    """Write `name` under `root` so that readers see the old content or the new, never part of it.
+def write_below(fs: pafs.FileSystem, root: str, name: str, data: bytes, owner: str = "") -> None:
+    """Write `name` under `root` on any store, whole: readers see the old content or the new, never part of
+    it, and no link below `root` leads the write out (`below`). `tarflow.atomic.write_atomic` is the same
+    promise for a local path, for `tarflow`'s own files.
 
     An object store's PUT does that by itself: written directly (a rename there is a copy and a delete,
     two more requests for nothing). On a local disk: a hidden temporary in the same directory, renamed
@@ -268,11 +270,11 @@ class Store:
         return read_bytes(self.fs, join(self.base, name)).decode()
 
     def write_text(self, name: str, text: str) -> None:
-        write_atomic(self.fs, self.base, name, text.encode())
+        write_below(self.fs, self.base, name, text.encode())
 
     def check_writable(self) -> None:
         """Raise OSError now if nothing can be written here (a read-only mount, a denied bucket)."""
         probe = f".probe-{uuid.uuid4().hex[:12]}"
-        write_atomic(self.fs, self.base, probe, b"")
+        write_below(self.fs, self.base, probe, b"")
         self.fs.delete_file(join(self.base, probe))
 

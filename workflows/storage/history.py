@@ -26,7 +26,7 @@ from typing_extensions import TypedDict
 from tarflow.schema import STRICT_FIELDS, SchemaError, parse_json, validate
 
 from ..fidelity.registry import BETTER_HIGHER
-from .files import join, resolve, write_atomic
+from .files import join, resolve, write_below
 
 SCHEMA = pa.schema([
     ("timestamp", pa.string()),  # ISO 8601, UTC
@@ -179,4 +179,4 @@ def append_history(uri: str, new_rows: list[HistoryRow]) -> None:
     pq.write_table(pa.Table.from_pydict(columns, schema=SCHEMA), buf, write_page_checksum=True)
     fs, path = resolve(uri)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    write_atomic(fs, path, f"rows-{stamp}-{uuid.uuid4().hex[:8]}.parquet", buf.getvalue())
+    write_below(fs, path, f"rows-{stamp}-{uuid.uuid4().hex[:8]}.parquet", buf.getvalue())

@@ -3,9 +3,9 @@
 The lease names the run that writes a shard set (run id, host, pid). How a second writer is kept out
 depends on what the store guarantees, never on timing:
 
-- a local disk: the lease is created with O_EXCL and its holder keeps an exclusive `flock` on it for
-  the whole run. The kernel drops the lock when the holder's process ends however it ends, so a lock
-  that can be taken means its holder is gone: the lease is taken over at once, with a warning.
+- a local disk: the lease is opened without following links and its holder keeps an exclusive `flock`
+  on it for the whole run. The kernel drops the lock when the holder's process ends however it ends,
+  so a lock that can be taken means its holder is gone: the lease is taken over at once, with a warning.
 - an object store (S3, GCS): the lease is created only if absent (S3 `If-None-Match: *`, GCS
   `ifGenerationMatch=0`) and renewed every `heartbeat_s` by compare-and-swap on the version that
   this run wrote (S3 `If-Match: <ETag>`, GCS `ifGenerationMatch=<generation>`). A lease is stale
@@ -17,7 +17,7 @@ depends on what the store guarantees, never on timing:
 
 A refused run is told who holds the output; the holder finds out at its next heartbeat that it lost
 the lease (a swap refused) and stops writing. The conditional writes go through the store's own
-client (s3fs's botocore for S3, gcsfs for GCS), the same one every other byte goes through.
+client (s3fs's `call_s3` for S3, gcsfs's `call` for GCS), the same one every other byte goes through.
 
 The file is a `LeaseRecord`. One that is not (a pid out of range, NaN, an unknown field) names no
 holder: a refusal says what is wrong with it, and it is taken over only when it ages out (object
@@ -35,10 +35,9 @@ import socket
 import threading
 import time
 import uuid
-from datetime import datetime
+from dataclasses import dataclass
 from urllib.parse import quote
 
-from fsspec.asyn import sync
 from pydantic import NonNegativeFloat, PositiveInt, with_config
 from typing_extensions import TypedDict
 
@@ -60,7 +59,7 @@ class Writer(TypedDict):
     """Who writes an output: a run, the host it runs on (and that host's boot), its process."""
 
     run_id: str
-    host: str
+    host: str  # the machine's name (socket.gethostname()); the key older runs' leases and manifests hold
     boot: str | None  # None: a host that does not say
     pid: PositiveInt
 
@@ -73,9 +72,29 @@ class LeaseRecord(Writer):
     written: NonNegativeFloat  # time.time() of the write, by the holder's clock: shown to people, never compared
 
 
-# a lease's holder as read (a dict, as the file holds it), or why the file holds none (`_parse`)
-Held = LeaseRecord | str
-GONE = "is gone"  # of a lease removed while it was read
+@dataclass(frozen=True)
+class Holder:
+    """Whom `_lease.json` names, as read: its record, or None where the file names no one."""
+
+    record: LeaseRecord | None
+    unreadable: str = ""  # why the file names no one: "is empty", "is gone", "is not a lease this build reads (...)"
+
+    def __str__(self) -> str:
+        if self.record is None:
+            return f"an unknown run ({LEASE_NAME} {self.unreadable})"
+        return f"run {self.record['run_id']} on host {self.record['host']} (pid {self.record['pid']})"
+
+
+GONE = Holder(None, "is gone")  # a lease removed while it was read
+
+
+def _holder_of(data: bytes) -> Holder:
+    if not data.strip():  # its holder has not written its name yet
+        return Holder(None, "is empty")
+    try:
+        return Holder(validate(LeaseRecord, parse_json(data, "its text"), ""))
+    except SchemaError as e:
+        return Holder(None, f"is not a lease this build reads ({e})")
 
 
 def _boot_id() -> str | None:
@@ -97,65 +116,60 @@ def _alive(pid: int) -> bool:
 
 
 class _LocalLock:
-    """The lease file on a local disk: created with O_EXCL, held with an exclusive flock."""
+    """The lease file on a local disk, held with an exclusive flock."""
 
     def __init__(self, path: str):
         self.path, self.fd = path, None
 
-    def take(self, payload: bytes) -> tuple[bool, Held | None]:
-        """(won, the holder it replaced or refused); won with None: created afresh."""
+    def take(self, payload: bytes) -> tuple[bool, Holder | None]:
+        """(won, the holder it replaced or refused); won with None: the file named no one."""
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         while True:
-            try:
-                fd, created = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), True
-            except FileExistsError:
-                try:  # never through a link: one planted here would have this run truncate its target
-                    fd, created = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW), False
-                except FileNotFoundError:
-                    continue  # released between the two opens: try to create it again
-                except OSError as e:
-                    if e.errno != errno.ELOOP:
-                        raise
-                    raise LinkError(f"{self.path} is a symbolic link (to {os.readlink(self.path)}): tarflow-gs "
-                                    "writes only inside its output, never through a link; remove the link") from None
+            try:  # never through a link: one planted here would have this run truncate its target
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                raise LinkError(f"{self.path} is a symbolic link (to {os.readlink(self.path)}): tarflow-gs "
+                                "writes only inside its output, never through a link; remove the link") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
                 return False, self._holder()
-            try:
-                same = os.lstat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:  # we locked a lease its holder released (unlinked) meanwhile: start over
+            if not self._names(fd):  # we locked a lease its holder released (unlinked) meanwhile: start over
                 os.close(fd)
                 continue
-            replaced = None if created else _parse(os.pread(fd, 1 << 16, 0))
+            previous = os.pread(fd, 1 << 16, 0)
             os.ftruncate(fd, 0)
             os.pwrite(fd, payload, 0)
             os.fsync(fd)
             self.fd = fd
-            return True, replaced
+            return True, _holder_of(previous) if previous else None
 
-    def _holder(self) -> Held:
+    def _names(self, fd: int) -> bool:
+        """Whether the lease's path still leads to the file `fd` has open."""
+        try:
+            return os.lstat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def _holder(self) -> Holder:
         # the winner writes its name right after it takes the lock: give it a moment
         for _ in range(50):
             try:
                 with open(self.path, "rb") as f:
-                    held = _parse(f.read())
+                    held = _holder_of(f.read())
             except FileNotFoundError:
                 held = GONE
-            if not isinstance(held, str):
+            if held.record is not None:
                 return held
             time.sleep(0.02)
         return held
 
     def lost(self) -> str | None:
-        try:
-            if os.lstat(self.path).st_ino == os.fstat(self.fd).st_ino:
-                return None
-        except FileNotFoundError:
-            pass
+        if self._names(self.fd):
+            return None
         return f"{self.path} was removed or replaced while this run held it"
 
     def release(self) -> None:
@@ -168,14 +182,15 @@ class _LocalLock:
 
 
 class _S3Object:
-    """The lease as an S3 object, written with conditional PUTs through s3fs's botocore client."""
+    """The lease as an S3 object, written with conditional PUTs through s3fs's client."""
 
     def __init__(self, fs, path: str, uri: str):
-        self.fs, self.uri = fs, uri
+        self.fs, self.path, self.uri = fs, path, uri
         self.bucket, _, self.key = path.partition("/")
 
-    def _put(self, payload: bytes, **condition) -> str | None:
-        """The new ETag, or None if the condition failed (another writer got there first)."""
+    def put(self, payload: bytes, version: str | None = None) -> str | None:
+        """The new ETag, or None if the object's ETag was not `version` (None: if it existed)."""
+        condition = {"IfMatch": version} if version else {"IfNoneMatch": "*"}
         with translated(self.uri, f"write {LEASE_NAME}"):
             try:
                 return self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=payload,
@@ -185,26 +200,18 @@ class _S3Object:
                     return None
                 raise
 
-    def create(self, payload: bytes) -> str | None:
-        return self._put(payload, IfNoneMatch="*")
-
-    def swap(self, payload: bytes, version: str) -> str | None:
-        return self._put(payload, IfMatch=version)
-
-    def read(self) -> tuple[Held, str, float] | None:
+    def read(self) -> tuple[Holder, str, float] | None:
         """(holder, ETag, seconds since its last write by the store's clock), or None if there is none."""
-        async def get():
-            answer = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self.key)
-            async with answer["Body"] as body:
-                return answer, await body.read()
-
         with translated(self.uri, f"read {LEASE_NAME}"):
             try:
-                answer, data = sync(self.fs.loop, get)
+                # the ETag before the text: a swap on that ETag succeeds only if the object is unchanged
+                # since, so the text judged is the text swapped out
+                head = self.fs.call_s3("head_object", Bucket=self.bucket, Key=self.key)
+                data = self.fs.cat_file(self.path)
             except FileNotFoundError:
                 return None
-        now = email.utils.parsedate_to_datetime(answer["ResponseMetadata"]["HTTPHeaders"]["date"])
-        return _parse(data), answer["ETag"], max(0.0, (now - answer["LastModified"]).total_seconds())
+        now = email.utils.parsedate_to_datetime(head["ResponseMetadata"]["HTTPHeaders"]["date"])
+        return _holder_of(data), head["ETag"], max(0.0, (now - head["LastModified"]).total_seconds())
 
     def delete(self, version: str) -> None:
         with translated(self.uri, f"remove {LEASE_NAME}"):
@@ -215,49 +222,51 @@ class _S3Object:
                 pass
 
 
+def _conflict(e: OSError) -> bool:
+    """S3's answer that a conditional write lost: 412 Precondition Failed, or 409 for a concurrent one.
+    s3fs gives it as an OSError whose errno varies by release; botocore's answer is its cause."""
+    response = getattr(e.__cause__, "response", None) or {}
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return status in (409, 412) or response.get("Error", {}).get("Code") in ("PreconditionFailed",
+                                                                              "ConditionalRequestConflict")
+
+
 class _GCSObject:
-    """The lease as a GCS object, written with generation preconditions through gcsfs."""
+    """The lease as a GCS object, written with generation preconditions through gcsfs's client."""
 
     def __init__(self, fs, path: str, uri: str):
         self.fs, self.uri = fs, uri
         self.bucket, _, self.key = path.partition("/")
 
-    def _put(self, payload: bytes, generation: str) -> str | None:
-        """The new generation, or None if the object's generation was not `generation` ("0": absent)."""
-        upload = self.fs.base.replace("/storage/v1/", "/upload/storage/v1/")
-        # a multipart upload as gcsfs's own writes send it (the lease is JSON: the boundary cannot occur in it)
-        body = (f'--==0==\nContent-Type: application/json; charset=UTF-8\n\n{json.dumps({"name": self.key})}\n'
-                "--==0==\nContent-Type: application/json\n\n").encode() + payload + b"\n--==0==--"
+    def put(self, payload: bytes, version: str | None = None) -> str | None:
+        """The new generation, or None if the object's generation was not `version` (None: if it existed)."""
+        # gcsfs writes with no precondition but "absent" (pipe_file's mode="create", 2024.12 to 2026.10); a
+        # swap needs ifGenerationMatch=<generation>, so this upload goes through gcsfs's `call`, multipart as
+        # gcsfs sends its own (fake-gcs-server ignores preconditions on a media upload), the body made by
+        # aiohttp, gcsfs's HTTP client
+        import aiohttp  # installed with gcsfs (the gcs extra); a local or S3 lease needs none of it
+
+        body = aiohttp.MultipartWriter("related")
+        body.append_json({"name": self.key})
+        body.append(payload, {"Content-Type": "application/json"})
+        upload = self.fs.base.replace("/storage/v1/", "/upload/storage/v1/")  # the JSON API's upload endpoint
         with translated(self.uri, f"write {LEASE_NAME}"):
             try:
                 written = self.fs.call("POST", f"{upload}b/{quote(self.bucket)}/o", uploadType="multipart",
-                                       ifGenerationMatch=generation, data=body, json_out=True,
-                                       headers={"Content-Type": 'multipart/related; boundary="==0=="'})
+                                       ifGenerationMatch=version or "0", data=body, json_out=True)
             except FileExistsError:  # gcsfs's name for 412: the precondition failed
                 return None
         return str(written["generation"])
 
-    def create(self, payload: bytes) -> str | None:
-        return self._put(payload, "0")
-
-    def swap(self, payload: bytes, version: str) -> str | None:
-        return self._put(payload, version)
-
-    def read(self) -> tuple[Held, str, float] | None:
+    def read(self) -> tuple[Holder, str, float] | None:
+        """(holder, generation, seconds since its last write by the store's clock), or None if there is none."""
         with translated(self.uri, f"read {LEASE_NAME}"):
-            try:
-                headers, meta = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key)
-                meta = parse_json(meta, f"the metadata of {LEASE_NAME}", OSError)
-                _, data = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, alt="media",
-                                       ifGenerationMatch=meta["generation"])
+            try:  # one answer: the text, its generation, its write time and the store's clock
+                headers, data = self.fs.call("GET", "b/{}/o/{}", self.bucket, self.key, alt="media")
             except FileNotFoundError:
                 return None
-            except FileExistsError:  # rewritten between the two reads: read what is there now
-                return self.read()
-        now = email.utils.parsedate_to_datetime(headers["Date"])
-        updated = datetime.fromisoformat(meta["updated"])  # RFC 3339, the server's clock
-        # the Date header has whole seconds: a write in this second would look written in the future
-        return _parse(data), str(meta["generation"]), max(0.0, (now - updated).total_seconds())
+        now, written = (email.utils.parsedate_to_datetime(headers[name]) for name in ("Date", "Last-Modified"))
+        return _holder_of(data), headers["X-Goog-Generation"], max(0.0, (now - written).total_seconds())
 
     def delete(self, version: str) -> None:
         with translated(self.uri, f"remove {LEASE_NAME}"):
@@ -267,32 +276,9 @@ class _GCSObject:
                 pass
 
 
-def _conflict(e: OSError) -> bool:
-    """S3's answer that a conditional write lost: 412 Precondition Failed, or 409 for a concurrent one."""
-    response = getattr(e.__cause__, "response", None) or {}
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return status in (409, 412) or response.get("Error", {}).get("Code") in ("PreconditionFailed",
-                                                                              "ConditionalRequestConflict")
-
-
-def _parse(data: bytes) -> Held:
-    """The lease's holder, or why `data` holds none (empty while its holder writes it, or foreign)."""
-    if not data.strip():
-        return "is empty"
-    try:
-        return validate(LeaseRecord, parse_json(data, "its text"), "")
-    except SchemaError as e:
-        return f"is not a lease this build reads ({e})"
-
-
-def _holder_text(held: Held) -> str:
-    """`run R on host H (pid P)`, or what the unreadable lease is: for messages."""
-    if isinstance(held, str):
-        return f"an unknown run ({LEASE_NAME} {held})"
-    return f"run {held['run_id']} on host {held['host']} (pid {held['pid']})"
-
-
 class Lease:
+    """The lease of output `uri` for this run: `acquire`, then `check` while writing, then `release`."""
+
     def __init__(self, uri: str, timeout_s: float = 300.0, heartbeat_s: float = 20.0):
         self.uri = uri
         fs, base = resolve(uri)
@@ -333,7 +319,7 @@ class Lease:
                 self._took_over(held, "its process ended (its lock on the lease is gone)")
             return self
         for _ in range(3):  # each round ends in a win, a refusal, or a lease released meanwhile
-            self.version = self.store.create(self._payload())
+            self.version = self.store.put(self._payload())
             if self.version is not None:
                 break
             found = self.store.read()
@@ -343,7 +329,7 @@ class Lease:
             why = self._stale(held, age)
             if why is None:
                 raise LeaseError(self._refusal(held, age))
-            self.version = self.store.swap(self._payload(), version)
+            self.version = self.store.put(self._payload(), version)
             if self.version is not None:
                 self._took_over(held, why)
                 break
@@ -354,41 +340,42 @@ class Lease:
         self._thread.start()
         return self
 
-    def _stale(self, held: Held, age: float) -> str | None:
-        """Why an object store's lease no longer holds (None: its holder may be alive; an unreadable lease
-        ages like any other)."""
+    def _stale(self, held: Holder, age: float) -> str | None:
+        """Why an object store's lease no longer holds (None: its holder may be alive; a lease that names no
+        one ages like any other)."""
         if age > self.timeout_s:
             return f"its last heartbeat was {age:.0f}s ago by the store's clock (timeout {self.timeout_s:.0f}s)"
-        if isinstance(held, str):
+        record = held.record
+        if record is None:
             return None
-        here = held["host"] == self.me["host"] and held["boot"] == self.me["boot"] is not None
-        if here and not _alive(held["pid"]):
-            return f"its process {held['pid']} on this host is gone"
+        here = record["host"] == self.me["host"] and record["boot"] == self.me["boot"] is not None
+        if here and not _alive(record["pid"]):
+            return f"its process {record['pid']} on this host is gone"
         return None
 
-    def _took_over(self, held: Held, why: str) -> None:
-        log.warning("%s: taking over the lease of %s: %s", self.uri, _holder_text(held), why)
-        if not isinstance(held, str):
-            self.taken_over.append(held["run_id"])
+    def _took_over(self, held: Holder, why: str) -> None:
+        log.warning("%s: taking over the lease of %s: %s", self.uri, held, why)
+        if held.record is not None:
+            self.taken_over.append(held.record["run_id"])
 
-    def _refusal(self, held: Held, age: float | None = None) -> str:
+    def _refusal(self, held: Holder, age: float | None = None) -> str:
         if age is None:  # a local lock: held for as long as its process lives
-            return (f"output {self.uri} is being written by {_holder_text(held)}, which holds its lock on "
-                    f"{LEASE_NAME}; wait for it to finish or stop it")
-        return (f"output {self.uri} is being written by {_holder_text(held)}, last heartbeat {age:.0f}s ago; wait "
-                f"for it to finish, or if that run is dead, retry after {self.timeout_s:.0f}s without a heartbeat "
-                f"(or delete {LEASE_NAME})")
+            return (f"output {self.uri} is being written by {held}, which holds its lock on {LEASE_NAME}; wait "
+                    "for it to finish or stop it")
+        return (f"output {self.uri} is being written by {held}, last heartbeat {age:.0f}s ago; wait for it to "
+                f"finish, or if that run is dead, retry after {self.timeout_s:.0f}s without a heartbeat (or delete "
+                f"{LEASE_NAME})")
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             try:
-                version = self.store.swap(self._payload(), self.version)
+                version = self.store.put(self._payload(), self.version)
             except OSError as e:  # the store did not answer this once: the lease holds until timeout_s
                 log.warning("%s: lease heartbeat failed (%s); retrying in %.0fs", self.uri, e, self.heartbeat_s)
                 continue
             if version is None:
                 found = self.store.read() or (GONE, None, 0.0)
-                self.lost = f"{_holder_text(found[0])} took over the lease of {self.uri}"
+                self.lost = f"{found[0]} took over the lease of {self.uri}"
                 return
             self.version = version
 
@@ -407,10 +394,3 @@ class Lease:
             self.lock.release()
         elif self.version is not None and not self.lost:
             self.store.delete(self.version)
-
-    def __enter__(self) -> "Lease":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-

@@ -9,29 +9,26 @@ Layout of an output URI (a local path, `file://`, `s3://`, `gs://`, ...)::
     data/train-00000-of-00049.parquet  one row per sample, ids [0, shard_size), row groups of 100
     data/train-00001-of-00049.parquet  ...
 
-A shard is written whole (`files.write_atomic`: one PUT on an object store, a temporary renamed into
+A shard is written whole (`files.write_below`: one PUT on an object store, a temporary renamed into
 place on a local disk), then recorded, so a shard is either complete and listed or absent.
 Bookkeeping per finished shard is one small record whatever the run's size (not a rewrite of a
 manifest that grows with every shard), so 10,000 shards cost the driver the same per shard as 10;
 a shard without a record is redone on resume (its file name is its index, so nothing is
-duplicated). The run's identity (`RunIdentity`) is in the manifest and in every shard's metadata. Names starting with '_' or '.' are skipped by
+duplicated). What made the set (`settings`: for `tarflow-gs generate`, the run's identity) is in the
+manifest and in every shard's metadata. Names starting with '_' or '.' are skipped by
 Parquet readers by convention, so any reader opens the directory itself
 (`pyarrow.dataset.dataset(uri)`, `pandas.read_parquet`, Spark, DuckDB), and the shards' names are
 those Hugging Face `datasets` looks for (`load_dataset(uri)`, `load_dataset("parquet", data_dir=uri)`:
 an `image` column of PIL images, the Image feature in the schema metadata). The manifest stays the
 record of what a run completed: the readers here (`open_dataset`, `iter_shards`, `read_images`)
 go through it and verify checksums. Every data page also carries a CRC (Parquet page checksums),
-so a shard can be verified on its own when the manifest is lost (`recover_entries`).
-
-Columns: `sample_id` int64, `label` int32 (-1 unconditional), `seed` int64 (the run's
-global seed; noise comes from (seed, sample_id)), `image` struct{bytes: PNG, path} (the
-Hugging Face Image feature), and solver stats of the batch that produced the sample:
-`block_passes` list<int32> (network passes per block, forward block order),
-`fallbacks` int32, `residual` float32 (largest final Jacobi update).
+so a shard can be verified on its own when the manifest is lost (`recover_entries`). A shard's
+columns are `SCHEMA`.
 """
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
 import io
 import json
@@ -44,15 +41,13 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
-from pydantic import AfterValidator, BaseModel, Field, NonNegativeFloat, NonNegativeInt, PositiveInt, \
-    ValidationError, with_config
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, ValidationError, with_config
 from pydantic.dataclasses import dataclass
 from typing_extensions import TypedDict
 
-from tarflow.schema import STRICT_FIELDS, describe, parse_json, validate
-from tarflow.spec import SamplingSpec
+from tarflow.schema import STRICT_FIELDS, SchemaError, parse_json, validate
 
-from .files import below, join, read_bytes, resolve, write_atomic
+from .files import below, join, read_bytes, resolve, write_below
 from .lease import Writer
 
 MANIFEST_NAME = "_manifest.json"
@@ -70,18 +65,19 @@ MAX_SHARDS = 100_000
 MAX_SHARD_SIZE = 65_536
 
 
-def layout_problem(num_samples: int, shard_size: int) -> str | None:
-    """Why a set of `num_samples` in shards of `shard_size` exceeds the bounds above, or None."""
+def layout_problem(num_samples: int, shard_size: int) -> SchemaError | None:
+    """Why a set of `num_samples` in shards of `shard_size` exceeds the bounds above (at the field to change),
+    or None."""
     if shard_size > MAX_SHARD_SIZE:
-        return f"shard_size={shard_size}: at most {MAX_SHARD_SIZE} samples per shard"
+        return SchemaError(f"at most {MAX_SHARD_SIZE} samples per shard", "shard_size", shard_size)
     shards = -(-num_samples // shard_size)
     if shards > MAX_SHARDS:
-        return (f"num_samples={num_samples}: {shards} shards of {shard_size}; a set holds at most {MAX_SHARDS} "
-                f"shards: raise shard_size (up to {MAX_SHARD_SIZE}) or make fewer samples")
+        return SchemaError(f"{shards} shards of {shard_size}; a set holds at most {MAX_SHARDS} shards: raise "
+                           f"shard_size (up to {MAX_SHARD_SIZE}) or make fewer samples", "num_samples", num_samples)
     return None
 
 
-# ---- the run's identity and the manifest ------------------------------------------------------
+# ---- the manifest ----------------------------------------------------------------------------
 
 
 class ShardError(ValueError):
@@ -94,66 +90,6 @@ def _parsed(tp, data, where: str):
         return validate(tp, data, "", ShardError)
     except ShardError as e:
         raise ShardError(f"{where} is corrupt ({e})") from None
-
-
-def _a_sampling_spec(spec: dict) -> dict:
-    validate(SamplingSpec, spec, "")
-    return spec  # kept as written: a resume compares it field by field
-
-
-class Numerics(BaseModel):
-    """What decides pixels besides the inputs: the workers' torch threads and their device type (None
-    until the first worker starts)."""
-
-    model_config = STRICT_FIELDS
-    threads: PositiveInt
-    device: str | None = None
-
-
-class RunIdentity(BaseModel):
-    """Everything that decides a generation run's images: built once from the inputs, recorded in the
-    manifest (`settings`) and in every shard's metadata, and compared field by field on resume."""
-
-    model_config = STRICT_FIELDS
-    model_hash: str
-    plan_hash: str
-    spec: Annotated[dict, AfterValidator(_a_sampling_spec)]  # the sampling spec's JSON form (`SamplingSpec.to_dict`)
-    num_samples: PositiveInt
-    shard_size: PositiveInt
-    image_shape: Annotated[list[PositiveInt], Field(min_length=3, max_length=3)]  # (C, H, W)
-    num_classes: NonNegativeInt  # 0: an unconditional model
-    numerics: Numerics
-
-    @classmethod
-    def from_settings(cls, settings, where: str) -> "RunIdentity":
-        try:
-            return cls.model_validate(settings)
-        except ValidationError as e:
-            raise ShardError(f"{where}: its run identity is not one this build reads "
-                             f"({describe(e, cls, 'settings')})") from None
-
-    def to_dict(self) -> dict:
-        return self.model_dump()
-
-    def with_device(self, device: str | None) -> "RunIdentity":
-        return self.model_copy(update={"numerics": self.numerics.model_copy(update={"device": device})})
-
-    def difference(self, now: "RunIdentity") -> str:
-        """`spec.seed=11 there vs 12 now; ...` for every field where `now` differs from this recorded
-        identity (a device not yet known on one side is no difference: the first worker records it)."""
-        a, b = _flatten(self.to_dict()), _flatten(now.to_dict())
-        return "; ".join(f"{k}={a.get(k)!r} there vs {b.get(k)!r} now" for k in sorted(set(a) | set(b))
-                         if a.get(k) != b.get(k) and not (k == "numerics.device" and None in (a.get(k), b.get(k))))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 @with_config(STRICT_FIELDS)
@@ -182,8 +118,8 @@ class ShardEntry:
 
     def __post_init__(self):
         if self.last_id - self.first_id + 1 != self.rows:
-            raise ValueError(f"rows={self.rows}: ids {self.first_id}..{self.last_id} are "
-                             f"{self.last_id - self.first_id + 1}")
+            raise SchemaError(f"ids {self.first_id}..{self.last_id} are {self.last_id - self.first_id + 1}", "rows",
+                              self.rows)
 
 
 @with_config(STRICT_FIELDS)
@@ -198,11 +134,11 @@ class Provenance(TypedDict, total=False):
 
 @dataclass(config=STRICT_FIELDS)
 class Manifest:
-    """Identity of a generation run and its completed shards. Read back through this model (and records
-    through `ShardEntry`, checked against the layout): every number in range, every listed file and id
-    range the layout's own, no unknown fields; the JSON form is what `to_json` has always written."""
+    """What made a set and its completed shards. Read back through this model (and records through
+    `ShardEntry`, checked against the layout): every number in range, every listed file and id range
+    the layout's own, no unknown fields; the JSON form is what `to_json` has always written."""
 
-    settings: dict  # the run's identity, `RunIdentity.to_dict()` for a generated set
+    settings: dict  # what made the set, compared on resume (for `tarflow-gs generate`: the run's identity)
     num_samples: PositiveInt
     shard_size: PositiveInt
     shards: list[ShardEntry] = field(default_factory=list)  # by index, each once
@@ -212,7 +148,7 @@ class Manifest:
 
     def __post_init__(self):
         if (problem := layout_problem(self.num_samples, self.shard_size)) is not None:
-            raise ValueError(problem)
+            raise problem
         for key in ("num_samples", "shard_size"):
             if key in self.settings and self.settings[key] != getattr(self, key):
                 raise ValueError(f"{key}={getattr(self, key)}: its settings say {self.settings[key]!r}")
@@ -242,14 +178,19 @@ class Manifest:
         """Where shard `index` lives: `data/train-00012-of-00049.parquet`, the layout `datasets` loads."""
         return f"{DATA_DIR}/train-{index:05d}-of-{self.num_shards:05d}.parquet"
 
+    def shard(self, index: int) -> Shard:
+        """Shard `index` as this set's layout cuts it."""
+        return Shard(index, self.shard_file(index), self.shard_ids(index))
+
     def misfit(self, entry: ShardEntry) -> str | None:
         """Why `entry` is not shard `entry.index` as this set's layout cuts it (`field=value: why`), or None:
         a listed file outside the layout (`../x`) is never read."""
         if entry.index >= self.num_shards:
             return f"index={entry.index}: the set has shards 0..{self.num_shards - 1}"
-        if entry.file != self.shard_file(entry.index):
-            return f"file={entry.file!r}: shard {entry.index} is {self.shard_file(entry.index)}"
-        ids = self.shard_ids(entry.index)
+        shard = self.shard(entry.index)
+        if entry.file != shard.file:
+            return f"file={entry.file!r}: shard {entry.index} is {shard.file}"
+        ids = shard.sample_ids
         if entry.first_id != ids.start:
             return f"first_id={entry.first_id}: shard {entry.index} starts at id {ids.start}"
         if entry.last_id != ids.stop - 1:
@@ -307,9 +248,9 @@ def read_manifest(uri: str) -> Manifest:
     return manifest
 
 
-def read_records(uri: str, layout: Manifest) -> list[ShardEntry]:
-    """Committed shard records not yet folded into the manifest `layout`, each checked to be one of its
-    shards (a corrupt one is an error naming it)."""
+def read_records(uri: str, manifest: Manifest) -> list[ShardEntry]:
+    """Committed shard records not yet folded into `manifest`, each checked to be one of its shards (a
+    corrupt one is an error naming it)."""
     fs, base = resolve(uri)
     infos = fs.get_file_info(pafs.FileSelector(join(base, RECORDS_DIR), allow_not_found=True))
     entries = []
@@ -319,7 +260,7 @@ def read_records(uri: str, layout: Manifest) -> list[ShardEntry]:
         text = _text(fs, info.path, where)
         try:
             entry = validate(ShardEntry, parse_json(text, "the text", ShardError), "", ShardError)
-            problem = layout.misfit(entry)
+            problem = manifest.misfit(entry)
         except ShardError as e:
             problem = str(e)
         if problem:
@@ -331,7 +272,7 @@ def read_records(uri: str, layout: Manifest) -> list[ShardEntry]:
 def write_manifest(uri: str, manifest: Manifest) -> None:
     """Write the manifest with its entries folded in, then drop the records it now holds."""
     fs, base = resolve(uri)
-    write_atomic(fs, base, MANIFEST_NAME, manifest.to_json().encode())
+    write_below(fs, base, MANIFEST_NAME, manifest.to_json().encode())
     records = below(fs, base, RECORDS_DIR)
     if fs.get_file_info(records).type == pafs.FileType.Directory:
         fs.delete_dir(records)
@@ -342,7 +283,7 @@ def commit_shard(uri: str, entry: ShardEntry) -> int:
     Returns the bytes written."""
     fs, base = resolve(uri)
     data = json.dumps(asdict(entry), sort_keys=True).encode()
-    write_atomic(fs, base, f"{RECORDS_DIR}/{entry.index:05d}.json", data)
+    write_below(fs, base, f"{RECORDS_DIR}/{entry.index:05d}.json", data)
     return len(data)
 
 
@@ -388,26 +329,29 @@ def check_entry(uri: str, entry: ShardEntry) -> str | None:
 
 # ---- shard files ---------------------------------------------------------------------------
 
-IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-SCHEMA = pa.schema([
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # the Hugging Face Image feature
+SCHEMA = pa.schema([  # a shard's columns, the one definition: `shard_table` fills them, HF_FEATURES follows them
     ("sample_id", pa.int64()),
-    ("label", pa.int32()),
-    ("seed", pa.int64()),
-    ("image", IMAGE_TYPE),
-    ("block_passes", pa.list_(pa.int32())),
+    ("label", pa.int32()),  # -1: unconditional
+    ("seed", pa.int64()),  # the run's global seed: noise comes from (seed, sample_id)
+    ("image", IMAGE_TYPE),  # PNG bytes and a file name
+    # solver stats of the batch that made the sample
+    ("block_passes", pa.list_(pa.int32())),  # network passes per block, forward block order
     ("fallbacks", pa.int32()),
-    ("residual", pa.float32()),
+    ("residual", pa.float32()),  # largest final Jacobi update
 ])
+
+
+def _hf_feature(tp: pa.DataType) -> dict:
+    if tp == IMAGE_TYPE:
+        return {"_type": "Image"}
+    if pa.types.is_list(tp):
+        return {"feature": _hf_feature(tp.value_type), "_type": "Sequence"}
+    return {"dtype": np.dtype(tp.to_pandas_dtype()).name, "_type": "Value"}
+
+
 # lets Hugging Face `datasets` decode the image column as images, not raw structs
-HF_FEATURES = {"info": {"features": {
-    "sample_id": {"dtype": "int64", "_type": "Value"},
-    "label": {"dtype": "int32", "_type": "Value"},
-    "seed": {"dtype": "int64", "_type": "Value"},
-    "image": {"_type": "Image"},
-    "block_passes": {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "Sequence"},
-    "fallbacks": {"dtype": "int32", "_type": "Value"},
-    "residual": {"dtype": "float32", "_type": "Value"},
-}}}
+HF_FEATURES = {"info": {"features": {f.name: _hf_feature(f.type) for f in SCHEMA}}}
 
 
 # ---- images ------------------------------------------------------------------------------
@@ -435,46 +379,54 @@ def decode_png(data: bytes) -> np.ndarray:
 
 
 def shard_table(sample_ids, labels, seed: int, pngs: list[bytes], block_passes, fallbacks, residual) -> pa.Table:
-    n = len(sample_ids)
-    image = pa.StructArray.from_arrays(
-        [pa.array(pngs, pa.binary()), pa.array([f"{int(i):08d}.png" for i in sample_ids], pa.string())],
-        fields=list(IMAGE_TYPE))
-    return pa.Table.from_arrays([
-        pa.array(np.asarray(sample_ids, np.int64)),
-        pa.array(np.asarray(labels, np.int32)),
-        pa.array(np.full(n, seed, np.int64)),
-        image,
-        pa.array([list(map(int, p)) for p in block_passes], pa.list_(pa.int32())),
-        pa.array(np.asarray(fallbacks, np.int32)),
-        pa.array(np.asarray(residual, np.float32)),
-    ], schema=SCHEMA)
+    """One shard's rows (`SCHEMA`): per sample its id, label, PNG and the stats of the batch that made it."""
+    ids = np.asarray(sample_ids, np.int64)
+    image = {"bytes": pngs, "path": [f"{i:08d}.png" for i in ids.tolist()]}
+    columns = {"sample_id": ids, "label": labels, "seed": np.full(len(ids), seed), "image": image,
+               "block_passes": block_passes, "fallbacks": fallbacks, "residual": residual}
+    return pa.Table.from_arrays([_column(columns[f.name], f.type) for f in SCHEMA], schema=SCHEMA)
 
 
-def write_shard(uri: str, layout: Manifest, index: int, table: pa.Table, metadata: dict, stats: dict | None = None,
-                owner: str = "") -> ShardEntry:
-    """Write shard `index` of `layout` atomically (temporary tagged `owner`); returns its entry (the checksum
-    is of the file's bytes)."""
+def _column(values, tp: pa.DataType) -> pa.Array:
+    if pa.types.is_struct(tp):
+        return pa.StructArray.from_arrays([pa.array(values[f.name], f.type) for f in tp], fields=list(tp))
+    if pa.types.is_list(tp):
+        return pa.array([list(map(int, v)) for v in values], tp)
+    return pa.array(np.asarray(values, tp.to_pandas_dtype()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """One shard of a set, as a task names it: its index, its file and the sample ids it holds, in order."""
+
+    index: int
+    file: str
+    sample_ids: range
+
+    def write(self, uri: str, table: pa.Table, metadata: dict, stats: dict | None = None,
+              owner: str = "") -> ShardEntry:
+        """Write `table` (`shard_table`) as this shard, atomically (temporary tagged `owner`); returns its entry
+        (the checksum is of the file's bytes)."""
+        fs, base = resolve(uri)
+        meta = {METADATA_KEY: json.dumps(metadata, sort_keys=True).encode(),
+                b"huggingface": json.dumps(HF_FEATURES).encode()}
+        sink = pa.BufferOutputStream()
+        pq.write_table(table.replace_schema_metadata(meta), sink, compression="zstd", write_page_checksum=True,
+                       row_group_size=ROW_GROUP_ROWS)
+        data = sink.getvalue().to_pybytes()
+        write_below(fs, base, self.file, data, owner)
+        ids = table.column("sample_id")
+        return ShardEntry(self.file, self.index, table.num_rows, int(ids[0].as_py()), int(ids[-1].as_py()),
+                          hashlib.sha256(data).hexdigest(), len(data), stats or {})
+
+
+def recover_entries(uri: str, manifest: Manifest) -> list[tuple[ShardEntry, dict]]:
+    """(entry, metadata) of each shard file under `uri` that verifies on its own, for when the manifest is
+    lost: every page's CRC holds, its metadata names its shard index and it holds exactly that shard's
+    ids. Whether its metadata's `settings` are the run's is the caller's to judge; files that fail any
+    check are left out (and redone)."""
     fs, base = resolve(uri)
-    meta = {METADATA_KEY: json.dumps(metadata, sort_keys=True).encode(),
-            b"huggingface": json.dumps(HF_FEATURES).encode()}
-    table = table.replace_schema_metadata(meta)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", write_page_checksum=True, row_group_size=ROW_GROUP_ROWS)
-    data = sink.getvalue().to_pybytes()
-    name = layout.shard_file(index)
-    write_atomic(fs, base, name, data, owner)
-    ids = table.column("sample_id")
-    return ShardEntry(name, index, table.num_rows, int(ids[0].as_py()), int(ids[-1].as_py()),
-                      hashlib.sha256(data).hexdigest(), len(data), stats or {})
-
-
-def recover_entries(uri: str, identity: RunIdentity, layout: Manifest) -> tuple[list[ShardEntry], str | None]:
-    """Entries for the shard files under `uri` that verify on their own, for when the manifest is lost:
-    every page's CRC holds, the file's metadata names this run's identity and its shard index, and it
-    holds exactly that shard's ids; with the device they were made on. Files that fail any check are
-    left out (and redone)."""
-    fs, base = resolve(uri)
-    entries, device = [], None
+    found = []
     files = fs.get_file_info(pafs.FileSelector(join(base, DATA_DIR), allow_not_found=True))
     for info in sorted(files, key=lambda i: i.base_name):
         name = f"{DATA_DIR}/{info.base_name}"
@@ -484,23 +436,22 @@ def recover_entries(uri: str, identity: RunIdentity, layout: Manifest) -> tuple[
         try:
             table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
             meta = parse_json((table.schema.metadata or {}).get(METADATA_KEY, b"{}"), "its metadata", ShardError)
-            made_by = RunIdentity.from_settings(meta.get("settings"), name)
         except (pa.ArrowException, OSError, ValueError):
             continue
-        index = meta.get("shard")
-        if made_by.difference(identity) or not isinstance(index, int) or name != layout.shard_file(index):
+        index = meta.get("shard") if isinstance(meta, dict) else None
+        if not isinstance(index, int) or not 0 <= index < manifest.num_shards:
             continue
+        shard = manifest.shard(index)
         ids = table.column("sample_id").to_numpy()
-        if not np.array_equal(ids, np.asarray(layout.shard_ids(index))):
+        if name != shard.file or not np.array_equal(ids, np.asarray(shard.sample_ids)):
             continue
         try:
             entry = ShardEntry(name, index, table.num_rows, int(ids[0]), int(ids[-1]),
                                hashlib.sha256(data).hexdigest(), len(data), meta.get("stats", {}))
         except ValidationError:  # its recorded stats are not what this build writes
             continue
-        device = made_by.numerics.device
-        entries.append(entry)
-    return entries, device
+        found.append((entry, meta))
+    return found
 
 
 # ---- readers -----------------------------------------------------------------------------
@@ -566,7 +517,7 @@ def verify_shards(uri: str, allow_partial: bool = False) -> Manifest:
     manifest = read_manifest(uri)
     for entry, table in zip(manifest.shards, iter_shards(uri, ["sample_id"], allow_partial)):
         ids = table.column("sample_id").to_numpy()
-        want = np.asarray(manifest.shard_ids(entry.index))
+        want = np.asarray(manifest.shard(entry.index).sample_ids)
         if not np.array_equal(ids, want):
             raise ShardError(f"shard {uri}/{entry.file} holds ids {ids[:3].tolist()}..., expected "
                              f"{want[0]}..{want[-1]} in order")
