@@ -4,6 +4,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -171,8 +172,21 @@ def s3_server():
 
     Its endpoint and test credentials go into this process's environment, so pyarrow and s3fs here, and
     every process started after (Ray workers, CLI subprocesses), reach it with plain `s3://bucket/key` URIs; nothing can fall through to a public or cloud-metadata address."""
+    from moto.s3.responses import S3Response
     from moto.server import ThreadedMotoServer
 
+    # moto answers a conditional PUT (If-None-Match: *, If-Match) by a check, then a write, unlocked
+    # (moto/s3/responses.py `put_object`): two racing PUTs can both pass the check. S3 decides each atomically;
+    # so does this server, its PUTs one at a time, or the lease tests would test moto's race
+    one_at_a_time, key_response = threading.Lock(), S3Response._key_response
+
+    def atomic_puts(self, request, full_url):
+        if request.method != "PUT":
+            return key_response(self, request, full_url)
+        with one_at_a_time:
+            return key_response(self, request, full_url)
+
+    S3Response._key_response = atomic_puts
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -181,6 +195,7 @@ def s3_server():
                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}):
         yield endpoint
     server.stop()
+    S3Response._key_response = key_response
 
 
 @pytest.fixture

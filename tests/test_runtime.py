@@ -178,3 +178,35 @@ def test_ctrl_c_twice_ends_without_a_traceback(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 1 and "Traceback" not in err and "Aborted!" in err, (proc.returncode, err[-2000:])
+
+
+def test_sigterm_that_ray_turns_into_a_plain_keyboard_interrupt_still_exits_143(monkeypatch):
+    """A SIGTERM handled while the driver waits in Ray's C++ (`ray.wait`, `ray.get`) reaches the command as a plain
+    KeyboardInterrupt: Ray's `check_signals` (_raylet.pyx) catches what the handler raised and raises its own.
+    The command still says it was SIGTERM and exits 143 (once "Aborted!", exit 1, when the signal landed there)."""
+    import click
+    from click.testing import CliRunner
+
+    from workflows import interrupt
+    from workflows.cli import _Group
+
+    @click.group(cls=_Group)
+    def cli():
+        pass
+
+    @cli.command()
+    def wait():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs here, as inside one of Ray's waits
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt() from None  # what Ray's check_signals does with it
+
+    monkeypatch.setattr(interrupt, "RECEIVED", interrupt.threading.Event())
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        result = CliRunner().invoke(cli, ["wait"])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert result.exit_code == 143, result.output
+    assert "wait: stopped by SIGTERM; finished work is kept" in result.output

@@ -14,7 +14,11 @@ class Terminated(KeyboardInterrupt):
     no `except Exception` swallows it."""
 
 
+RECEIVED = threading.Event()  # set by the handler: what a KeyboardInterrupt that is not a `Terminated` cannot say
+
+
 def _terminate(signum, frame):
+    RECEIVED.set()
     raise Terminated()
 
 
@@ -22,3 +26,10 @@ def stop_on_sigterm() -> None:
     """Turn SIGTERM into `Terminated` in the main thread (signals reach only it)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
+
+
+def by_sigterm(e: KeyboardInterrupt) -> bool:
+    """Whether `e` is SIGTERM's. A signal handled while the driver waits inside Ray's C++ (`ray.wait`, `ray.get`)
+    comes out as a plain KeyboardInterrupt: Ray's `check_signals` (_raylet.pyx) turns any KeyboardInterrupt a
+    handler raises, `Terminated` included, into its own."""
+    return isinstance(e, Terminated) or RECEIVED.is_set()

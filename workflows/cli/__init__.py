@@ -24,7 +24,7 @@ class _Group(click.Group):
             from ..runtime import shutdown
 
             shutdown()
-            if isinstance(e, interrupt.Terminated):
+            if interrupt.by_sigterm(e):
                 click.echo(f"{ctx.invoked_subcommand or 'tarflow-gs'}: stopped by SIGTERM; finished work is kept, the "
                            "same command resumes it", err=True)
                 ctx.exit(interrupt.EXIT_STATUS)
