@@ -180,6 +180,7 @@ def register(cls: type[BlockSolver]) -> type[BlockSolver]:
 
 
 def unregister(tag: str) -> None:
+    """Remove the solver `tag` names: plans naming it are refused from then on."""
     SOLVERS.pop(tag, None)
     forget_types()
 
