@@ -388,11 +388,11 @@ class StaticRun:
         self.capture, self.ws, self.block, self.guidance, self.dtype = engine.capture, ws, block, guidance, dtype
         self.weights = _weight_identity(block)
         self.entry = ws.graphs(block, self.weights)
-        self.x, self.prev, self.start = ws.x, ws.prev, ws.start
+        self.x, self.prev = ws.x, ws.prev
         declared = _state(plan.state)
         self.kinds = {"start": int, **{name: type(value) for name, (value, _) in declared.items()}}  # what `read` gives
         self.state = {"start": ws.start, **ws.holding(declared)}
-        self.__dict__.update(self.state)
+        self.__dict__.update(self.state)  # `run.start`, `run.tol`, ...: what the rules read
         self.live = ws.state["active"]
         self.num_tokens = T = z.shape[1]
         self.autocast = dtype is not None

@@ -26,7 +26,7 @@ import json
 from dataclasses import dataclass, field, replace
 
 from .schema import JSONForm, check_finite, check_int
-from .solvers import EXACT, INIT_NAMES, SOLVERS, BlockSolver, PlanError, paper_block
+from .solvers import EXACT, INIT_NAMES, SOLVERS, BlockSolver, PlanError, is_registered, paper_block
 from .spec import SamplingSpec
 
 PLAN_VERSION = 2
@@ -68,7 +68,7 @@ class Plan(JSONForm):
         check_tolerance(self.tol, optional=True)  # here: the plan's pydantic config lets inf through for the evidence
         T = self.num_tokens
         for i, b in enumerate(self.blocks):
-            if SOLVERS.get(getattr(b, "solver", None)) is not type(b):
+            if not is_registered(b):
                 raise PlanError(f"not a block plan ({', '.join(SOLVERS)})", ("blocks", i), b)
             name = b.length_field
             if name is not None and not 1 <= getattr(b, name) <= T - 1:

@@ -252,7 +252,7 @@ def profile_block(block, index: int, z: torch.Tensor, x: torch.Tensor, labels, s
                         break
             # fixed iteration counts: no pass is spent detecting convergence; caps >= L are exact
             # Jacobi, which the tightest tolerance already covers for fewer passes
-            for cap in sorted(c for c in caps if c < L and option.caps):
+            for cap in sorted(c for c in caps if c < L) if option.caps else ():
                 r = measure(make(init, 0.0, cap))
                 if r.passes * pass_cost >= sequential_block or r.error <= min(tols, default=0.0):
                     break

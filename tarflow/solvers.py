@@ -179,6 +179,12 @@ def register(cls: type[BlockSolver]) -> type[BlockSolver]:
     return cls
 
 
+def is_registered(plan) -> bool:
+    """Whether `plan` is an instance of the class its `solver` tag names in `SOLVERS` (a subclass of a
+    registered solver is not: it would run as another solver)."""
+    return SOLVERS.get(getattr(plan, "solver", None)) is type(plan)
+
+
 def unregister(tag: str) -> None:
     """Remove the solver `tag` names: plans naming it are refused from then on."""
     SOLVERS.pop(tag, None)
@@ -572,7 +578,7 @@ def solve_block(block: MetaBlock, z: torch.Tensor, labels=None, plan: BlockSolve
         includes waiting for the device).
     """
     t0 = time.perf_counter()
-    if SOLVERS.get(getattr(plan, "solver", None)) is not type(plan):
+    if not is_registered(plan):
         raise TypeError(f"{plan!r} is not a registered block plan (tarflow.solvers.SOLVERS: {', '.join(SOLVERS)})")
     runner = engines.resolve(engine, z.device)
     stats = BlockStats(index, plan.solver, plan.segment_length(z.shape[1]))
