@@ -9,7 +9,8 @@ import yaml
 from pydantic import ValidationError
 
 from workflows.config import ConfigError, NightlyConfig, Thresholds
-from workflows.pipeline.nightly import baseline, check_regressions, record, run_nightly, summary_text
+from workflows.pipeline.nightly import (NightlyResult, baseline, check_regressions, record, run_nightly,
+                                        summary_text)
 from workflows.storage.history import HistoryRow, read_history
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +37,28 @@ def test_gate_flags_speedup_fid_and_error_regressions():
     assert check_regressions(_row(1, 0.1), [_row(0, 3.0, model="other")], t) == [], "first run of a model passes"
     with pytest.raises(ValidationError, match="finite number"):
         _row(1, float("nan"))  # a speedup that is no number is no row: the gate never sees one
+
+
+def test_the_gate_judges_the_plans_fid_against_sequentials_on_the_same_ids_within_its_noise(tmp_path):
+    """The quality gate of one night: the plan's FID may exceed sequential's (same ids) by `fid_noise_sigmas`
+    standard errors of sequential's, with or without a baseline; the errors survive the history's round trip,
+    and rows written before they existed read as not compared."""
+    from workflows.storage.history import append_history
+
+    t = Thresholds(fid_noise_sigmas=2.0)
+    paired = replace(_row(0, 3.0, fid=10.5), fid_sequential=10.0, fid_sequential_se=0.3, fid_difference_se=0.05)
+    assert check_regressions(paired, [], t) == []  # +0.5 <= 2 x 0.3
+    [problem] = check_regressions(replace(paired, fid_plan=10.7), [], t)
+    assert "FID 10.700 vs sequential's 10.000 on the same ids: +0.700 > 0.600 (2 standard errors" in problem
+    assert check_regressions(replace(paired, fid_plan=10.7), [], Thresholds(fid_noise_sigmas=3.0)) == []
+    assert check_regressions(replace(paired, fid_plan=10.7, fid_sequential_se=None), [], t) == [], \
+        "no paired FID, nothing to judge"
+    append_history(str(tmp_path / "h"), [paired, _row(1, 3.0)])
+    first, second = read_history(str(tmp_path / "h"))
+    assert (first.fid_sequential_se, first.fid_difference_se) == (0.3, 0.05)
+    assert (second.fid_sequential_se, second.fid_difference_se) == (None, None)
+    assert "(difference +0.5000 +- 0.0500, sequential's noise +- 0.3000)" in summary_text(
+        NightlyResult([first], [], "report.html"))
 
 
 def test_the_gate_judges_any_metric_of_the_fid_pass_in_its_direction(tmp_path):

@@ -167,6 +167,7 @@ ALL = {"profile", "plan", "generate", "fid", "report"}
     ("fid.reference", "digits", {"fid", "report"}),
     ("name", "other", {"report"}),
     ("report.scaling_batch_sizes", [2], {"report"}),
+    ("report.fid_sequential", True, {"report"}),  # a setting added later keys the stage once it is set
 ])
 def test_which_inputs_change_which_keys(path, value, changed):
     base = KEY_CONFIGS["auto"]
@@ -293,3 +294,57 @@ def test_an_output_holds_one_kind_of_thing(tiny8x8_run, ray_local, tmp_path):
     with pytest.raises(GenerateError, match=r"is the folder of a `tarflow-gs run` \(it holds run.json\)"):
         generate(cfg)
     assert not list((tmp_path / "run").glob("_*")) and not (tmp_path / "run" / "data").exists()
+
+
+@pytest.mark.slow
+def test_the_report_pairs_the_plans_fid_with_sequentials_on_the_same_ids(tiny8x8_run, ray_local, tmp_path):
+    """`report.fid_sequential`: the run's ids drawn sequentially into a set of their own; both FIDs, side by side
+    in the report and the history, are those of the two sets over the same ids (each recomputed here on its own),
+    and sets of other noise are refused."""
+    import shutil
+
+    from workflows.stages.features import EvaluateError
+    from workflows.stages.fid import check_same_ids, evaluate_fid
+
+    _, d = tiny8x8_run
+    cfg = _config({**d, "output": str(tmp_path / "out"), "fid": {"reference": "digits"},
+                   "report": {"fid_sequential": True}})
+    result = pipeline.run(cfg)
+    names = [s.name for s in result.stages]
+    assert names == ["plan", "generate", "fid", "sequential", "fid-paired", "report"]
+    sequential = result.stages[names.index("sequential")].output
+    assert sequential != result.samples, "a Jacobi plan's samples and sequential's are two sets"
+    plan_m, seq_m = read_manifest(result.samples), read_manifest(sequential)
+    assert [seq_m.shard_ids(i) for i in range(seq_m.num_shards)] == [plan_m.shard_ids(i) for i in range(plan_m.num_shards)]
+    assert {k: v for k, v in seq_m.settings.items() if k != "plan_hash"} == \
+        {k: v for k, v in plan_m.settings.items() if k != "plan_hash"}
+    assert seq_m.settings["plan_hash"] == Plan.sequential(4, 16).bound_to(
+        model_hash(load_checkpoint(cfg.model.checkpoint))).fingerprint()
+
+    paired = result.fid_difference
+    alone = evaluate_fid(sequential, "digits", cfg.fid, write_result=False)
+    assert paired.fid_sequential == pytest.approx(alone.fid, rel=1e-6)
+    assert paired.fid_plan == pytest.approx(result.fid.fid, rel=1e-6)
+    assert paired.sample_count == 24 and paired.groups == 10
+    assert paired.difference == paired.fid_plan - paired.fid_sequential and paired.sequential_se > 0
+
+    data = json.loads(next(Path(cfg.output, "reports").glob("*/report-data.json")).read_text())
+    seq_run, plan_run = data["models"][0]["runs"][:2]
+    assert (seq_run["fid"], plan_run["fid"]) == (paired.fid_sequential, result.fid.fid)
+    page = Path(result.report).read_text()
+    assert 'class="quality-table"' in page and f"{paired.difference:+.4f} +- {paired.difference_se:.4f}" in page
+    [row] = read_history(str(tmp_path / "out" / "history.parquet"))
+    assert (row.fid_sequential, row.fid_sequential_se, row.fid_difference_se) == (
+        paired.fid_sequential, paired.sequential_se, paired.difference_se)
+
+    # the same ids under other noise (another seed) are not a pair
+    other = tmp_path / "other-seed"
+    shutil.copytree(sequential, other)
+    manifest = json.loads((other / "_manifest.json").read_text())
+    manifest["settings"]["spec"]["seed"] += 1
+    (other / "_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EvaluateError, match="not the same sample ids drawn two ways: their spec differ"):
+        check_same_ids(result.samples, str(other))
+
+    again = pipeline.run(cfg)
+    assert all(s.skipped for s in again.stages) and again.fid_difference == paired

@@ -7,12 +7,14 @@ Example::
     thresholds:
       max_speedup_drop: 0.2                    # fail when speedup < (1 - 0.2) x the last passing run's
       max_fid_rise: 0.1                        # fail when the plan's FID > (1 + 0.1) x the last passing run's
+      fid_noise_sigmas: 2.0                    # fail when the plan's FID > sequential's on the same ids + 2
+                                               # standard errors of sequential's (its own sampling noise)
       max_abs_error: 1.0e-3                    # fail when the plan deviates from sequential by more
       max_metric_worsening: {}                 # e.g. {precision: 0.05, sfid: 0.1}: per metric of fid.metrics
     models:
       - config: jobs/configs/demo.yaml         # a run config; its output is replaced by the night's folder
         hand_plans: ["3-8-32-10"]              # optional paper-style plans, timed and FID'd beside the auto plan
-        fid_sequential: true                   # also the FID of N sequential samples
+        fid_sequential: true                   # also the FID of the same N ids drawn sequentially
         num_samples: null                      # FID over this many samples instead of the run config's
 
 On a cluster the history and output must be URIs (s3://, gs://): the job's driver runs on a pod that goes
@@ -25,7 +27,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from ..fidelity.registry import BETTER_HIGHER
+from ..fidelity.registry import BETTER_HIGHER, NOISE_SIGMAS
 from .errors import ConfigError, load_yaml
 from .stages import CONFIG
 
@@ -35,6 +37,9 @@ class Thresholds(BaseModel):
 
     max_speedup_drop: float = Field(0.2, ge=0, lt=1, description="allowed fractional drop of the speedup")
     max_fid_rise: float = Field(0.1, ge=0, description="allowed fractional rise of the plan's FID")
+    fid_noise_sigmas: float = Field(NOISE_SIGMAS, gt=0, description="allowed excess of the plan's FID over "
+                                    "sequential's on the same sample ids, in standard errors of sequential's FID "
+                                    "(its sampling noise, by the jackknife); judged where fid_sequential is on")
     max_abs_error: float = Field(1e-3, gt=0, description="allowed max abs deviation from sequential sampling")
     max_metric_worsening: dict[Literal[tuple(BETTER_HIGHER)], Annotated[float, Field(ge=0)]] = Field(
         default_factory=dict, description="per metric of the FID pass (fid.metrics), the allowed fractional "
@@ -46,7 +51,8 @@ class NightlyModel(BaseModel):
 
     config: str = Field(min_length=1, description="a run config (YAML) with an auto plan")
     hand_plans: list[str] = Field(default_factory=list, description="paper-style plans such as 7-8-32-10")
-    fid_sequential: bool = True
+    fid_sequential: bool = Field(True, description="also the FID of the same sample ids drawn sequentially, the "
+                                 "difference and its uncertainty (the run's report.fid_sequential)")
     num_samples: int | None = Field(None, ge=1, description="samples per night for FID (null: the run config's); "
                                     "fewer than a published 50k make a trend, not a paper's figure")
 

@@ -37,6 +37,7 @@ Example (only `output` is required; each value shown besides `name` and `output`
       enabled: true
     report:
       scaling_batch_sizes: []     # also profile, plan and time at these batch sizes: speedup vs batch size
+      fid_sequential: false       # also the same ids drawn sequentially: both FIDs, difference +- its error
     output: runs/demo             # local path or any pyarrow.fs URI (s3://, gs://)
     resources:                    # Ray resources per stage, per worker; a worker given a GPU samples on CUDA
       profile:  {actors: 1, num_cpus: 1, num_gpus: 0}   # one task per block
@@ -94,6 +95,9 @@ class ReportSection(BaseModel):
         default_factory=list, description="batch sizes at which the report also profiles the model, schedules an "
         "auto plan (plan.tol) and times it against sequential, for its speedup-vs-batch-size section; with an auto "
         "plan the run's own batch size is a point too, from the comparison. []: no such section")
+    fid_sequential: bool = Field(False, description="also draw the same sample ids sequentially and show their "
+                                 "FID beside the plan's, with the difference and its uncertainty (jackknife over "
+                                 "groups of ids); a second sample set, unless the plan is sequential. Needs FID on")
 
 
 class FidSection(FidSettings):
@@ -127,6 +131,13 @@ class RunConfig(BaseModel):
     fid: FidSection = FidSection()
     report: ReportSection = ReportSection()
     resources: ResourcesSection = ResourcesSection()
+
+    @model_validator(mode="after")
+    def _fid_for_the_comparison(self):
+        if self.report.fid_sequential and not self.fid.enabled:
+            raise ValueError("report.fid_sequential compares FIDs, and fid.enabled is false: turn FID on or the "
+                             "comparison off")
+        return self
 
     @classmethod
     def load(cls, path) -> "RunConfig":

@@ -49,6 +49,9 @@ EXTRACTOR_NAMES = tuple(EXTRACTORS)
 BETTER_HIGHER = {"sfid": False, "is": True, "is_10": True, "kid": False, "precision": True, "recall": True,
                  "f_score": True, "fd_dinov2": False}
 DEFAULT_EXTRACTOR = "mnist5k-classifier"
+# "within the FID's sampling noise" (`fidelity.paired`, the report, the nightly gate's default): a plan's FID above
+# sequential's on the same ids by less than this many standard errors of sequential's
+NOISE_SIGMAS = 2.0
 
 
 def extractor_info(name: str) -> ExtractorInfo:

@@ -82,6 +82,12 @@ class FeatureStats:
             raise StatsMismatchError(f"cannot merge {self.dim}-d and {other.dim}-d feature statistics")
         return FeatureStats(self.count + other.count, self.sum + other.sum, self.sum_outer + other.sum_outer)
 
+    def __sub__(self, part: "FeatureStats") -> "FeatureStats":
+        """The set without `part`, a subset of it (a jackknife's leave-one-group-out statistics)."""
+        if part.dim != self.dim or part.count > self.count:
+            raise StatsMismatchError(f"cannot take {part.count} {part.dim}-d features out of {self.count} {self.dim}-d")
+        return FeatureStats(self.count - part.count, self.sum - part.sum, self.sum_outer - part.sum_outer)
+
     @property
     def mu(self) -> np.ndarray:
         return self.sum / self.count

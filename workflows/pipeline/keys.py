@@ -14,6 +14,7 @@ import json
 from tarflow import Plan, SamplingSpec
 
 from ..config import RunConfig
+from ..fidelity.paired import JACKKNIFE_GROUPS
 from ..stages.generate import RunIdentity
 
 
@@ -54,6 +55,16 @@ def fid(cfg: RunConfig, generate_key: str) -> str | None:
     return _hash("fid", generate_key, settings) if cfg.fid.enabled else None
 
 
-def report(cfg: RunConfig, generate_key: str, fid_key: str | None) -> str:
-    """The samples, their FID (None: off), the run's name and the report section."""
-    return _hash("report", generate_key, fid_key, cfg.name, cfg.report.model_dump())
+def paired_fid(cfg: RunConfig, generate_key: str, sequential_key: str) -> str:
+    """Both sample sets, the FID settings and the jackknife's groups."""
+    return _hash("fid-paired", generate_key, sequential_key, cfg.fid.model_dump(), JACKKNIFE_GROUPS)
+
+
+# report settings added after runs were keyed, at the value those runs had (as FID_ADDED)
+REPORT_ADDED = {"fid_sequential": False}
+
+
+def report(cfg: RunConfig, generate_key: str, fid_key: str | None, paired_key: str | None = None) -> str:
+    """The samples, their FID (None: off), the paired FID (None: off), the run's name and the report section."""
+    settings = {k: v for k, v in cfg.report.model_dump().items() if k not in REPORT_ADDED or v != REPORT_ADDED[k]}
+    return _hash("report", generate_key, fid_key, cfg.name, settings, *([paired_key] if paired_key else []))

@@ -48,6 +48,12 @@ def check_regressions(row: HistoryRow, history: list[HistoryRow], t: Thresholds)
     problems = []
     if not row.max_abs_error <= t.max_abs_error:  # also catches NaN
         problems.append(f"{row.model}: max |error| vs sequential {row.max_abs_error:.2e} > {t.max_abs_error:.0e}")
+    if None not in (row.fid_plan, row.fid_sequential, row.fid_sequential_se):  # the same ids, this night
+        allowed = t.fid_noise_sigmas * row.fid_sequential_se
+        if not row.fid_plan - row.fid_sequential <= allowed:
+            problems.append(f"{row.model}: FID {row.fid_plan:.3f} vs sequential's {row.fid_sequential:.3f} on the "
+                            f"same ids: {row.fid_plan - row.fid_sequential:+.3f} > {allowed:.3f} "
+                            f"({t.fid_noise_sigmas:g} standard errors of sequential's FID)")
     last = baseline(row, history)
     if last is None:
         return problems
@@ -90,13 +96,13 @@ class NightlyResult:
 
 
 def _fid_of(cfg: RunConfig, label: str, plan: Plan, workdir: Path) -> float | None:
-    """FID of the same N samples drawn with another plan (sequential, a hand plan): the pipeline with
-    that plan given, into its own folder beside the auto plan's run."""
+    """FID of the same N samples drawn with a hand plan: the pipeline with that plan given, into its own folder
+    beside the auto plan's run."""
     slug = "".join(c if c.isalnum() else "-" for c in label)
     plan_file = plan.save(workdir / f"{cfg.name}-{slug}.json")
     other = cfg.model_copy(update={"name": f"{cfg.name}-{slug}", "output": f"{cfg.output}/{slug}",
                                    "plan": cfg.plan.model_copy(update={"path": str(plan_file), "hand": None}),
-                                   "report": ReportSection()})  # only its FID is read: no scaling profiles
+                                   "report": ReportSection()})  # only its FID is read: no scaling, no pairing
     return run_pipeline(other).fid.fid
 
 
@@ -134,6 +140,9 @@ def _measure(entry: NightlyModel, night: Store, workdir: Path, now: datetime) ->
     update = {"output": night.path(run_cfg.name)}  # nothing cached across nights; a retry resumes its night
     if entry.num_samples is not None:
         update["samples"] = run_cfg.samples.model_copy(update={"num_samples": entry.num_samples})
+    # the same ids drawn sequentially, in the run: its report shows both FIDs with the difference's uncertainty
+    update["report"] = run_cfg.report.model_copy(update={"fid_sequential": entry.fid_sequential and
+                                                         run_cfg.fid.enabled})
     run_cfg = run_cfg.model_copy(update=update)
     log.info("nightly: %s", run_cfg.name)
     result = run_pipeline(run_cfg)
@@ -152,8 +161,8 @@ def _measure(entry: NightlyModel, night: Store, workdir: Path, now: datetime) ->
     if result.fid is not None:
         auto.fid, auto.metrics = result.fid.fid, result.fid.values()
         mr.fid_extractor, mr.fid_num_samples = result.fid.extractor, result.fid.sample_count
-        if entry.fid_sequential:
-            seq.fid = _fid_of(run_cfg, "sequential", Plan.sequential(num_blocks, num_tokens), workdir)
+        if result.fid_difference is not None:
+            seq.fid, mr.fid_difference = result.fid_difference.fid_sequential, result.fid_difference
         for r in mr.runs[2:]:
             r.fid = _fid_of(run_cfg, r.plan, plans[r.plan], workdir)
     others = {r.plan: {"speedup": r.speedup, "passes": r.passes, "max_abs_error": r.max_abs_error, "fid": r.fid}
@@ -229,7 +238,10 @@ def summary_text(result: NightlyResult) -> str:
     lines = [f"{r.model}: {r.speedup:.2f}x vs sequential, max |error| {r.max_abs_error:.1e}, "
              f"FID plan {r.fid_plan if r.fid_plan is None else round(r.fid_plan, 4)} / sequential "
              f"{r.fid_sequential if r.fid_sequential is None else round(r.fid_sequential, 4)}"
-             f" -> {'ok' if r.passed else 'REGRESSION'}" for r in result.rows]
+             + ("" if r.fid_difference_se is None or r.fid_plan is None else
+                f" (difference {r.fid_plan - r.fid_sequential:+.4f} +- {r.fid_difference_se:.4f}, sequential's "
+                f"noise +- {r.fid_sequential_se:.4f})")
+             + f" -> {'ok' if r.passed else 'REGRESSION'}" for r in result.rows]
     lines += result.notes
     lines += [f"REGRESSION: {p}" for p in result.problems]
     lines.append(f"report: {result.report}")

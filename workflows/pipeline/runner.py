@@ -10,6 +10,9 @@ Layout under `output` (a local path or any pyarrow.fs URI)::
 
     stages/profile-<key>.json   stages/plan-<key>.json   samples-<key>/ (shards, _manifest.json)
     stages/fid-<key>.json       reports/<key>/report.html, report.json, report-data.json
+    stages/fid-paired-<key>.json (with report.fid_sequential: the plan's FID beside sequential's on the
+                                 same ids, whose set is another samples-<key>/, or the plan's own if it
+                                 is sequential)
     report.html, report.json    (copies of the latest report)
     run.json                    (what ran, what was skipped, every stage's key, output and workers)
     history.parquet/            (one file per run's report stage, its `run_id` the stage's key: the
@@ -37,6 +40,7 @@ from tarflow.schedule import hand_plan
 
 from .. import runtime
 from ..config import GenerateConfig, RunConfig
+from ..fidelity.paired import FidDifference
 from ..report import ModelResult, ReportData, report_files, where_plans_pay
 from ..stages import compare, fid, generate, plan as planning, profile as profiling
 from ..stages.fid import FIDResult
@@ -47,7 +51,7 @@ from . import keys
 
 log = logging.getLogger(__name__)
 
-STAGES = ("profile", "plan", "generate", "fid", "report")
+STAGES = ("profile", "plan", "generate", "fid", "sequential", "fid-paired", "report")
 
 
 class PipelineError(RuntimeError):
@@ -75,6 +79,7 @@ class RunResult:
     plan_path: str = ""
     samples: str = ""
     fid: FIDResult | None = None
+    fid_difference: FidDifference | None = None  # with report.fid_sequential
     model_result: ModelResult | None = None
     report: str = ""
 
@@ -168,6 +173,7 @@ def run(cfg: RunConfig, stop_after: str | None = None, progress: bool | None = N
         plan = plan_stage(ctx, profile)
         generate_stage(ctx, plan)
         fid_stage(ctx)
+        paired_fid_stage(ctx, plan)
         report_stage(ctx, plan, profile)
     except _Stopped:
         pass
@@ -215,13 +221,16 @@ def plan_stage(ctx: RunContext, profile: Profile | None) -> Plan:
     return plan
 
 
-def generate_stage(ctx: RunContext, plan: Plan) -> None:
-    """The sample set, into its own `samples-<key>/` (resumed shard by shard)."""
+def generate_stage(ctx: RunContext, plan: Plan, name: str = "generate") -> str:
+    """The sample set of `plan`, into its own `samples-<key>/` (resumed shard by shard); returns where. The
+    same ids under another plan are another set beside it (stage `sequential`), one plan's set only once."""
     cfg = ctx.cfg
     identity = generate.RunIdentity.of(ctx.model, ctx.model_hash, plan, ctx.spec, cfg.samples,
                                        cfg.resources.generate)
     key = keys.generate(cfg, identity)
-    samples = ctx.result.samples = ctx.store.path(f"samples-{key}")
+    samples = ctx.store.path(f"samples-{key}")
+    if name == "generate":  # the run's set, named in run.json also when the stage fails or the run stops after it
+        ctx.result.samples = samples
 
     def complete() -> bool:
         try:
@@ -236,7 +245,8 @@ def generate_stage(ctx: RunContext, plan: Plan) -> None:
         log.info(summary.text())
         return summary.placements
 
-    ctx.stage("generate", key, samples, complete, work)
+    ctx.stage(name, key, samples, complete, work)
+    return samples
 
 
 def fid_stage(ctx: RunContext) -> None:
@@ -258,6 +268,28 @@ def fid_stage(ctx: RunContext) -> None:
     ctx.result.fid = ctx.read(name, FIDResult.from_json)
 
 
+def paired_fid_stage(ctx: RunContext, plan: Plan) -> None:
+    """With `report.fid_sequential`: the run's sample ids drawn sequentially (stage `sequential`), then both
+    sets' FIDs with their uncertainties and the difference's (`stages.fid.compare_fid`, stage `fid-paired`)."""
+    cfg, store = ctx.cfg, ctx.store
+    if not cfg.report.fid_sequential:
+        return
+    sequential = generate_stage(ctx, Plan.sequential(plan.num_blocks, plan.num_tokens).bound_to(ctx.model_hash),
+                                "sequential")
+    key = keys.paired_fid(cfg, ctx.keys["generate"], ctx.keys["sequential"])
+    name = f"stages/fid-paired-{key}.json"
+
+    def work():
+        found = fid.compare_fid(ctx.result.samples, sequential, cfg.fid.reference, cfg.fid, cfg.resources.fid,
+                                progress=ctx.progress)
+        log.info(found.text())
+        store.write_text(name, found.to_json())
+        return []
+
+    ctx.stage("fid-paired", key, store.path(name), lambda: store.exists(name), work)
+    ctx.result.fid_difference = ctx.read(name, FidDifference.from_json)
+
+
 def report_stage(ctx: RunContext, plan: Plan, profile: Profile | None) -> None:
     """Sequential vs the plan on one batch in a generate worker, its row in the run's history, the report; the
     latest report copied to the output's top (also when the stage was skipped).
@@ -265,7 +297,7 @@ def report_stage(ctx: RunContext, plan: Plan, profile: Profile | None) -> None:
     The history row carries the stage's key as its `run_id`: a retry after a crash between the append and
     report.html finds it and appends none (its report shows the retry's own timings, the history the first's)."""
     cfg, store = ctx.cfg, ctx.store
-    key = keys.report(cfg, ctx.keys["generate"], ctx.keys.get("fid"))
+    key = keys.report(cfg, ctx.keys["generate"], ctx.keys.get("fid"), ctx.keys.get("fid-paired"))
     folder, history = f"reports/{key}", store.path("history.parquet")
 
     def work():
@@ -306,6 +338,8 @@ def measure(ctx: RunContext, plan: Plan, profile: Profile | None) -> tuple[Model
     if ctx.result.fid is not None:
         mr.run(label).fid, mr.run(label).metrics = ctx.result.fid.fid, ctx.result.fid.values()
         mr.fid_extractor, mr.fid_num_samples = ctx.result.fid.extractor, ctx.result.fid.sample_count
+    if ctx.result.fid_difference is not None:
+        mr.runs[0].fid, mr.fid_difference = ctx.result.fid_difference.fid_sequential, ctx.result.fid_difference
     return mr, placement
 
 
@@ -318,7 +352,9 @@ def history_row(name: str, label: str, plan: Plan, mr: ModelResult, placement: d
                       label, plan.fingerprint(), mr.device, mr.batch_size, seq.seconds, planned.seconds,
                       planned.speedup, seq.passes, planned.passes, planned.max_abs_error, seq.fid, planned.fid,
                       mr.fid_extractor, mr.fid_num_samples, others or {}, accelerator=placement["accelerator"],
-                      run_id=run_id, metrics=planned.metrics)
+                      run_id=run_id, metrics=planned.metrics,
+                      fid_sequential_se=mr.fid_difference and mr.fid_difference.sequential_se,
+                      fid_difference_se=mr.fid_difference and mr.fid_difference.difference_se)
 
 
 def append_once(history: str, row: HistoryRow) -> list[HistoryRow]:
@@ -366,6 +402,8 @@ def summary_text(result: RunResult) -> str:
     lines = [f"{s.name:<9} {'skipped' if s.skipped else f'{s.seconds:.1f}s':>8}  {s.output}" for s in result.stages]
     if result.fid is not None:
         lines.append(result.fid.text())
+    if result.fid_difference is not None:
+        lines.append(result.fid_difference.text())
     if result.model_result is not None and len(result.model_result.runs) > 1:
         r, mr = result.model_result.runs[1], result.model_result
         same = " (the plan is sequential everywhere: timing noise)" if all(  # one token per pass: token steps

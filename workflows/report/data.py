@@ -16,6 +16,7 @@ from pydantic.dataclasses import dataclass
 
 from tarflow.schema import JSONForm
 
+from ..fidelity.paired import FidDifference
 from ..storage.history import MEASURED, METRIC_NAMES, Fid, HistoryRow
 
 
@@ -82,6 +83,8 @@ class ModelResult:
     fid_extractor: str = ""  # "" and 0 samples: no FID
     fid_num_samples: NonNegativeInt = 0
     scaling: list[ScalingPoint] = field(default_factory=list)  # by batch size; empty: not measured
+    # the plan's FID beside sequential's over the same ids, with the uncertainties; None: not compared
+    fid_difference: FidDifference | None = None
 
     def run(self, plan: str) -> SamplerResult | None:
         return next((r for r in self.runs if r.plan == plan), None)

@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 
 from tarflow.schedule import MIN_GAIN
 
+from ..fidelity.registry import NOISE_SIGMAS
 from ..storage.files import Store, write_below
 from .data import ModelResult, ReportData
 
@@ -213,7 +214,29 @@ def _summary_table(data: ReportData) -> str:
     extra = "".join(f"<li>{html.escape(m.name)}: {m.device}, batch {m.batch_size}, model {m.model_hash}; FID with "
                     f"<code>{html.escape(m.fid_extractor or '-')}</code> on {m.fid_num_samples} samples</li>"
                     for m in data.models)
-    return f'<table id="summary-table">{head}{"".join(rows)}</table><ul class="muted">{extra}</ul>'
+    paired = [_quality_table(m) for m in data.models if m.fid_difference is not None]
+    return (f'<table id="summary-table">{head}{"".join(rows)}</table><ul class="muted">{extra}</ul>'
+            + "".join(paired))
+
+
+def _quality_table(m: ModelResult) -> str:
+    """What the paper's table shows: sequential and the plan side by side, speed and FID over the same sample
+    ids, and the difference with its uncertainty (`fidelity.paired`)."""
+    d, seq, planned = m.fid_difference, m.runs[0], m.runs[1]
+    table = _captioned_table(
+        "quality-table", f"{m.name}: sequential vs {planned.plan}, FID over the same {d.sample_count} sample ids",
+        ["sampler", "wall time (s)", "speedup", "FID +- standard error"],
+        [[html.escape(seq.plan), f"{seq.seconds:.3f}", "1.00x", f"{d.fid_sequential:.4f} +- {d.sequential_se:.4f}"],
+         [html.escape(planned.plan), f"{planned.seconds:.3f}", f"{planned.speedup:.2f}x",
+          f"{d.fid_plan:.4f} +- {d.plan_se:.4f}"],
+         ["plan - sequential", "", "", f"{d.difference:+.4f} +- {d.difference_se:.4f}"]])
+    verdict = "within" if d.within_noise() else "beyond"
+    same = (" The two sets hold the same images (the plan samples as sequential does here): the difference is "
+            "exactly 0." if d.difference == 0 and d.difference_se == 0 else "")
+    return (table + f'<p class="muted">Standard errors by the jackknife over {d.groups} blocks of consecutive sample '
+            "ids, the same blocks on both sides, so the difference's error is paired. The plan's FID is "
+            f"{verdict} {NOISE_SIGMAS:g} standard errors of sequential's ({NOISE_SIGMAS * d.sequential_se:.4f}): "
+            f"the FID's own sampling noise at {d.sample_count} samples ({html.escape(d.extractor)}).{same}</p>")
 
 
 def _captioned_table(css_class: str, caption: str, headers: list[str], rows: list[list]) -> str:

@@ -23,6 +23,7 @@ from .. import runtime
 from ..config import FidSettings, Resources
 from ..fidelity.extractors import build_extractor, check_extractor, extract, has_isc, watch_spatial
 from ..fidelity.metrics import ISCStats, KeptFeatures, covered, knn_radii, kid_stride
+from ..fidelity.paired import id_groups
 from ..fidelity.stats import FeatureStats, FIDStats, StatsMismatchError, npz_image_rows, npz_images
 from ..progress import Progress
 from ..storage import shards as sh
@@ -76,14 +77,18 @@ class PassStats:
     # the actor that made them: used while the pool lives); empty when not asked for
     rows: list[tuple[int, object]] = field(default_factory=list)
     spatial: FeatureStats | None = None  # sFID's statistics; None when not asked for or not given by the network
+    # FID's statistics per jackknife group of sample ids (`fidelity.paired.id_groups`); None when not asked for
+    groups: list[FeatureStats] | None = None
 
     def __add__(self, other: "PassStats") -> "PassStats":
         if other.size != self.size:
             raise EvaluateError(f"images of sizes {self.size} and {other.size} in one set")
         isc = None if self.isc is None or other.isc is None else self.isc + other.isc
         spatial = None if self.spatial is None or other.spatial is None else self.spatial + other.spatial
+        groups = None if self.groups is None or other.groups is None else [
+            a + b for a, b in zip(self.groups, other.groups)]
         return PassStats(self.features + other.features, isc, self.kid + other.kid, self.size,
-                         sorted(self.rows + other.rows, key=lambda r: r[0]), spatial)
+                         sorted(self.rows + other.rows, key=lambda r: r[0]), spatial, groups)
 
     def fid_stats(self, extractor: str, dataset: str) -> FIDStats:
         return FIDStats.from_features(self.features, extractor, self.size, dataset, self.kid, self.spatial)
@@ -93,8 +98,9 @@ class FeatureWorker(runtime.Worker):
     """Loads the extractor once; turns a unit of images into a `PassStats`, and computes precision/recall's
     blocks against the rows the pool's passes kept."""
 
-    def __init__(self, settings: FidSettings, threads: int):
+    def __init__(self, settings: FidSettings, groups: int, threads: int):
         super().__init__(threads)
+        self.groups = groups
         self.extractor = build_extractor(settings.extractor, settings.weights, str(self.device), isc=True)
         self.batch_size, self.kid_samples = settings.batch_size, settings.kid_samples
         self.keep_rows = "prc" in settings.metrics
@@ -107,10 +113,13 @@ class FeatureWorker(runtime.Worker):
         for images in batches:
             layers = extract(self.extractor, images)
             at = np.arange(index, index + len(images))
+            group = id_groups(at, num_images, self.groups) if self.groups else None
             part = PassStats(FeatureStats.of(layers[0]),
                              ISCStats.of(layers[1], at, num_images) if has_isc(self.extractor) else None,
                              KeptFeatures.of(layers[0], index, stride), tuple(int(s) for s in images.shape[1:3]),
-                             spatial=None if self.spatial is None else FeatureStats.of(self.spatial()))
+                             spatial=None if self.spatial is None else FeatureStats.of(self.spatial()),
+                             groups=None if not self.groups else [
+                                 FeatureStats.of(layers[0][group == k]) for k in range(self.groups)])
             try:
                 total = part if total is None else total + part
             except EvaluateError as e:
@@ -225,11 +234,12 @@ class FeaturePool:
     """Extractor actors, started once and used for every image source of an evaluation."""
 
     def __init__(self, settings: FidSettings = FidSettings(), resources: Resources = Resources(),
-                 progress: bool | None = False):
+                 progress: bool | None = False, groups: int = 0):
+        """`groups` > 0: every pass also keeps FID's statistics per group of sample ids (`PassStats.groups`)."""
         check_extractor(settings.extractor, settings.weights)
         runtime.connect()
         self.settings, self.progress = settings, progress
-        self.pool = runtime.ActorPool(FeatureWorker, (settings,), resources, "fid")
+        self.pool = runtime.ActorPool(FeatureWorker, (settings, groups), resources, "fid")
 
     def __enter__(self) -> "FeaturePool":
         return self

@@ -29,13 +29,14 @@ from ..config import FidSettings, Resources
 from ..fidelity.extractors import check_extractor
 from ..fidelity.registry import DINOV2, extractor_info
 from ..fidelity.metrics import IS_SPLITS, PRC_NEIGHBORHOOD, f_score, kid
+from ..fidelity.paired import JACKKNIFE_GROUPS, FidDifference, paired_fid
 from ..fidelity.stats import FIDStats, frechet_distance, load_stats, npz_images
 from ..storage import shards as sh
-from ..storage.files import join, resolve, write_below
+from ..storage.files import resolve, write_below
 from .features import EvaluateError, FeaturePool, ImageSource, IMAGE_SUFFIXES, Work, check_shards, compute_stats
 
 __all__ = ["EvaluateError", "FeaturePool", "FIDResult", "FIDResultError", "ImageSource", "ISSplits", "KIDResult",
-           "PRCResult", "check_reference", "evaluate_fid", "reference_stats", "result_name"]
+           "PRCResult", "check_reference", "compare_fid", "evaluate_fid", "reference_stats", "result_name"]
 DEFAULT_CACHE_DIR = Path(os.environ.get("TARFLOW_GS_CACHE", "~/.cache/tarflow-gs")).expanduser() / "fid-stats"
 
 
@@ -368,3 +369,33 @@ def evaluate_fid(samples: str, reference: str, settings: FidSettings = FidSettin
         fs, base = resolve(source.location)
         write_below(fs, base, result_name(settings.extractor), result.to_json().encode())
     return result
+
+
+def check_same_ids(plan_samples: str, sequential_samples: str) -> sh.Manifest:
+    """The plan's manifest, once both sets are complete and drawn alike but for the plan: the same model, spec
+    (seed, labels), sample count and numerics, so sample id i holds the same noise and label in both."""
+    plan_m, seq_m = check_shards(plan_samples), check_shards(sequential_samples)
+    for where, m in ((plan_samples, plan_m), (sequential_samples, seq_m)):
+        if not m.complete:
+            raise EvaluateError(f"{where} is not complete ({len(m.shards)} of {m.num_shards} shards): finish it first")
+    keys = sorted((set(plan_m.settings) | set(seq_m.settings)) - {"plan_hash"})
+    differ = [k for k in keys if plan_m.settings.get(k) != seq_m.settings.get(k)]
+    if differ or plan_m.num_samples != seq_m.num_samples:
+        raise EvaluateError(f"{plan_samples} and {sequential_samples} are not the same sample ids drawn two ways: "
+                            f"their {', '.join(differ) or 'num_samples'} differ; FIDs of other noise or labels "
+                            "cannot be paired")
+    return plan_m
+
+
+def compare_fid(plan_samples: str, sequential_samples: str, reference: str, settings: FidSettings = FidSettings(),
+                resources: Resources = Resources(), groups: int = JACKKNIFE_GROUPS,
+                cache_dir: Path | str | None = DEFAULT_CACHE_DIR, progress: bool | None = False) -> FidDifference:
+    """FID of a plan's sample set and of the sequential one over the same ids (`check_same_ids`), with their
+    jackknife errors and the paired error of the difference (`fidelity.paired`), from one pool's passes."""
+    groups = min(groups, check_same_ids(plan_samples, sequential_samples).num_samples)  # no empty group
+    check_reference(reference, settings)  # before any image is read
+    with FeaturePool(settings, resources, progress, groups=groups) as pool:
+        plan_pass, _ = pool.run(ImageSource("shards", plan_samples))
+        seq_pass, _ = pool.run(ImageSource("shards", sequential_samples), plan_pass.size)
+        ref_stats, _ = reference_stats(reference, settings, plan_pass.size, cache_dir, pool)
+    return paired_fid(plan_pass.groups, seq_pass.groups, ref_stats, plan_pass.size)

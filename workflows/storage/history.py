@@ -51,11 +51,14 @@ SCHEMA = pa.schema([
     ("accelerator", pa.string()),  # what timed it: the GPU's model name, or the CPU's
     ("run_id", pa.string()),  # the run that appended the row: a retry of that run finds it and appends none
     ("metrics", pa.string()),  # JSON: the plan's other metrics from its FID pass ({"precision": 0.81, ...})
+    ("fid_sequential_se", pa.float64()),  # the jackknife standard errors of a paired FID (`fidelity.paired`)
+    ("fid_difference_se", pa.float64()),
 ])
-NULLABLE = {"fid_sequential", "fid_plan"}
+NULLABLE = {"fid_sequential", "fid_plan", "fid_sequential_se", "fid_difference_se"}
 # columns that files written before they existed lack: read as their defaults (an unknown accelerator is
 # compared with nothing, so such rows are never a baseline)
-ADDED_LATER = {"accelerator": "", "run_id": "", "metrics": "{}"}
+ADDED_LATER = {"accelerator": "", "run_id": "", "metrics": "{}", "fid_sequential_se": None,
+               "fid_difference_se": None}
 METRIC_NAMES = tuple(BETTER_HIGHER)
 JSON_COLUMNS = ("others", "metrics")
 
@@ -108,6 +111,10 @@ class HistoryRow:
     accelerator: str = ""
     run_id: str = ""
     metrics: dict[Literal[METRIC_NAMES], float] = field(default_factory=dict)  # the plan's, besides FID
+    # with fid_sequential and fid_plan over the same ids: sequential's standard error (the FID's own sampling
+    # noise) and the paired one of their difference; None: not compared
+    fid_sequential_se: Fid = None
+    fid_difference_se: Fid = None
 
 
 def read_history(uri: str) -> list[HistoryRow]:
