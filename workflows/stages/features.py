@@ -13,6 +13,8 @@ cost more to ship than the features it sums.
 """
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,13 +115,15 @@ class FeatureWorker(runtime.Worker):
         for images in batches:
             layers = extract(self.extractor, images)
             at = np.arange(index, index + len(images))
-            group = id_groups(at, num_images, self.groups) if self.groups else None
-            part = PassStats(FeatureStats.of(layers[0]),
+            groups = None
+            if self.groups:  # the batch's statistics are their groups' sum: each outer product made once
+                group = id_groups(at, num_images, self.groups)
+                groups = [FeatureStats.of(layers[0][group == k]) for k in range(self.groups)]
+            part = PassStats(FeatureStats.of(layers[0]) if groups is None else functools.reduce(operator.add, groups),
                              ISCStats.of(layers[1], at, num_images) if has_isc(self.extractor) else None,
                              KeptFeatures.of(layers[0], index, stride), tuple(int(s) for s in images.shape[1:3]),
                              spatial=None if self.spatial is None else FeatureStats.of(self.spatial()),
-                             groups=None if not self.groups else [
-                                 FeatureStats.of(layers[0][group == k]) for k in range(self.groups)])
+                             groups=groups)
             try:
                 total = part if total is None else total + part
             except EvaluateError as e:

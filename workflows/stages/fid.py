@@ -34,6 +34,7 @@ from ..fidelity.stats import FIDStats, frechet_distance, load_stats, npz_images
 from ..storage import shards as sh
 from ..storage.files import resolve, write_below
 from .features import EvaluateError, FeaturePool, ImageSource, IMAGE_SUFFIXES, Work, check_shards, compute_stats
+from .generate import RunIdentity
 
 __all__ = ["EvaluateError", "FeaturePool", "FIDResult", "FIDResultError", "ImageSource", "ISSplits", "KIDResult",
            "PRCResult", "check_reference", "compare_fid", "evaluate_fid", "reference_stats", "result_name"]
@@ -373,17 +374,18 @@ def evaluate_fid(samples: str, reference: str, settings: FidSettings = FidSettin
 
 def check_same_ids(plan_samples: str, sequential_samples: str) -> sh.Manifest:
     """The plan's manifest, once both sets are complete and drawn alike but for the plan: the same model, spec
-    (seed, labels), sample count and numerics, so sample id i holds the same noise and label in both."""
+    (seed, labels), sample count and numerics (`RunIdentity.difference`), so sample id i holds the same noise
+    and label in both."""
     plan_m, seq_m = check_shards(plan_samples), check_shards(sequential_samples)
     for where, m in ((plan_samples, plan_m), (sequential_samples, seq_m)):
         if not m.complete:
             raise EvaluateError(f"{where} is not complete ({len(m.shards)} of {m.num_shards} shards): finish it first")
-    keys = sorted((set(plan_m.settings) | set(seq_m.settings)) - {"plan_hash"})
-    differ = [k for k in keys if plan_m.settings.get(k) != seq_m.settings.get(k)]
-    if differ or plan_m.num_samples != seq_m.num_samples:
-        raise EvaluateError(f"{plan_samples} and {sequential_samples} are not the same sample ids drawn two ways: "
-                            f"their {', '.join(differ) or 'num_samples'} differ; FIDs of other noise or labels "
-                            "cannot be paired")
+    plan_id = RunIdentity.from_settings(plan_m.settings, plan_samples)
+    seq_id = RunIdentity.from_settings(seq_m.settings, sequential_samples)
+    differ = plan_id.difference(seq_id.model_copy(update={"plan_hash": plan_id.plan_hash}))
+    if differ:
+        raise EvaluateError(f"{plan_samples} ('there') and {sequential_samples} ('now') are not the same sample ids "
+                            f"drawn two ways: {differ}; FIDs of other noise or labels cannot be paired")
     return plan_m
 
 
